@@ -1,0 +1,1 @@
+"""Runnable multi-agent example programs (installed as ``mesh_examples``)."""

@@ -1,0 +1,214 @@
+"""Agent definitions: typed endpoints and event handlers, and the ``Context`` a handler gets.
+
+An ``Agent`` is only a declaration; a ``Mesh`` connection serves it (``mesh.serve`` or
+``mesh-agent run``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from .errors import InvalidArgument
+from .identity import validate_name
+
+if TYPE_CHECKING:
+    from .runtime import Mesh
+
+__all__ = ["Agent", "Context", "EndpointSpec", "EventSpec", "Peer"]
+
+M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The verified identity of the other side of a call or the sender of an event."""
+
+    agent: str
+    instance: str
+    roles: tuple[str, ...]
+    serial: str
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler knows about the request it serves.
+
+    Attributes:
+        caller: the verified sender.
+        deadline: absolute deadline (unix seconds) of the request; ``None`` for events.
+        endpoint: the endpoint (or event topic) being served.
+        attempt: attempt number of the request (1 for the first).
+        idempotency_key: the caller's key, when given.
+        traceparent / tracestate: W3C trace context received.
+    """
+
+    mesh: Mesh
+    caller: Peer
+    endpoint: str
+    deadline: float | None = None
+    attempt: int = 1
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (never negative), or ``None`` without one."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.time())
+
+    async def request(
+        self,
+        agent: str,
+        endpoint: str,
+        body: BaseModel,
+        reply_type: type[M],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> M:
+        """Call another agent; the call inherits this request's deadline and trace context."""
+        return await self.mesh.request(
+            agent,
+            endpoint,
+            body,
+            reply_type,
+            timeout=timeout,
+            deadline=self.deadline,
+            idempotency_key=idempotency_key,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
+        )
+
+    async def publish(self, topic: str, event: BaseModel) -> None:
+        """Publish a signed event as this agent, continuing the trace."""
+        await self.mesh.publish(
+            topic, event, traceparent=self.traceparent, tracestate=self.tracestate
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """A declared endpoint."""
+
+    name: str
+    handler: Callable[..., Awaitable[Any]]
+    input_type: type[BaseModel]
+    output_type: type[BaseModel] | None
+    idempotent: bool
+    concurrency: int | None
+    wants_context: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    """A declared event handler for ``topic`` published by ``agent`` (``"*"`` for any agent)."""
+
+    agent: str
+    topic: str
+    handler: Callable[..., Awaitable[Any]]
+    event_type: type[BaseModel]
+    wants_context: bool
+
+
+def _model_param(fn: Callable[..., Any], what: str) -> tuple[type[BaseModel], Any, bool]:
+    hints = typing.get_type_hints(fn)
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or len(params) > 2:
+        raise InvalidArgument(f"{what} {fn.__qualname__} must take (body, ctx) or (body)")
+    model = hints.get(params[0].name)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise InvalidArgument(
+            f"{what} {fn.__qualname__}: first parameter must be annotated with a pydantic model"
+        )
+    if not inspect.iscoroutinefunction(fn):
+        raise InvalidArgument(f"{what} {fn.__qualname__} must be an async function")
+    return model, hints.get("return"), len(params) == 2
+
+
+@dataclass
+class Agent:
+    """Declares an agent: its name, version, labels, endpoints and event handlers.
+
+    Example::
+
+        researcher = Agent("researcher", version="1.2.0")
+
+        @researcher.endpoint(idempotent=True, concurrency=8)
+        async def answer(q: Question, ctx: Context) -> Answer: ...
+    """
+
+    name: str
+    version: str = "0.0.0"
+    labels: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    endpoints: dict[str, EndpointSpec] = field(default_factory=dict)
+    events: list[EventSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_name("agent", self.name)
+
+    def endpoint(
+        self,
+        fn: F | None = None,
+        *,
+        name: str | None = None,
+        idempotent: bool = False,
+        concurrency: int | None = None,
+    ) -> Any:
+        """Register an async handler ``(body: Model, ctx: Context) -> Model`` as an endpoint.
+
+        Args:
+            name: endpoint name (default: the function name).
+            idempotent: safe to run twice; allows automatic retries.
+            concurrency: handlers of this endpoint run at once (default from ``Limits``).
+        """
+
+        def register(f: F) -> F:
+            ep_name = validate_name("endpoint", name or f.__name__.replace("_", "-"))
+            model, out, wants_ctx = _model_param(f, "endpoint")
+            if (
+                out is not None
+                and out is not type(None)
+                and not (isinstance(out, type) and issubclass(out, BaseModel))
+            ):
+                raise InvalidArgument(
+                    f"endpoint {f.__qualname__} must return a pydantic model or None"
+                )
+            if ep_name in self.endpoints:
+                raise InvalidArgument(f"agent {self.name!r} already has endpoint {ep_name!r}")
+            self.endpoints[ep_name] = EndpointSpec(
+                name=ep_name,
+                handler=f,
+                input_type=model,
+                output_type=out if isinstance(out, type) and issubclass(out, BaseModel) else None,
+                idempotent=idempotent,
+                concurrency=concurrency,
+                wants_context=wants_ctx,
+            )
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def on_event(self, agent: str, topic: str) -> Callable[[F], F]:
+        """Register an async handler ``(event: Model, ctx: Context) -> None`` for ``topic``
+        events published by ``agent`` (``"*"``: any agent)."""
+        if agent != "*":
+            validate_name("agent", agent)
+        validate_name("topic", topic)
+
+        def register(f: F) -> F:
+            model, _out, wants_ctx = _model_param(f, "event handler")
+            self.events.append(EventSpec(agent, topic, f, model, wants_ctx))
+            return f
+
+        return register

@@ -1,0 +1,1 @@
+"""Command-line interfaces: ``mesh-agent`` and ``mesh-policy`` (thin layers over the SDK)."""

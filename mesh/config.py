@@ -1,0 +1,94 @@
+"""Configuration as small frozen value objects. Only the CLI and the runner read the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["DirectoryConfig", "Limits", "MeshConfig", "RetryPolicy", "Timeouts"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Time limits, in seconds.
+
+    Attributes:
+        request: default deadline of a call when the caller gives none.
+        connect: connecting to NATS and waiting for readiness.
+        drain: how long a draining agent lets in-flight handlers finish.
+        replay_window: how long a message stays acceptable after its timestamp.
+    """
+
+    request: float = 10.0
+    connect: float = 10.0
+    drain: float = 10.0
+    replay_window: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how failed attempts are retried (only retryable failures, only for idempotent
+    endpoints or requests with an idempotency key, never past the deadline).
+
+    Attributes:
+        attempts: total attempts including the first.
+        per_try_timeout: limit of one attempt; ``None`` lets an attempt use the whole deadline.
+        backoff_base / backoff_cap: full-jitter exponential backoff (Envoy: 25 ms, 250 ms).
+        budget_ratio / budget_min_per_s / budget_ttl: the retry budget (Linkerd: 20 %, 10/s, 10 s).
+    """
+
+    attempts: int = 3
+    per_try_timeout: float | None = None
+    backoff_base: float = 0.025
+    backoff_cap: float = 0.250
+    budget_ratio: float = 0.2
+    budget_min_per_s: float = 10.0
+    budget_ttl: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size and concurrency limits.
+
+    Attributes:
+        max_body: largest request or reply body in bytes, checked before sending and before
+            decrypting.
+        endpoint_concurrency: default number of handlers one endpoint runs at once.
+        reply_cache_ttl: how long replies are kept by idempotency key.
+    """
+
+    max_body: int = 1024 * 1024 - 16 * 1024
+    endpoint_concurrency: int = 64
+    reply_cache_ttl: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    """The JetStream KV directory.
+
+    Attributes:
+        heartbeat: seconds between record refreshes.
+        ttl: a record older than this is treated as a dead instance.
+        drain_grace: after deregistering, how long a draining instance keeps its subscription
+            so callers see the change before it stops listening.
+    """
+
+    heartbeat: float = 1.0
+    ttl: float = 4.0
+    drain_grace: float = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """Everything a ``Mesh`` connection needs besides its identity.
+
+    Attributes:
+        servers: NATS URLs.
+        prefix: subject prefix, so several meshes can share one NATS.
+    """
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    prefix: str = "mesh"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    limits: Limits = field(default_factory=Limits)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)

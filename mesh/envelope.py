@@ -1,0 +1,214 @@
+"""The envelope: frame layout, header fields and their encoding (normative: ``docs/protocol.md``).
+
+A frame is::
+
+    0x4D 0x01 | header length (uint16, big-endian) | header (msgpack map) | body
+
+The header bytes (with the 4-byte prefix) are the associated data of the seal (requests and
+replies) or the start of the signed bytes (events). Decoding never raises anything but
+``DecodeError``. Pure core: no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import DecodeError
+
+__all__ = [
+    "HDR_DEADLINE",
+    "HDR_TRACEPARENT",
+    "HDR_TRACESTATE",
+    "MAGIC",
+    "Header",
+    "Kind",
+    "decode_frame",
+    "encode_frame",
+]
+
+MAGIC = b"\x4d\x01"
+PREFIX = struct.Struct(">2sH")
+PREFIX_LEN = PREFIX.size
+MAX_HEADER = 16 * 1024
+
+# Readable copies of sealed header fields, for standard tooling; a receiver refuses a message
+# whose NATS header differs from the sealed value.
+HDR_TRACEPARENT = "traceparent"
+HDR_TRACESTATE = "tracestate"
+HDR_DEADLINE = "Mesh-Deadline"
+
+
+class Kind(enum.IntEnum):
+    """What a frame carries."""
+
+    REQUEST = 1
+    REPLY = 2
+    EVENT = 3
+    REFUSAL = 4  # unsealed error reply, sent when the request could not be authenticated
+
+
+# field name -> (header key, python type). Keys are short to keep frames small.
+_FIELDS: dict[str, tuple[str, type]] = {
+    "kind": ("k", int),
+    "id": ("id", bytes),
+    "ts": ("ts", int),
+    "from_agent": ("fa", str),
+    "from_instance": ("fi", str),
+    "to_agent": ("ta", str),
+    "to_instance": ("ti", str),
+    "name": ("ep", str),
+    "deadline": ("dl", int),
+    "attempt": ("at", int),
+    "idempotency_key": ("ik", str),
+    "traceparent": ("tp", str),
+    "tracestate": ("tst", str),
+    "cert": ("ct", bytes),
+    "reply_to": ("re", bytes),
+    "status": ("st", str),
+    "message": ("msg", str),
+    "retry_after_ms": ("ra", int),
+    "rule": ("ru", str),
+    "seq": ("sq", int),
+    "end": ("end", bool),
+}
+_BY_KEY = {key: (attr, typ) for attr, (key, typ) in _FIELDS.items()}
+_REQUIRED: dict[int, tuple[str, ...]] = {
+    Kind.REQUEST: (
+        "id",
+        "ts",
+        "from_agent",
+        "from_instance",
+        "to_agent",
+        "to_instance",
+        "name",
+        "deadline",
+        "attempt",
+        "cert",
+    ),
+    Kind.REPLY: (
+        "id",
+        "ts",
+        "from_agent",
+        "from_instance",
+        "to_agent",
+        "to_instance",
+        "reply_to",
+        "status",
+    ),
+    Kind.EVENT: ("id", "ts", "from_agent", "from_instance", "name", "cert"),
+    Kind.REFUSAL: ("id", "ts", "reply_to", "status"),
+}
+
+
+@dataclass(slots=True)
+class Header:
+    """Decoded header fields; absent optional fields are ``None``.
+
+    Times (``ts``, ``deadline``) are unix milliseconds. ``name`` is the endpoint of a request or
+    the topic of an event.
+    """
+
+    kind: int
+    id: bytes
+    ts: int
+    from_agent: str | None = None
+    from_instance: str | None = None
+    to_agent: str | None = None
+    to_instance: str | None = None
+    name: str | None = None
+    deadline: int | None = None
+    attempt: int | None = None
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    cert: bytes | None = None
+    reply_to: bytes | None = None
+    status: str | None = None
+    message: str | None = None
+    retry_after_ms: int | None = None
+    rule: str | None = None
+    seq: int | None = None
+    end: bool | None = None
+
+    def to_map(self) -> dict[str, Any]:
+        """The wire map: short keys, ``None`` fields left out."""
+        out: dict[str, Any] = {}
+        for attr, (key, _typ) in _FIELDS.items():
+            value = getattr(self, attr)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+def encode_frame(header: Header, body: bytes = b"") -> tuple[bytes, int]:
+    """Encode a frame whose body is known (events: the body before the signature).
+
+    Returns:
+        ``(frame, header_end)``: the frame bytes and the offset where the body starts.
+    """
+    hb = msgpack.packb(header.to_map(), use_bin_type=True)
+    return PREFIX.pack(MAGIC, len(hb)) + hb + body, PREFIX_LEN + len(hb)
+
+
+def encode_header(header: Header) -> bytes:
+    """The prefix and header bytes alone: the associated data of a seal."""
+    hb = msgpack.packb(header.to_map(), use_bin_type=True)
+    return PREFIX.pack(MAGIC, len(hb)) + hb
+
+
+def decode_frame(frame: bytes) -> tuple[Header, int]:
+    """Parse a frame's prefix and header, validating every field's type.
+
+    Returns:
+        ``(header, header_end)``; the body is ``frame[header_end:]``.
+
+    Raises:
+        DecodeError: for anything that is not a well-formed frame.
+    """
+    if len(frame) < PREFIX_LEN:
+        raise DecodeError("frame shorter than its 4-byte prefix")
+    magic, hlen = PREFIX.unpack_from(frame)
+    if magic != MAGIC:
+        raise DecodeError("not a mesh v1 frame (bad magic or version)")
+    end = PREFIX_LEN + hlen
+    if hlen == 0 or hlen > MAX_HEADER or end > len(frame):
+        raise DecodeError("header length out of range")
+    try:
+        raw = msgpack.unpackb(
+            memoryview(frame)[PREFIX_LEN:end],
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=hlen,
+            max_str_len=hlen,
+            max_array_len=0,
+            max_map_len=len(_FIELDS),
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types on junk; all mean the same here
+        raise DecodeError(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise DecodeError("header must be a msgpack map")
+    fields: dict[str, Any] = {}
+    for key, value in raw.items():
+        spec = _BY_KEY.get(key)
+        if spec is None:
+            continue  # unknown keys are ignored, so later minor versions can add fields
+        attr, typ = spec
+        if type(value) is not typ:
+            raise DecodeError(f"header field {key!r} must be {typ.__name__}")
+        fields[attr] = value
+    kind = fields.get("kind")
+    required = _REQUIRED.get(kind) if kind is not None else None
+    if required is None:
+        raise DecodeError(f"unknown frame kind {kind!r}")
+    for attr in required:
+        if attr not in fields:
+            raise DecodeError(f"header field {_FIELDS[attr][0]!r} missing for kind {kind}")
+    if len(fields["id"]) != 16:
+        raise DecodeError("message id must be 16 bytes")
+    return Header(**fields), end

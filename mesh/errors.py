@@ -1,0 +1,208 @@
+"""The mesh's one exception tree, and the stable error codes that travel on the wire.
+
+```
+MeshError                      code            retryable
+├── InvalidArgument            INVALID_ARGUMENT
+│   └── DecodeError            INVALID_ARGUMENT   (malformed bytes; all the decoder raises)
+├── Unauthenticated            UNAUTHENTICATED
+│   └── CertificateError       UNAUTHENTICATED    (expired, not yet valid, wrong root, forged)
+├── PermissionDenied           PERMISSION_DENIED  (.rule names the rule that decided)
+├── NotFound                   NOT_FOUND          (unknown agent, instance or endpoint)
+├── DeadlineExceeded           DEADLINE_EXCEEDED  (also a builtin TimeoutError)
+├── ResourceExhausted          RESOURCE_EXHAUSTED (retryable when .retry_after is set)
+│   └── MessageTooLarge        RESOURCE_EXHAUSTED (never retryable)
+├── Unavailable                UNAVAILABLE        yes
+├── FailedPrecondition         FAILED_PRECONDITION (e.g. used before ready, after close)
+└── Internal                   INTERNAL           (a handler raised; the message is safe)
+```
+
+Remote errors map back to these classes by code (`error_from_code`), so a caller writes
+`except mesh.PermissionDenied as exc: print(exc.rule)` whatever process raised it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "CertificateError",
+    "DeadlineExceeded",
+    "DecodeError",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "MeshError",
+    "MessageTooLarge",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "error_from_code",
+]
+
+
+class MeshError(Exception):
+    """Root of every error the mesh raises.
+
+    Attributes:
+        code: the stable wire code (e.g. ``"PERMISSION_DENIED"``).
+        message: a human-readable explanation, safe to show to a remote caller.
+        rule: for authorization decisions, the rule that decided (else ``None``).
+        retry_after: seconds the caller should wait before trying again (else ``None``).
+        subject: the NATS subject involved, when one is known.
+    """
+
+    code: ClassVar[str] = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rule: str | None = None,
+        retry_after: float | None = None,
+        subject: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.rule = rule
+        self.retry_after = retry_after
+        self.subject = subject
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a caller may retry the same request (for idempotent calls only)."""
+        return False
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as carried in a reply body: code, message and the typed details."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.rule is not None:
+            out["rule"] = self.rule
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidArgument(MeshError):
+    """The request or message is malformed or fails validation."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class DecodeError(InvalidArgument):
+    """Bytes that are not a well-formed mesh envelope (or certificate, or record)."""
+
+
+class Unauthenticated(MeshError):
+    """The sender could not be authenticated (bad seal or signature, unknown or bad certificate,
+    replayed or stale message)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class CertificateError(Unauthenticated):
+    """A certificate is expired, not yet valid, from another trust root, or badly signed."""
+
+
+class PermissionDenied(MeshError):
+    """Policy refused the call; ``rule`` names the rule that decided."""
+
+    code = "PERMISSION_DENIED"
+
+
+class NotFound(MeshError):
+    """No such agent, instance or endpoint."""
+
+    code = "NOT_FOUND"
+
+
+class DeadlineExceeded(MeshError, TimeoutError):
+    """The request's deadline passed before a reply."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(MeshError):
+    """A limit was hit; retryable when the callee said when (``retry_after``)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    @property
+    def retryable(self) -> bool:
+        return self.retry_after is not None
+
+
+class MessageTooLarge(ResourceExhausted):
+    """A body exceeds the maximum size; checked before sending and before decrypting."""
+
+    @property
+    def retryable(self) -> bool:
+        return False
+
+
+class Unavailable(MeshError):
+    """No instance could take the request (none known, none responding, or it went away)."""
+
+    code = "UNAVAILABLE"
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class FailedPrecondition(MeshError):
+    """The operation is not allowed in the current state (not ready, closed, draining)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Internal(MeshError):
+    """The remote handler failed; the message never carries the exception's repr."""
+
+    code = "INTERNAL"
+
+
+_BY_CODE: dict[str, type[MeshError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        Unauthenticated,
+        PermissionDenied,
+        NotFound,
+        DeadlineExceeded,
+        ResourceExhausted,
+        Unavailable,
+        FailedPrecondition,
+        Internal,
+    )
+}
+
+CODES: frozenset[str] = frozenset(_BY_CODE)
+
+
+def error_from_code(
+    code: str,
+    message: str,
+    *,
+    rule: str | None = None,
+    retry_after: float | None = None,
+    subject: str | None = None,
+) -> MeshError:
+    """Build the exception for a wire error code; unknown codes become ``Internal``.
+
+    Args:
+        code: the wire code, e.g. ``"NOT_FOUND"``.
+        message: the remote's message.
+        rule: the deciding rule, for denials.
+        retry_after: seconds to wait, for RESOURCE_EXHAUSTED.
+        subject: the subject the error concerns.
+
+    Returns:
+        An instance of the matching ``MeshError`` subclass.
+    """
+    cls = _BY_CODE.get(code, Internal)
+    return cls(message, rule=rule, retry_after=retry_after, subject=subject)

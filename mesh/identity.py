@@ -1,0 +1,511 @@
+"""Identities: the trust root, per-instance keys, certificates, their verification and key files.
+
+A certificate binds an agent name, an instance id and roles to the instance's Ed25519 signing
+key and X25519 box key, signed by the trust root. Its wire form is the msgpack array
+``[body, signature]`` where ``body`` is the canonical msgpack map documented in
+``docs/protocol.md`` and ``signature`` is the issuer's Ed25519 signature over ``body``.
+
+Pure core: no I/O except the explicit key-file functions at the bottom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from nacl.exceptions import BadSignatureError
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey, VerifyKey
+
+from .errors import CertificateError, DecodeError, InvalidArgument
+
+__all__ = [
+    "Certificate",
+    "CertificateVerifier",
+    "Identity",
+    "InstanceKeys",
+    "TrustRoot",
+    "load_identity",
+    "load_trust_root",
+    "new_instance_id",
+    "save_identity",
+    "save_trust_root",
+    "validate_name",
+]
+
+CERT_VERSION = 1
+DEFAULT_CERT_TTL = 24 * 3600.0
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+Clock = Callable[[], float]
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Check an agent, instance, endpoint or topic name: lower-case letters, digits, ``-``, ``_``.
+
+    Names become NATS subject tokens, so dots, spaces and wildcards are refused.
+
+    Raises:
+        InvalidArgument: naming the kind of name and the offending value.
+    """
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise InvalidArgument(
+            f"invalid {kind} name {value!r}: use 1-63 of a-z, 0-9, '-', '_', starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+def new_instance_id() -> str:
+    """A fresh random instance id (16 hex characters)."""
+    return secrets.token_hex(8)
+
+
+def key_id(public_key: bytes) -> str:
+    """Short stable id of a public key: hex of the first 8 bytes of its BLAKE2b hash."""
+    return hashlib.blake2b(public_key, digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """A verified or freshly issued certificate (see ``docs/protocol.md``, Certificates)."""
+
+    serial: str
+    agent: str
+    instance: str
+    roles: tuple[str, ...]
+    sign_pk: bytes
+    box_pk: bytes
+    not_before: int
+    not_after: int
+    issuer: str
+    raw: bytes = field(repr=False)
+    version: int = CERT_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex BLAKE2b-128 of the certificate's wire bytes."""
+        return hashlib.blake2b(self.raw, digest_size=16).hexdigest()
+
+    def valid_at(self, now: float) -> bool:
+        """Whether ``now`` (unix seconds) lies within the validity period."""
+        return self.not_before <= now < self.not_after
+
+    @classmethod
+    def decode(cls, raw: bytes) -> tuple[Certificate, bytes, bytes]:
+        """Parse wire bytes without verifying them.
+
+        Returns:
+            ``(certificate, body, signature)``.
+
+        Raises:
+            DecodeError: when the bytes are not a well-formed certificate.
+        """
+        try:
+            outer = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+            if not (isinstance(outer, list) and len(outer) == 2):
+                raise DecodeError("certificate must be a 2-element array [body, signature]")
+            body, sig = outer
+            if not isinstance(body, bytes) or not isinstance(sig, bytes) or len(sig) != 64:
+                raise DecodeError("certificate body and 64-byte signature must be binary")
+            m = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            if not isinstance(m, dict):
+                raise DecodeError("certificate body must be a map")
+            roles = m["roles"]
+            if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+                raise DecodeError("certificate roles must be a list of strings")
+            cert = cls(
+                version=_typed(m, "version", int),
+                serial=_typed(m, "serial", str),
+                agent=_typed(m, "agent", str),
+                instance=_typed(m, "instance", str),
+                roles=tuple(roles),
+                sign_pk=_typed(m, "sign_pk", bytes),
+                box_pk=_typed(m, "box_pk", bytes),
+                not_before=_typed(m, "not_before", int),
+                not_after=_typed(m, "not_after", int),
+                issuer=_typed(m, "issuer", str),
+                raw=raw,
+            )
+        except DecodeError:
+            raise
+        except (
+            KeyError,
+            ValueError,
+            TypeError,
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+            RecursionError,
+        ) as exc:
+            raise DecodeError(f"malformed certificate: {type(exc).__name__}") from exc
+        if cert.version != CERT_VERSION:
+            raise DecodeError(f"unsupported certificate version {cert.version}")
+        if len(cert.sign_pk) != 32 or len(cert.box_pk) != 32:
+            raise DecodeError("certificate keys must be 32 bytes")
+        return cert, body, sig
+
+
+def _typed(m: dict[str, Any], key: str, typ: type) -> Any:
+    value = m[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise DecodeError(f"certificate field {key!r} must be {typ.__name__}")
+    return value
+
+
+def _encode_cert_body(
+    *,
+    serial: str,
+    agent: str,
+    instance: str,
+    roles: Sequence[str],
+    sign_pk: bytes,
+    box_pk: bytes,
+    not_before: int,
+    not_after: int,
+    issuer: str,
+) -> bytes:
+    # Canonical form: a map with keys in sorted order, shortest msgpack encodings.
+    body = {
+        "agent": agent,
+        "box_pk": box_pk,
+        "instance": instance,
+        "issuer": issuer,
+        "not_after": not_after,
+        "not_before": not_before,
+        "roles": sorted(set(roles)),
+        "serial": serial,
+        "sign_pk": sign_pk,
+        "version": CERT_VERSION,
+    }
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceKeys:
+    """One instance's private keys: Ed25519 for signing, X25519 for sealing."""
+
+    signing: SigningKey
+    box: PrivateKey
+
+    @classmethod
+    def generate(cls) -> InstanceKeys:
+        """Make fresh keys locally; they never leave the process unless saved by the owner."""
+        return cls(SigningKey.generate(), PrivateKey.generate())
+
+    @property
+    def sign_pk(self) -> bytes:
+        return bytes(self.signing.verify_key)
+
+    @property
+    def box_pk(self) -> bytes:
+        return bytes(self.box.public_key)
+
+    def __repr__(self) -> str:  # never print private material
+        return f"InstanceKeys(sign_pk={self.sign_pk.hex()[:16]}…)"
+
+
+class TrustRoot:
+    """The trust root: an Ed25519 key pair that signs certificates.
+
+    Agents hold only ``public_key``; the private half lives with the registry / operator.
+    """
+
+    def __init__(self, signing: SigningKey | None, public_key: bytes) -> None:
+        self._signing = signing
+        self.public_key = public_key
+        self.key_id = key_id(public_key)
+
+    @classmethod
+    def generate(cls) -> TrustRoot:
+        """A new root key pair."""
+        sk = SigningKey.generate()
+        return cls(sk, bytes(sk.verify_key))
+
+    @classmethod
+    def from_public(cls, public_key: bytes) -> TrustRoot:
+        """A verify-only root from its 32-byte public key."""
+        if len(public_key) != 32:
+            raise InvalidArgument("trust root public key must be 32 bytes")
+        return cls(None, public_key)
+
+    @property
+    def can_sign(self) -> bool:
+        return self._signing is not None
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` with the root key (policy revisions, registry records)."""
+        if self._signing is None:
+            raise InvalidArgument("this trust root holds only the public key; cannot sign")
+        return self._signing.sign(data).signature
+
+    def issue(
+        self,
+        agent: str,
+        *,
+        sign_pk: bytes,
+        box_pk: bytes,
+        instance: str | None = None,
+        roles: Iterable[str] = (),
+        ttl: float = DEFAULT_CERT_TTL,
+        now: float | None = None,
+    ) -> Certificate:
+        """Issue a certificate for an instance's public keys.
+
+        Args:
+            agent: the agent name.
+            sign_pk: the instance's Ed25519 public key.
+            box_pk: the instance's X25519 public key.
+            instance: the instance id (fresh random when omitted).
+            roles: role names granted.
+            ttl: lifetime in seconds (default 24 h).
+            now: issuance time (unix seconds), for tests.
+
+        Returns:
+            The signed certificate.
+
+        Raises:
+            InvalidArgument: for a bad name or a verify-only root.
+        """
+        validate_name("agent", agent)
+        instance = validate_name("instance", instance or new_instance_id())
+        roles = [validate_name("role", r) for r in roles]
+        t = int(time.time() if now is None else now)
+        body = _encode_cert_body(
+            serial=secrets.token_hex(16),
+            agent=agent,
+            instance=instance,
+            roles=roles,
+            sign_pk=sign_pk,
+            box_pk=box_pk,
+            not_before=t - 60,  # tolerate small clock skew between issuer and peers
+            not_after=t + int(ttl),
+            issuer=self.key_id,
+        )
+        raw = msgpack.packb([body, self.sign(body)], use_bin_type=True)
+        return Certificate.decode(raw)[0]
+
+    def issue_identity(
+        self,
+        agent: str,
+        *,
+        roles: Iterable[str] = (),
+        ttl: float = DEFAULT_CERT_TTL,
+        instance: str | None = None,
+        now: float | None = None,
+    ) -> Identity:
+        """Make keys and a certificate in one step (offline issuance, tests, the demo)."""
+        keys = InstanceKeys.generate()
+        cert = self.issue(
+            agent,
+            sign_pk=keys.sign_pk,
+            box_pk=keys.box_pk,
+            instance=instance,
+            roles=roles,
+            ttl=ttl,
+            now=now,
+        )
+        return Identity(keys=keys, certificate=cert, root_public_key=self.public_key)
+
+    def __repr__(self) -> str:
+        return f"TrustRoot(key_id={self.key_id}, can_sign={self.can_sign})"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What an instance needs to take part: its keys, its certificate and the root it trusts."""
+
+    keys: InstanceKeys
+    certificate: Certificate
+    root_public_key: bytes
+
+    @property
+    def agent(self) -> str:
+        return self.certificate.agent
+
+    @property
+    def instance(self) -> str:
+        return self.certificate.instance
+
+
+class CertificateVerifier:
+    """Verifies certificates against the trust root, caching results by the certificate bytes.
+
+    A cached certificate is still checked for expiry and revocation on every use; only the
+    signature check and decoding are skipped.
+    """
+
+    def __init__(
+        self,
+        root_public_key: bytes,
+        *,
+        clock: Clock = time.time,
+        max_entries: int = 4096,
+    ) -> None:
+        self._root = VerifyKey(root_public_key)
+        self._root_id = key_id(root_public_key)
+        self._clock = clock
+        self._cache: OrderedDict[bytes, Certificate] = OrderedDict()
+        self._max = max_entries
+        self.revoked: set[str] = set()
+
+    def verify(self, raw: bytes) -> Certificate:
+        """Return the certificate if it is validly signed by the root, current and not revoked.
+
+        Raises:
+            DecodeError: malformed bytes.
+            CertificateError: wrong issuer, bad signature, expired, not yet valid, or revoked.
+        """
+        cert = self._cache.get(raw)
+        if cert is None:
+            cert, body, sig = Certificate.decode(raw)
+            if cert.issuer != self._root_id:
+                raise CertificateError(
+                    f"certificate of {cert.agent!r} was issued by {cert.issuer}, not by this "
+                    f"mesh's trust root {self._root_id}"
+                )
+            try:
+                self._root.verify(body, sig)
+            except BadSignatureError as exc:
+                raise CertificateError(
+                    f"certificate of {cert.agent!r} has a bad signature"
+                ) from exc
+            self._cache[raw] = cert
+            if len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        now = self._clock()
+        if now >= cert.not_after:
+            raise CertificateError(
+                f"certificate {cert.serial} of {cert.agent!r} expired at {cert.not_after}"
+            )
+        if now < cert.not_before:
+            raise CertificateError(
+                f"certificate {cert.serial} of {cert.agent!r} is not valid before {cert.not_before}"
+            )
+        if cert.serial in self.revoked:
+            raise CertificateError(f"certificate {cert.serial} of {cert.agent!r} is revoked")
+        return cert
+
+
+# --- key files -------------------------------------------------------------------------------
+
+ROOT_KEY_FILE = "root.key"
+ROOT_PUB_FILE = "root.pub"
+IDENTITY_KEY_FILE = "identity.key"
+IDENTITY_CERT_FILE = "identity.cert"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Create with 0600 from the start so the key is never readable by others, even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)
+
+
+def save_trust_root(root: TrustRoot, directory: str | Path) -> Path:
+    """Write ``root.key`` (0600) and ``root.pub`` into ``directory``.
+
+    Raises:
+        InvalidArgument: for a verify-only root.
+    """
+    if root._signing is None:
+        raise InvalidArgument("cannot save a verify-only trust root")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    _write_private(d / ROOT_KEY_FILE, bytes(root._signing).hex().encode() + b"\n")
+    (d / ROOT_PUB_FILE).write_text(root.public_key.hex() + "\n")
+    return d
+
+
+def load_trust_root(path: str | Path) -> TrustRoot:
+    """Load a trust root: a directory with ``root.key`` (full) or ``root.pub`` (verify-only),
+    or a path to either file.
+
+    Raises:
+        InvalidArgument: naming the file and what is wrong with it.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / ROOT_KEY_FILE if (p / ROOT_KEY_FILE).exists() else p / ROOT_PUB_FILE
+    try:
+        text = p.read_text().strip()
+        raw = bytes.fromhex(text)
+    except FileNotFoundError as exc:
+        raise InvalidArgument(f"{p}: trust root file not found") from exc
+    except ValueError as exc:
+        raise InvalidArgument(f"{p}: expected 64 hex characters") from exc
+    if len(raw) != 32:
+        raise InvalidArgument(f"{p}: expected a 32-byte key in hex, got {len(raw)} bytes")
+    if p.name == ROOT_KEY_FILE:
+        sk = SigningKey(raw)
+        return TrustRoot(sk, bytes(sk.verify_key))
+    return TrustRoot.from_public(raw)
+
+
+def save_identity(identity: Identity, directory: str | Path) -> Path:
+    """Write ``identity.key`` (0600), ``identity.cert`` and ``root.pub`` into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    keys = {
+        "sign_seed": bytes(identity.keys.signing).hex(),
+        "box_sk": bytes(identity.keys.box).hex(),
+    }
+    _write_private(d / IDENTITY_KEY_FILE, json.dumps(keys).encode() + b"\n")
+    (d / IDENTITY_CERT_FILE).write_bytes(identity.certificate.raw)
+    (d / ROOT_PUB_FILE).write_text(identity.root_public_key.hex() + "\n")
+    return d
+
+
+def load_identity(directory: str | Path, *, root_public_key: bytes | None = None) -> Identity:
+    """Load an identity directory written by ``save_identity`` or ``mesh-policy identity issue``.
+
+    The certificate must match the keys. Its signature is checked by whoever uses it.
+
+    Args:
+        directory: the identity directory.
+        root_public_key: overrides the ``root.pub`` kept beside the identity.
+
+    Raises:
+        InvalidArgument: naming the file and the problem (missing, unreadable, mismatched keys).
+    """
+    d = Path(directory)
+    key_file, cert_file = d / IDENTITY_KEY_FILE, d / IDENTITY_CERT_FILE
+    try:
+        mode = key_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise InvalidArgument(
+                f"{key_file}: private key file is readable by others (mode {mode:o}); "
+                f"run: chmod 600 {key_file}"
+            )
+        keys_json = json.loads(key_file.read_text())
+        keys = InstanceKeys(
+            SigningKey(bytes.fromhex(keys_json["sign_seed"])),
+            PrivateKey(bytes.fromhex(keys_json["box_sk"])),
+        )
+    except FileNotFoundError as exc:
+        raise InvalidArgument(f"{key_file}: identity key file not found") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"{key_file}: not a valid identity key file") from exc
+    try:
+        cert = Certificate.decode(cert_file.read_bytes())[0]
+    except FileNotFoundError as exc:
+        raise InvalidArgument(f"{cert_file}: certificate file not found") from exc
+    except DecodeError as exc:
+        raise InvalidArgument(f"{cert_file}: {exc.message}") from exc
+    if cert.sign_pk != keys.sign_pk or cert.box_pk != keys.box_pk:
+        raise InvalidArgument(f"{cert_file}: certificate does not match the keys in {key_file}")
+    if root_public_key is None:
+        root_public_key = load_trust_root(d / ROOT_PUB_FILE).public_key
+    return Identity(keys=keys, certificate=cert, root_public_key=root_public_key)

@@ -1,0 +1,186 @@
+"""Resilience primitives: backoff, retry budget, instance balancing, the reply cache.
+
+Each takes an injectable clock (and random source) so tests need no sleeps. Pure core: no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+__all__ = ["Backoff", "LeastLoadedPicker", "ReplyCache", "RetryBudget"]
+
+Clock = Callable[[], float]
+T = TypeVar("T")
+
+
+class Backoff:
+    """Full-jitter exponential backoff: ``uniform(0, min(cap, base * 2**retry))`` (Envoy).
+
+    Args:
+        base: seconds before the first retry's upper bound doubles (default 25 ms).
+        cap: the largest upper bound (default 250 ms).
+    """
+
+    def __init__(
+        self, base: float = 0.025, cap: float = 0.250, *, rng: random.Random | None = None
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self._rng = rng or random.Random()
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
+        upper = min(self.cap, self.base * (2 ** max(0, retry - 1)))
+        return self._rng.uniform(0.0, upper)
+
+
+class RetryBudget:
+    """Limits retries to ``ratio`` of requests plus ``min_per_s`` per second over ``ttl`` (Linkerd).
+
+    Args:
+        ratio: fraction of requests that may be retried (default 0.2).
+        min_per_s: retries per second always allowed (default 10).
+        ttl: the sliding window in seconds (default 10).
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        min_per_s: float = 10.0,
+        ttl: float = 10.0,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.ratio = ratio
+        self.min_per_s = min_per_s
+        self.ttl = ttl
+        self._clock = clock
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _trim(self, now: float) -> None:
+        edge = now - self.ttl
+        for q in (self._requests, self._retries):
+            while q and q[0] <= edge:
+                q.popleft()
+
+    def record_request(self) -> None:
+        """Count one original request (not a retry)."""
+        self._requests.append(self._clock())
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget; ``False`` when the budget is used up."""
+        now = self._clock()
+        self._trim(now)
+        allowed = self.ratio * len(self._requests) + self.min_per_s * self.ttl
+        if len(self._retries) >= allowed:
+            return False
+        self._retries.append(now)
+        return True
+
+
+class LeastLoadedPicker(Generic[T]):
+    """Power of two choices on outstanding requests: sample two, take the less loaded.
+
+    Outstanding counts are kept per key by ``acquire``/``release``; a penalty (for example after
+    RESOURCE_EXHAUSTED) adds phantom load for a while so a fast-failing instance does not
+    attract traffic.
+    """
+
+    def __init__(self, *, rng: random.Random | None = None, clock: Clock = time.monotonic) -> None:
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.outstanding: dict[T, int] = {}
+        self._penalty_until: dict[T, float] = {}
+
+    def _load(self, key: T, now: float) -> float:
+        load = float(self.outstanding.get(key, 0))
+        until = self._penalty_until.get(key)
+        if until is not None:
+            if until > now:
+                load += 1000.0
+            else:
+                del self._penalty_until[key]
+        return load
+
+    def pick(self, candidates: Sequence[T]) -> T:
+        """Choose one of ``candidates`` (must not be empty)."""
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        i = self._rng.randrange(n)
+        j = self._rng.randrange(n - 1)
+        if j >= i:
+            j += 1
+        a, b = candidates[i], candidates[j]
+        now = self._clock()
+        return a if self._load(a, now) <= self._load(b, now) else b
+
+    def acquire(self, key: T) -> None:
+        self.outstanding[key] = self.outstanding.get(key, 0) + 1
+
+    def release(self, key: T) -> None:
+        left = self.outstanding.get(key, 0) - 1
+        if left > 0:
+            self.outstanding[key] = left
+        else:
+            self.outstanding.pop(key, None)
+
+    def penalize(self, key: T, seconds: float) -> None:
+        """Make ``key`` look heavily loaded for ``seconds``."""
+        self._penalty_until[key] = self._clock() + seconds
+
+
+class ReplyCache:
+    """Recent replies by idempotency key, so a retried attempt is answered without re-running.
+
+    An entry is a future: a retry that arrives while the first attempt still runs waits for its
+    result instead of starting the handler again. Bounded by count and age.
+    """
+
+    def __init__(
+        self, ttl: float = 120.0, max_entries: int = 10_000, *, clock: Clock = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[
+            tuple[str, str, str], tuple[float, asyncio.Future[tuple[str, bytes]]]
+        ] = OrderedDict()
+
+    def _trim(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            _key, (born, fut) = next(iter(entries.items()))
+            if len(entries) > self._max or (born + self.ttl < now and fut.done()):
+                entries.popitem(last=False)
+            else:
+                break
+
+    def claim(self, key: tuple[str, str, str]) -> tuple[bool, asyncio.Future[tuple[str, bytes]]]:
+        """Look up or reserve ``key``.
+
+        Returns:
+            ``(owner, future)``: ``owner`` is True when the caller must run the handler and
+            resolve the future; otherwise the future holds (or will hold) the earlier reply.
+        """
+        now = self._clock()
+        self._trim(now)
+        hit = self._entries.get(key)
+        if hit is not None and (hit[0] + self.ttl >= now or not hit[1].done()):
+            return False, hit[1]
+        fut: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
+        self._entries[key] = (now, fut)
+        return True, fut
+
+    def forget(self, key: tuple[str, str, str]) -> None:
+        """Drop a reservation whose attempt failed before producing a reply worth keeping."""
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)

