@@ -11,7 +11,7 @@ import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -157,9 +157,21 @@ class Agent:
     def __post_init__(self) -> None:
         validate_name("agent", self.name)
 
+    @overload
+    def endpoint(self, fn: F) -> F: ...
+
+    @overload
     def endpoint(
         self,
-        fn: F | None = None,
+        *,
+        name: str | None = None,
+        idempotent: bool = False,
+        concurrency: int | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def endpoint(
+        self,
+        fn: Callable[..., Awaitable[Any]] | None = None,
         *,
         name: str | None = None,
         idempotent: bool = False,

@@ -70,11 +70,13 @@ class DirectoryConfig:
         ttl: a record older than this is treated as a dead instance.
         drain_grace: after deregistering, how long a draining instance keeps its subscription
             so callers see the change before it stops listening.
+        replicas: JetStream replicas of the bucket when the mesh creates it (3 on a cluster).
     """
 
     heartbeat: float = 1.0
     ttl: float = 4.0
     drain_grace: float = 0.3
+    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)

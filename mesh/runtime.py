@@ -110,6 +110,11 @@ class _Stats:
         self.fates[name] = self.fates.get(name, 0) + 1
 
 
+class _NotDelivered(Unavailable):
+    """No handler can have seen the request (no instance, or the server said no responders),
+    so retrying it is safe even for a non-idempotent endpoint."""
+
+
 def _error_body(exc: MeshError) -> bytes:
     wire = exc.to_wire()
     wire.pop("code", None)
@@ -214,7 +219,9 @@ class Mesh:
         self._inbox = self.transport.new_inbox()
         self._subs.append(await self.transport.subscribe(f"{self._inbox}.*", self._on_reply))
         ttl = self.config.directory.ttl
-        self._kv = await self.transport.key_value(self.bucket, ttl=max(3 * ttl, 10.0))
+        self._kv = await self.transport.key_value(
+            self.bucket, ttl=max(3 * ttl, 10.0), replicas=self.config.directory.replicas
+        )
         self._directory = Directory(
             self._kv.watch, self.verifier, ttl=ttl, on_dead=self._instance_dead
         )
@@ -386,6 +393,7 @@ class Mesh:
             except MeshError as exc:
                 if record is not None and isinstance(exc, Unavailable):
                     tried.add(record.key)
+                may_retry = may_retry or isinstance(exc, _NotDelivered)
                 delay = self._retry_delay(exc, may_retry, attempt, retry.attempts, dl)
                 if delay is None:
                     raise
@@ -424,7 +432,7 @@ class Mesh:
     def _pick(self, agent: str, tried: set[str]) -> InstanceRecord:
         candidates = self.directory.instances(agent)
         if not candidates:
-            raise Unavailable(f"no live instance of agent {agent!r}")
+            raise _NotDelivered(f"no live instance of agent {agent!r}")
         fresh = [r for r in candidates if r.key not in tried] or candidates
         keys = [r.key for r in fresh]
         chosen = self._picker.pick(keys)
@@ -549,7 +557,7 @@ class Mesh:
 
     def _no_responders(self, p: _Pending) -> None:
         record = p.record
-        p.fut.set_exception(Unavailable(f"no responders at instance {record.key}"))
+        p.fut.set_exception(_NotDelivered(f"no responders at instance {record.key}"))
         live = self.directory.get(record.key)
         if live is not None and live.state != STATE_DRAINING:
             # Listed as serving but not subscribed: the process is gone. Stop picking it, and

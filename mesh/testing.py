@@ -73,6 +73,9 @@ def test_config(servers: Iterable[str], **overrides: Any) -> MeshConfig:
     return MeshConfig(**base)
 
 
+test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test to collect
+
+
 # --- in-memory transport -----------------------------------------------------------------
 
 
@@ -229,7 +232,9 @@ class MemoryTransport:
     async def flush(self, timeout: float = 5.0) -> None:
         await asyncio.sleep(0)
 
-    async def key_value(self, bucket: str, *, ttl: float | None = None) -> _MemKV:
+    async def key_value(
+        self, bucket: str, *, ttl: float | None = None, replicas: int = 1
+    ) -> _MemKV:
         return self.broker.kvs.setdefault(bucket, _MemKV())
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:

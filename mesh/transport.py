@@ -92,7 +92,9 @@ class Transport(Protocol):
 
     async def flush(self, timeout: float = 5.0) -> None: ...
 
-    async def key_value(self, bucket: str, *, ttl: float | None = None) -> KeyValueBucket: ...
+    async def key_value(
+        self, bucket: str, *, ttl: float | None = None, replicas: int = 1
+    ) -> KeyValueBucket: ...
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None: ...
 
@@ -249,7 +251,9 @@ class NatsTransport:
         except (TimeoutError, nats.errors.Error) as exc:
             raise Unavailable(f"flush failed: {exc}") from exc
 
-    async def key_value(self, bucket: str, *, ttl: float | None = None) -> KeyValueBucket:
+    async def key_value(
+        self, bucket: str, *, ttl: float | None = None, replicas: int = 1
+    ) -> KeyValueBucket:
         kv = self._kvs.get(bucket)
         if kv is not None:
             return kv
@@ -258,7 +262,9 @@ class NatsTransport:
             try:
                 raw = await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                raw = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=ttl))
+                raw = await js.create_key_value(
+                    KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=replicas)
+                )
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise Unavailable(f"JetStream key-value bucket {bucket!r} unavailable: {exc}") from exc
         kv = self._kvs[bucket] = _NatsKV(raw)

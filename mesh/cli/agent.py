@@ -1,0 +1,140 @@
+"""``mesh-agent``: run an agent from a module path (``run``), or the demo mesh (``demo``).
+
+``run`` reads its settings from options or ``MESH_*`` environment variables:
+
+=================  =====================  ==========================================
+option             environment            meaning
+=================  =====================  ==========================================
+``--servers``      ``MESH_SERVERS``       comma-separated NATS URLs
+``--identity``     ``MESH_IDENTITY``      identity directory (identity.key/.cert)
+``--root``         ``MESH_TRUST_ROOT``    trust root public key file or directory
+``--prefix``       ``MESH_PREFIX``        subject prefix (default ``mesh``)
+``--drain``        ``MESH_DRAIN_TIMEOUT`` bound on finishing in-flight work
+``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
+=================  =====================  ==========================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import sys
+
+import structlog
+
+from ..agent import Agent
+from ..config import MeshConfig, Timeouts
+from ..errors import InvalidArgument
+from ..identity import load_identity, load_trust_root
+from ..runtime import Mesh
+from ._common import configure_logging, env_default, parse_duration, run_command
+
+log = structlog.get_logger("mesh.runner")
+
+
+def load_agent(spec: str) -> Agent:
+    """Import ``module:attr`` and return the ``Agent`` it names.
+
+    Raises:
+        InvalidArgument: the module or attribute is missing, or is not an ``Agent``.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InvalidArgument(f"{spec!r}: expected MODULE:ATTR, e.g. examples.research:planner")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does, so local modules import
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidArgument(f"cannot import module {module_name!r}: {exc}") from exc
+    agent = getattr(module, attr, None)
+    if not isinstance(agent, Agent):
+        raise InvalidArgument(f"{spec!r} is {type(agent).__name__}, not a mesh.Agent")
+    return agent
+
+
+async def serve(agent: Agent, mesh: Mesh) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (deregister, finish in-flight work, close)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await mesh.start()
+    log.info(
+        "agent.ready",
+        agent=agent.name,
+        instance=mesh.instance,
+        version=agent.version,
+        endpoints=sorted(agent.endpoints),
+        servers=list(mesh.config.servers),
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("agent.draining", agent=agent.name, instance=mesh.instance)
+        await mesh.drain()
+        log.info("agent.stopped", agent=agent.name, instance=mesh.instance)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run one agent instance."""
+    configure_logging(args.log_level, args.log_format)
+    agent = load_agent(args.target)
+    if not args.identity:
+        raise InvalidArgument("no identity: pass --identity DIR or set MESH_IDENTITY")
+    root_pk = load_trust_root(args.root).public_key if args.root else None
+    identity = load_identity(args.identity, root_public_key=root_pk)
+    config = MeshConfig(
+        servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
+        prefix=args.prefix,
+        timeouts=Timeouts(drain=parse_duration(args.drain)),
+    )
+    asyncio.run(serve(agent, Mesh(identity, config, agent=agent)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo mesh on an embedded NATS server."""
+    from .demo import run_demo
+
+    configure_logging("warning")
+    return asyncio.run(run_demo(keep=args.keep))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mesh-agent`` argument parser."""
+    p = argparse.ArgumentParser(prog="mesh-agent", description="Run mesh agents.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an agent defined in MODULE:ATTR")
+    run.add_argument("target", help="MODULE:ATTR of a mesh.Agent, e.g. examples.research:planner")
+    run.add_argument("--servers", default=env_default("SERVERS", "nats://127.0.0.1:4222"))
+    run.add_argument("--identity", default=env_default("IDENTITY"))
+    run.add_argument("--root", default=env_default("TRUST_ROOT"))
+    run.add_argument("--prefix", default=env_default("PREFIX", "mesh"))
+    run.add_argument("--drain", default=env_default("DRAIN_TIMEOUT", "10s"))
+    run.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"))
+    run.add_argument("--log-format", choices=["console", "json"], default="console")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="run a demo mesh on an embedded NATS server")
+    demo.add_argument("--keep", action="store_true", help="stay up and print the NATS URL")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mesh-agent``."""
+    args = build_parser().parse_args(argv)
+    return int(run_command(lambda: args.func(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
