@@ -121,7 +121,12 @@ class EventSpec:
 
 
 def _model_param(fn: Callable[..., Any], what: str) -> tuple[type[BaseModel], Any, bool]:
-    hints = typing.get_type_hints(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:  # NameError and friends from unresolvable annotations
+        raise InvalidArgument(
+            f"{what} {fn.__qualname__}: cannot resolve its type annotations ({exc})"
+        ) from None
     params = list(inspect.signature(fn).parameters.values())
     if not params or len(params) > 2:
         raise InvalidArgument(f"{what} {fn.__qualname__} must take (body, ctx) or (body)")

@@ -185,8 +185,8 @@ def decode_frame(frame: bytes) -> tuple[Header, int]:
             strict_map_key=True,
             max_bin_len=hlen,
             max_str_len=hlen,
-            max_array_len=0,
-            max_map_len=len(_FIELDS),
+            max_array_len=hlen,
+            max_map_len=hlen,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types on junk; all mean the same here

@@ -405,13 +405,16 @@ IDENTITY_CERT_FILE = "identity.cert"
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    # Create with 0600 from the start so the key is never readable by others, even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A fresh file created 0600 and renamed over the target: the key is never in a file that
+    # others can read, even when the target existed with a looser mode.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
+        os.fsync(fd)
     finally:
         os.close(fd)
-    os.chmod(path, 0o600)
+    os.replace(tmp, path)
 
 
 def save_trust_root(root: TrustRoot, directory: str | Path) -> Path:
@@ -444,6 +447,8 @@ def load_trust_root(path: str | Path) -> TrustRoot:
         raw = bytes.fromhex(text)
     except FileNotFoundError as exc:
         raise InvalidArgument(f"{p}: trust root file not found") from exc
+    except OSError as exc:
+        raise InvalidArgument(f"{p}: cannot read ({exc.strerror})") from exc
     except ValueError as exc:
         raise InvalidArgument(f"{p}: expected 64 hex characters") from exc
     if len(raw) != 32:
@@ -496,12 +501,16 @@ def load_identity(directory: str | Path, *, root_public_key: bytes | None = None
         )
     except FileNotFoundError as exc:
         raise InvalidArgument(f"{key_file}: identity key file not found") from exc
+    except OSError as exc:
+        raise InvalidArgument(f"{key_file}: cannot read ({exc.strerror})") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument(f"{key_file}: not a valid identity key file") from exc
     try:
         cert = Certificate.decode(cert_file.read_bytes())[0]
     except FileNotFoundError as exc:
         raise InvalidArgument(f"{cert_file}: certificate file not found") from exc
+    except OSError as exc:
+        raise InvalidArgument(f"{cert_file}: cannot read ({exc.strerror})") from exc
     except DecodeError as exc:
         raise InvalidArgument(f"{cert_file}: {exc.message}") from exc
     if cert.sign_pk != keys.sign_pk or cert.box_pk != keys.box_pk:

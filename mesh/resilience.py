@@ -35,7 +35,7 @@ class Backoff:
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
-        upper = min(self.cap, self.base * (2 ** max(0, retry - 1)))
+        upper = min(self.cap, self.base * (2.0 ** min(max(0, retry - 1), 64)))
         return self._rng.uniform(0.0, upper)
 
 
@@ -71,7 +71,9 @@ class RetryBudget:
 
     def record_request(self) -> None:
         """Count one original request (not a retry)."""
-        self._requests.append(self._clock())
+        now = self._clock()
+        self._trim(now)
+        self._requests.append(now)
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; ``False`` when the budget is used up."""
@@ -157,7 +159,7 @@ class ReplyCache:
         entries = self._entries
         while entries:
             _key, (born, fut) = next(iter(entries.items()))
-            if len(entries) > self._max or (born + self.ttl < now and fut.done()):
+            if len(entries) >= self._max or (born + self.ttl < now and fut.done()):
                 entries.popitem(last=False)
             else:
                 break

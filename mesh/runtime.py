@@ -19,7 +19,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -69,6 +69,7 @@ __all__ = ["EndpointStats", "Mesh", "connect"]
 
 log = structlog.get_logger("mesh")
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 OK = "OK"
 NO_ID = bytes(16)
 # Sealing adds a 24-byte nonce and a 16-byte tag; headers are at most 16 KiB.
@@ -219,8 +220,12 @@ class Mesh:
         self._inbox = self.transport.new_inbox()
         self._subs.append(await self.transport.subscribe(f"{self._inbox}.*", self._on_reply))
         ttl = self.config.directory.ttl
-        self._kv = await self.transport.key_value(
-            self.bucket, ttl=max(3 * ttl, 10.0), replicas=self.config.directory.replicas
+        deadline = time.monotonic() + timeouts.connect
+        self._kv = await _retry_unavailable(
+            lambda: self.transport.key_value(
+                self.bucket, ttl=max(3 * ttl, 10.0), replicas=self.config.directory.replicas
+            ),
+            deadline,
         )
         self._directory = Directory(
             self._kv.watch, self.verifier, ttl=ttl, on_dead=self._instance_dead
@@ -228,7 +233,7 @@ class Mesh:
         await self._directory.start(timeouts.connect)
         if self.agent is not None:
             await self._serve_subscriptions(self.agent)
-            await self._register()
+            await _retry_unavailable(self._register, deadline)
             self._heartbeat = asyncio.create_task(self._beat(), name="mesh-heartbeat")
         self.transport.on_reconnect(self._reconnected)
         await self.transport.flush(timeouts.connect)
@@ -903,6 +908,18 @@ class Mesh:
                 error_type=type(exc).__name__,
                 exc_info=True,
             )
+
+
+async def _retry_unavailable(op: Callable[[], Awaitable[T]], deadline: float) -> T:
+    """Run ``op`` until it succeeds, retrying ``Unavailable`` (a JetStream leader election,
+    a reconnect) until ``deadline`` (monotonic seconds)."""
+    while True:
+        try:
+            return await op()
+        except Unavailable:
+            if time.monotonic() + 0.25 >= deadline:
+                raise
+            await asyncio.sleep(0.25)
 
 
 def _expire(fut: asyncio.Future[bytes], by_deadline: bool) -> None:

@@ -89,7 +89,9 @@ async def test_sigkill_of_one_instance_loses_no_keyed_request(
     async with mesh.Mesh(trust.identity("alice"), cfg) as alice:
         await wait_until(lambda: len(alice.directory.instances("worker")) == 2, timeout=20)
         halfway = asyncio.Event()
-        load = asyncio.create_task(run_load(alice, 400, keyed=True, on_progress=100, action=halfway))
+        load = asyncio.create_task(
+            run_load(alice, 400, keyed=True, on_progress=100, action=halfway)
+        )
         await halfway.wait()
         victim = workers[0]
         victim.send_signal(signal.SIGKILL)

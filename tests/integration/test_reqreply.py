@@ -53,6 +53,7 @@ def make_echo(calls: Counter[str], name: str = "bob") -> mesh.Agent:
 
     @agent.endpoint()
     async def broken(p: Ping) -> Pong:
+        calls["broken"] += 1
         raise RuntimeError("secret internal detail 0xdeadbeef")
 
     return agent
@@ -117,7 +118,9 @@ async def test_request_deadline_expired_while_queued_is_not_executed(pair) -> No
     assert calls["queued"] == 0
 
 
-async def test_nested_call_inherits_remaining_deadline(nats_server: NatsServer, trust: Trust) -> None:
+async def test_nested_call_inherits_remaining_deadline(
+    nats_server: NatsServer, trust: Trust
+) -> None:
     """A nested call carries the original absolute deadline, so the callee sees what is left."""
     cfg = test_config([nats_server.url])
     front, back = mesh.Agent("front"), mesh.Agent("back")
@@ -185,6 +188,7 @@ async def test_non_idempotent_call_is_not_retried(pair) -> None:
     alice, _bob, calls = pair
     with pytest.raises(mesh.Internal):
         await alice.request("bob", "broken", Ping(text="x"), Pong)
+    assert calls["broken"] == 1
     assert alice.stats.fates["failed"] == 1
 
 

@@ -1,0 +1,184 @@
+"""The command-line tools as a user runs them: ``mesh-policy`` and ``mesh-agent``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import mesh
+from mesh.testing import NatsServer, test_config, wait_until
+
+from .workers import Done, Job
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_writes_root_and_admin_with_private_files_0600(tmp_path: Path) -> None:
+    """`mesh-policy init` writes root.key and the admin key 0600 and never prints them."""
+    result = run("mesh-policy", "init", str(tmp_path / "keys"))
+    assert result.returncode == 0, result.stderr
+    keys = tmp_path / "keys"
+    assert mode(keys / "root.key") == 0o600
+    assert mode(keys / "admin" / "identity.key") == 0o600
+    secret = (keys / "root.key").read_text().strip()
+    assert secret not in result.stdout + result.stderr
+    admin = mesh.load_identity(keys / "admin")
+    assert admin.certificate.roles == ("admin",)
+
+
+def test_init_refuses_to_replace_a_trust_root(tmp_path: Path) -> None:
+    """A second `init` into the same directory fails and names the file."""
+    assert run("mesh-policy", "init", str(tmp_path)).returncode == 0
+    before = (tmp_path / "root.key").read_text()
+    again = run("mesh-policy", "init", str(tmp_path))
+    assert again.returncode == 2
+    assert "FailedPrecondition" in again.stderr and "root.key" in again.stderr
+    assert (tmp_path / "root.key").read_text() == before
+
+
+def test_identity_issue_writes_a_loadable_identity(tmp_path: Path) -> None:
+    """`identity issue` makes keys and a certificate with the given roles, signed by the root."""
+    run("mesh-policy", "init", str(tmp_path))
+    out = tmp_path / "planner"
+    result = run(
+        "mesh-policy",
+        "identity",
+        "issue",
+        "planner",
+        "--roles",
+        "coordinator,ops",
+        "--root",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--ttl",
+        "2h",
+    )
+    assert result.returncode == 0, result.stderr
+    ident = mesh.load_identity(out)
+    cert = mesh.CertificateVerifier(ident.root_public_key).verify(ident.certificate.raw)
+    assert (cert.agent, cert.roles) == ("planner", ("coordinator", "ops"))
+    assert 7100 < cert.not_after - cert.not_before - 60 <= 7200
+    assert mode(out / "identity.key") == 0o600
+
+
+def test_identity_issue_without_root_key_explains(tmp_path: Path) -> None:
+    """Issuing with a missing trust root exits non-zero and says which file is missing."""
+    result = run(
+        "mesh-policy",
+        "identity",
+        "issue",
+        "x",
+        "--root",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert result.returncode == 2
+    assert "InvalidArgument" in result.stderr and "not found" in result.stderr
+
+
+def test_identity_issue_refuses_bad_agent_name(tmp_path: Path) -> None:
+    """An agent name that is not a subject token is refused with the reason."""
+    run("mesh-policy", "init", str(tmp_path))
+    result = run(
+        "mesh-policy",
+        "identity",
+        "issue",
+        "Bad.Name",
+        "--root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert result.returncode == 2 and "invalid agent name" in result.stderr
+
+
+def test_demo_runs_a_secure_conversation_and_exits_zero() -> None:
+    """`mesh-agent demo` needs no server, shows sealed calls, signed events and refusals."""
+    result = run("mesh-agent", "demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "embedded nats-server with JetStream" in out
+    assert "researcher <- answer(" in out and "librarian  <- lookup(" in out
+    assert "(signature verified)" in out
+    assert "refused UNAUTHENTICATED (replayed message id)" in out
+    assert "refused UNAUTHENTICATED (seal does not verify" in out
+    assert "DeadlineExceeded" in out
+
+
+def test_run_rejects_a_target_that_is_not_an_agent() -> None:
+    """`mesh-agent run` with a bad MODULE:ATTR exits 2 with a clear message."""
+    result = run("mesh-agent", "run", "tests.integration.workers:Job", "--identity", "/nonexistent")
+    assert result.returncode == 2
+    assert "not a mesh.Agent" in result.stderr
+
+
+def test_run_without_identity_explains() -> None:
+    """`mesh-agent run` without an identity names the option and the variable."""
+    env = {k: v for k, v in os.environ.items() if k != "MESH_IDENTITY"}
+    result = subprocess.run(
+        [str(BIN / "mesh-agent"), "run", "tests.integration.workers:worker"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "MESH_IDENTITY" in result.stderr
+
+
+async def test_run_serves_then_drains_on_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A runner-started agent serves calls, and on SIGTERM deregisters and exits 0."""
+    root = mesh.TrustRoot.generate()
+    mesh.save_trust_root(root, tmp_path / "root")
+    mesh.save_identity(root.issue_identity("worker"), tmp_path / "worker")
+    env = {
+        **os.environ,
+        "MESH_SERVERS": nats_server.url,
+        "MESH_IDENTITY": str(tmp_path / "worker"),
+        "MESH_TRUST_ROOT": str(tmp_path / "root" / "root.pub"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "mesh-agent"),
+        "run",
+        "tests.integration.workers:worker",
+        "--log-format",
+        "json",
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        cfg = test_config([nats_server.url])
+        async with mesh.Mesh(root.issue_identity("alice"), cfg) as alice:
+            await alice.wait_for("worker", timeout=20)
+            done = await alice.request("worker", "work", Job(key="a"), Done)
+            assert done.key == "a"
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+            await wait_until(lambda: not alice.directory.instances("worker"))
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode()
+        assert '"event": "agent.ready"' in log and '"event": "agent.stopped"' in log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,248 @@
+"""Unit tests for mesh.crypto: pair keys, sealing, event signatures and the replay guard."""
+
+from __future__ import annotations
+
+import pytest
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from mesh.crypto import (
+    NONCE_LEN,
+    TAG_LEN,
+    PairKeys,
+    ReplayGuard,
+    derive_pair_key,
+    open_body,
+    seal_body,
+    sign_frame,
+    verify_frame,
+)
+from mesh.errors import Unauthenticated
+
+NOW = 1_700_000_000.0
+NOW_MS = int(NOW * 1000)
+
+
+class FakeClock:
+    """A settable clock in unix seconds."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _id(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+@pytest.fixture
+def key() -> bytes:
+    a, b = PrivateKey.generate(), PrivateKey.generate()
+    return derive_pair_key(a, bytes(b.public_key))
+
+
+class TestPairKeys:
+    def test_symmetric(self) -> None:
+        """A's key with B's public key equals B's key with A's public key."""
+        a, b = PrivateKey.generate(), PrivateKey.generate()
+
+        assert derive_pair_key(a, bytes(b.public_key)) == derive_pair_key(b, bytes(a.public_key))
+
+    def test_cache_symmetric(self) -> None:
+        """PairKeys of both sides return the same 32-byte key."""
+        a, b = PrivateKey.generate(), PrivateKey.generate()
+
+        ka = PairKeys(a).get(bytes(b.public_key))
+        kb = PairKeys(b).get(bytes(a.public_key))
+
+        assert ka == kb
+        assert len(ka) == 32
+
+    def test_distinct_peers_distinct_keys(self) -> None:
+        """Different peers give different pair keys."""
+        a, b, c = (PrivateKey.generate() for _ in range(3))
+        pairs = PairKeys(a)
+
+        assert pairs.get(bytes(b.public_key)) != pairs.get(bytes(c.public_key))
+
+    def test_bad_peer_key_length_refused(self) -> None:
+        """A peer box key that is not 32 bytes is Unauthenticated."""
+        with pytest.raises(Unauthenticated, match="32 bytes"):
+            PairKeys(PrivateKey.generate()).get(b"short")
+
+    def test_cache_bounded(self) -> None:
+        """The cache holds at most max_entries keys and still answers for evicted peers."""
+        own = PrivateKey.generate()
+        pairs = PairKeys(own, max_entries=2)
+        peers = [bytes(PrivateKey.generate().public_key) for _ in range(5)]
+
+        keys = [pairs.get(p) for p in peers]
+
+        assert len(pairs._keys) == 2
+        assert pairs.get(peers[0]) == keys[0]
+
+
+class TestSeal:
+    def test_round_trip(self, key: bytes) -> None:
+        """open_body returns what seal_body sealed, bound to the same aad."""
+        sealed = seal_body(key, b"header", b"plaintext")
+
+        assert open_body(key, b"header", sealed) == b"plaintext"
+        assert open_body(key, b"header", memoryview(sealed)) == b"plaintext"
+        assert len(sealed) == NONCE_LEN + len(b"plaintext") + TAG_LEN
+
+    def test_fresh_nonce_each_seal(self, key: bytes) -> None:
+        """Sealing the same plaintext twice gives different ciphertexts."""
+        assert seal_body(key, b"h", b"p") != seal_body(key, b"h", b"p")
+
+    def test_wrong_aad_refused(self, key: bytes) -> None:
+        """Opening with other associated data is Unauthenticated."""
+        sealed = seal_body(key, b"header", b"plaintext")
+
+        with pytest.raises(Unauthenticated, match="altered"):
+            open_body(key, b"headex", sealed)
+
+    def test_wrong_key_refused(self, key: bytes) -> None:
+        """Opening with another key is Unauthenticated."""
+        sealed = seal_body(key, b"header", b"plaintext")
+
+        with pytest.raises(Unauthenticated):
+            open_body(bytes(32), b"header", sealed)
+
+    def test_every_flipped_byte_refused(self, key: bytes) -> None:
+        """Flipping any byte of nonce, ciphertext or tag is Unauthenticated."""
+        sealed = seal_body(key, b"header", b"plaintext")
+
+        for i in range(len(sealed)):
+            tampered = bytearray(sealed)
+            tampered[i] ^= 0x01
+            with pytest.raises(Unauthenticated):
+                open_body(key, b"header", bytes(tampered))
+
+    def test_too_short_refused(self, key: bytes) -> None:
+        """A sealed body shorter than nonce plus tag is Unauthenticated."""
+        with pytest.raises(Unauthenticated, match="too short"):
+            open_body(key, b"", bytes(NONCE_LEN + TAG_LEN - 1))
+
+
+class TestEventSignature:
+    def test_round_trip(self) -> None:
+        """verify_frame accepts a signed frame and returns the signed bytes."""
+        sk = SigningKey.generate()
+        frame = b"header+body"
+
+        signed = frame + sign_frame(sk, frame)
+
+        assert verify_frame(bytes(sk.verify_key), signed) == frame
+
+    def test_tampered_refused(self) -> None:
+        """A changed byte in a signed frame is Unauthenticated."""
+        sk = SigningKey.generate()
+        signed = bytearray(b"header+body" + sign_frame(sk, b"header+body"))
+        signed[0] ^= 0x01
+
+        with pytest.raises(Unauthenticated, match="does not verify"):
+            verify_frame(bytes(sk.verify_key), bytes(signed))
+
+    def test_other_signer_refused(self) -> None:
+        """A frame signed by another key is Unauthenticated."""
+        sk, other = SigningKey.generate(), SigningKey.generate()
+        signed = b"frame" + sign_frame(other, b"frame")
+
+        with pytest.raises(Unauthenticated):
+            verify_frame(bytes(sk.verify_key), signed)
+
+    def test_too_short_refused(self) -> None:
+        """A frame shorter than a signature is Unauthenticated."""
+        with pytest.raises(Unauthenticated, match="too short"):
+            verify_frame(bytes(SigningKey.generate().verify_key), bytes(63))
+
+
+class TestReplayGuard:
+    def test_fresh_message_accepted(self) -> None:
+        """A new id with a current timestamp passes check."""
+        guard = ReplayGuard(60, clock=FakeClock())
+
+        guard.check(_id(1), NOW_MS)
+
+    def test_replay_refused(self) -> None:
+        """A recorded id is refused when seen again."""
+        guard = ReplayGuard(60, clock=FakeClock())
+        guard.record(_id(1), NOW_MS)
+
+        with pytest.raises(Unauthenticated, match="replayed"):
+            guard.check(_id(1), NOW_MS)
+
+    def test_check_records_nothing(self) -> None:
+        """check alone does not remember the id."""
+        guard = ReplayGuard(60, clock=FakeClock())
+
+        guard.check(_id(1), NOW_MS)
+        guard.check(_id(1), NOW_MS)
+
+        assert len(guard) == 0
+
+    def test_stale_refused(self) -> None:
+        """A timestamp older than the window is refused."""
+        guard = ReplayGuard(60, clock=FakeClock())
+
+        with pytest.raises(Unauthenticated, match="older than the replay window"):
+            guard.check(_id(1), NOW_MS - 60_001)
+
+    def test_edge_of_window_accepted(self) -> None:
+        """Timestamps exactly one window old or ahead are still accepted."""
+        guard = ReplayGuard(60, clock=FakeClock())
+
+        guard.check(_id(1), NOW_MS - 60_000)
+        guard.check(_id(2), NOW_MS + 60_000)
+
+    def test_future_beyond_skew_refused(self) -> None:
+        """A timestamp further ahead than the window is refused."""
+        guard = ReplayGuard(60, clock=FakeClock())
+
+        with pytest.raises(Unauthenticated, match="future"):
+            guard.check(_id(1), NOW_MS + 60_001)
+
+    def test_ids_forgotten_after_window(self) -> None:
+        """Ids whose timestamps left the window are dropped at the next record."""
+        clock = FakeClock()
+        guard = ReplayGuard(60, clock=clock)
+        guard.record(_id(1), NOW_MS)
+        guard.record(_id(2), NOW_MS)
+        clock.now = NOW + 61
+
+        guard.record(_id(3), int(clock.now * 1000))
+
+        assert len(guard) == 1
+        with pytest.raises(Unauthenticated, match="older"):
+            guard.check(_id(1), NOW_MS)
+
+    def test_bounded_memory(self) -> None:
+        """With max_entries=N, recording N+k ids keeps at most N."""
+        guard = ReplayGuard(60, max_entries=10, clock=FakeClock())
+
+        for n in range(25):
+            guard.record(_id(n), NOW_MS - 25 + n)
+            assert len(guard) <= 10
+
+        assert len(guard) == 10
+
+    def test_evicted_id_still_refused(self) -> None:
+        """An id evicted for space is refused: the window floor rose to its timestamp."""
+        guard = ReplayGuard(60, max_entries=10, clock=FakeClock())
+        for n in range(15):
+            guard.record(_id(n), NOW_MS - 15 + n)
+
+        for n in range(5):
+            with pytest.raises(Unauthenticated, match="older"):
+                guard.check(_id(n), NOW_MS - 15 + n)
+
+    def test_newer_ids_accepted_after_eviction(self) -> None:
+        """After eviction a new id newer than the floor is still accepted."""
+        guard = ReplayGuard(60, max_entries=2, clock=FakeClock())
+        for n in range(5):
+            guard.record(_id(n), NOW_MS - 5 + n)
+
+        guard.check(_id(99), NOW_MS)
