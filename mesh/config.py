@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import InvalidArgument
+from .identity import validate_name
+
 __all__ = ["DirectoryConfig", "Limits", "MeshConfig", "RetryPolicy", "Timeouts"]
 
 
@@ -56,7 +59,7 @@ class Limits:
         reply_cache_ttl: how long replies are kept by idempotency key.
     """
 
-    max_body: int = 1024 * 1024 - 16 * 1024
+    max_body: int = 1024 * 1024 - 20 * 1024  # so a full frame fits NATS's default 1 MiB
     endpoint_concurrency: int = 64
     reply_cache_ttl: float = 120.0
 
@@ -94,3 +97,8 @@ class MeshConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+
+    def __post_init__(self) -> None:
+        validate_name("subject prefix", self.prefix)
+        if not self.servers:
+            raise InvalidArgument("MeshConfig.servers is empty: give at least one NATS URL")

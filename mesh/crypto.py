@@ -57,7 +57,10 @@ class PairKeys:
         if key is None:
             if len(peer_box_pk) != 32:
                 raise Unauthenticated("peer box key must be 32 bytes")
-            key = derive_pair_key(self._own, peer_box_pk)
+            try:
+                key = derive_pair_key(self._own, peer_box_pk)
+            except Exception:  # libsodium refuses low-order points
+                raise Unauthenticated("peer box key is not a usable X25519 key") from None
             if len(self._keys) >= self._max:
                 self._keys.pop(next(iter(self._keys)))
             self._keys[peer_box_pk] = key

@@ -147,11 +147,17 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
 class Directory:
     """A caller's verified, live view of the directory bucket.
 
+    Liveness is judged by when this process last received a signed record of an instance, not
+    by the writer's clock (records loaded when the watch starts are judged by their signed
+    timestamp, once). Deleting a key, which needs no signature, hides an instance from new
+    calls but is no evidence that it is gone: ``is_gone`` trusts only a signed ``draining``
+    record or the absence of signed heartbeats for ``ttl``.
+
     Args:
         open_watch: returns a fresh watch over the bucket (re-created after reconnects).
         verifier: checks certificates.
-        ttl: a record older than this is a dead instance.
-        on_dead: called with a record when its instance is found dead (expired heartbeat).
+        ttl: an instance not heard from for this long is dead.
+        on_dead: called with the last record of an instance found dead (no heartbeat).
         clock: unix seconds.
     """
 
@@ -163,13 +169,17 @@ class Directory:
         ttl: float,
         on_dead: Callable[[InstanceRecord], None] | None = None,
         clock: Clock = time.time,
+        max_skew: float = 60.0,
     ) -> None:
         self._open_watch = open_watch
         self._verifier = verifier
         self._ttl = ttl
         self._on_dead = on_dead
         self._clock = clock
-        self._records: dict[str, InstanceRecord] = {}
+        self._max_skew = max_skew
+        self._last: dict[str, InstanceRecord] = {}  # last signed record of every known instance
+        self._seen: dict[str, float] = {}  # when it was last heard from
+        self._listed: dict[str, InstanceRecord] = {}  # those whose key is not deleted
         self._by_agent: dict[str, list[InstanceRecord]] = {}
         self._ejected: dict[str, float] = {}
         self._changed = asyncio.Event()
@@ -179,7 +189,11 @@ class Directory:
         self.rejected = 0
 
     async def start(self, timeout: float) -> None:
-        """Start watching; return once the initial records are loaded."""
+        """Start watching; return once the initial records are loaded.
+
+        Raises:
+            Unavailable: the bucket could not be read within ``timeout``.
+        """
         self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
         self._sweeper = asyncio.create_task(self._sweep(), name="mesh-directory-sweep")
         try:
@@ -202,81 +216,112 @@ class Directory:
 
     async def _run(self) -> None:
         while True:
+            loading = True
             try:
                 async for item in self._open_watch():
                     if item is None:
+                        loading = False
                         self._ready.set()
                         continue
-                    self._apply(*item)
+                    self._apply(*item, loading=loading)
             except asyncio.CancelledError:
                 raise
             except MeshError:
                 pass  # transport unavailable; try again below
             await asyncio.sleep(0.5)
 
-    def _apply(self, key: str, raw: bytes | None) -> None:
+    def _apply(self, key: str, raw: bytes | None, *, loading: bool = False) -> None:
         if raw is None:
-            self._remove(key)
+            if self._listed.pop(key, None) is not None:
+                self._reindex(key.partition(".")[0])
             return
         try:
             record = decode_record(raw, self._verifier)
         except MeshError:
             self.rejected += 1
             return
-        if record.key != key:
-            self.rejected += 1  # a record copied under another instance's key
+        now = self._clock()
+        if record.key != key or record.ts > now + self._max_skew:
+            self.rejected += 1  # copied under another instance's key, or dated in the future
             return
-        old = self._records.get(key)
+        old = self._last.get(key)
         if old is not None and old.ts > record.ts:
-            return
-        self._records[key] = record
+            return  # an older record replayed
+        self._last[key] = record
+        # A record that was already in the bucket is as fresh as its signed timestamp says;
+        # one that arrives live was just written.
+        self._seen[key] = min(now, record.ts) if loading and record.ts < now - self._ttl else now
+        self._listed[key] = record
         self._reindex(record.agent)
 
-    def _remove(self, key: str) -> None:
-        record = self._records.pop(key, None)
-        if record is not None:
-            self._reindex(record.agent)
-
     def _reindex(self, agent: str) -> None:
-        self._by_agent[agent] = [r for r in self._records.values() if r.agent == agent]
+        self._by_agent[agent] = [r for r in self._listed.values() if r.agent == agent]
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _sweep_once(self) -> None:
+        now = self._clock()
+        for key, seen in list(self._seen.items()):
+            if seen + self._ttl < now:
+                record = self._last.pop(key)
+                del self._seen[key]
+                self._listed.pop(key, None)
+                self._reindex(record.agent)
+                if self._on_dead is not None and record.state == STATE_SERVING:
+                    self._on_dead(record)
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self._ttl / 4)
-            now = self._clock()
-            for key, record in list(self._records.items()):
-                if record.ts + self._ttl < now:
-                    self._remove(key)
-                    if self._on_dead is not None and record.state == STATE_SERVING:
-                        self._on_dead(record)
+            self._sweep_once()
 
     def eject(self, key: str, seconds: float) -> None:
-        """Stop picking an instance for ``seconds`` (it failed in a way that says it is gone)."""
+        """Stop picking an instance for new calls for ``seconds``."""
         self._ejected[key] = self._clock() + seconds
 
     def get(self, key: str) -> InstanceRecord | None:
-        return self._records.get(key)
+        """The listed record of an instance, if any."""
+        return self._listed.get(key)
+
+    def is_gone(self, key: str) -> bool:
+        """Signed evidence that the instance will not answer: it announced draining, or no
+        signed heartbeat arrived for ``ttl``."""
+        record = self._last.get(key)
+        if record is None or record.state != STATE_SERVING:
+            return True
+        return self._seen[key] + self._ttl < self._clock()
+
+    async def wait_gone(self, key: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` for ``is_gone(key)``; return whether it became true."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not self.is_gone(key):
+            left = end - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, self._ttl / 4))
+        return True
 
     def instances(self, agent: str) -> list[InstanceRecord]:
         """Live, serving, not ejected instances of ``agent``."""
         now = self._clock()
         out = []
         for r in self._by_agent.get(agent, ()):
-            if r.state != STATE_SERVING or r.ts + self._ttl < now:
+            key = r.key
+            if r.state != STATE_SERVING or self._seen[key] + self._ttl < now:
                 continue
-            until = self._ejected.get(r.key)
+            until = self._ejected.get(key)
             if until is not None:
                 if until > now:
                     continue
-                del self._ejected[r.key]
+                del self._ejected[key]
             out.append(r)
         return out
 
     def all(self) -> list[InstanceRecord]:
-        """Every record currently held (live or not yet swept)."""
-        return list(self._records.values())
+        """Every listed record (live or not yet swept)."""
+        return list(self._listed.values())
 
     async def wait_for(self, agent: str, timeout: float) -> InstanceRecord:
         """Wait until ``agent`` has a live instance.

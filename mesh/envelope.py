@@ -12,13 +12,14 @@ replies) or the start of the signed bytes (events). Decoding never raises anythi
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from .errors import DecodeError
+from .errors import DecodeError, InvalidArgument
 
 __all__ = [
     "HDR_DEADLINE",
@@ -41,6 +42,23 @@ MAX_HEADER = 16 * 1024
 HDR_TRACEPARENT = "traceparent"
 HDR_TRACESTATE = "tracestate"
 HDR_DEADLINE = "Mesh-Deadline"
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[0-9a-f-]+)?")
+_TRACESTATE = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,510}[\x21-\x7e])?")
+
+
+def check_trace_context(traceparent: str | None, tracestate: str | None) -> None:
+    """Refuse trace context that NATS headers cannot carry unchanged (W3C grammar, no
+    surrounding whitespace, no control characters).
+
+    Raises:
+        InvalidArgument: naming the field.
+    """
+    if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
+        raise InvalidArgument(f"traceparent {traceparent!r} is not a W3C traceparent")
+    if tracestate is not None and not _TRACESTATE.fullmatch(tracestate):
+        raise InvalidArgument("tracestate must be 1-512 printable ASCII characters")
 
 
 class Kind(enum.IntEnum):

@@ -45,7 +45,8 @@ __all__ = [
 
 CERT_VERSION = 1
 DEFAULT_CERT_TTL = 24 * 3600.0
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+RESERVED_INSTANCES = frozenset({"any"})  # mesh.rpc.<agent>.any.<endpoint> is reserved
 Clock = Callable[[], float]
 
 
@@ -57,7 +58,7 @@ def validate_name(kind: str, value: str) -> str:
     Raises:
         InvalidArgument: naming the kind of name and the offending value.
     """
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidArgument(
             f"invalid {kind} name {value!r}: use 1-63 of a-z, 0-9, '-', '_', starting with a "
             "letter or digit"
@@ -71,7 +72,7 @@ def new_instance_id() -> str:
 
 
 def key_id(public_key: bytes) -> str:
-    """Short stable id of a public key: hex of the first 8 bytes of its BLAKE2b hash."""
+    """Short stable id of a public key: hex of BLAKE2b with an 8-byte digest over the key."""
     return hashlib.blake2b(public_key, digest_size=8).hexdigest()
 
 
@@ -278,6 +279,8 @@ class TrustRoot:
         """
         validate_name("agent", agent)
         instance = validate_name("instance", instance or new_instance_id())
+        if instance in RESERVED_INSTANCES:
+            raise InvalidArgument(f"instance name {instance!r} is reserved")
         roles = [validate_name("role", r) for r in roles]
         t = int(time.time() if now is None else now)
         body = _encode_cert_body(

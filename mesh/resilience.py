@@ -12,6 +12,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+from .errors import InvalidArgument
+
 __all__ = ["Backoff", "LeastLoadedPicker", "ReplyCache", "RetryBudget"]
 
 Clock = Callable[[], float]
@@ -152,32 +154,46 @@ class ReplyCache:
         self._max = max_entries
         self._clock = clock
         self._entries: OrderedDict[
-            tuple[str, str, str], tuple[float, asyncio.Future[tuple[str, bytes]]]
+            tuple[str, str, str], tuple[float, bytes, asyncio.Future[tuple[str, bytes]]]
         ] = OrderedDict()
 
     def _trim(self, now: float) -> None:
         entries = self._entries
         while entries:
-            _key, (born, fut) = next(iter(entries.items()))
-            if len(entries) >= self._max or (born + self.ttl < now and fut.done()):
+            _key, (born, _fp, fut) = next(iter(entries.items()))
+            # Entries still running are never evicted: that would let a retry run it twice.
+            if fut.done() and (len(entries) >= self._max or born + self.ttl < now):
                 entries.popitem(last=False)
             else:
                 break
 
-    def claim(self, key: tuple[str, str, str]) -> tuple[bool, asyncio.Future[tuple[str, bytes]]]:
+    def claim(
+        self, key: tuple[str, str, str], fingerprint: bytes = b""
+    ) -> tuple[bool, asyncio.Future[tuple[str, bytes]]]:
         """Look up or reserve ``key``.
+
+        Args:
+            key: ``(caller agent, endpoint, idempotency key)``.
+            fingerprint: a hash of the request body; a key reused with another body is refused.
 
         Returns:
             ``(owner, future)``: ``owner`` is True when the caller must run the handler and
             resolve the future; otherwise the future holds (or will hold) the earlier reply.
+
+        Raises:
+            InvalidArgument: the key was used before for a different request body.
         """
         now = self._clock()
         self._trim(now)
         hit = self._entries.get(key)
-        if hit is not None and (hit[0] + self.ttl >= now or not hit[1].done()):
-            return False, hit[1]
+        if hit is not None and (hit[0] + self.ttl >= now or not hit[2].done()):
+            if hit[1] != fingerprint:
+                raise InvalidArgument(
+                    f"idempotency key {key[2]!r} was already used for a different request"
+                )
+            return False, hit[2]
         fut: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
-        self._entries[key] = (now, fut)
+        self._entries[key] = (now, fingerprint, fut)
         return True, fut
 
     def forget(self, key: tuple[str, str, str]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -32,6 +33,7 @@ from .config import MeshConfig
 from .crypto import PairKeys, ReplayGuard, open_body, seal_body, sign_frame, verify_frame
 from .directory import (
     STATE_DRAINING,
+    STATE_SERVING,
     Directory,
     EndpointInfo,
     InstanceRecord,
@@ -45,6 +47,7 @@ from .envelope import (
     PREFIX,
     Header,
     Kind,
+    check_trace_context,
     decode_frame,
     encode_frame,
 )
@@ -61,7 +64,7 @@ from .errors import (
     Unavailable,
     error_from_code,
 )
-from .identity import CertificateVerifier, Identity
+from .identity import CertificateVerifier, Identity, validate_name
 from .resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
 from .transport import InboundMessage, NatsTransport, Subscription, Transport, is_no_responders
 
@@ -73,7 +76,9 @@ T = TypeVar("T")
 OK = "OK"
 NO_ID = bytes(16)
 # Sealing adds a 24-byte nonce and a 16-byte tag; headers are at most 16 KiB.
-FRAME_OVERHEAD = 16 * 1024 + 4 + 24 + 16
+# A frame adds to its body: a 4-byte prefix, a header of at most 16 KiB, and a 24-byte nonce
+# with a 16-byte tag (sealed) or a 64-byte signature (events).
+FRAME_OVERHEAD = 4 + 16 * 1024 + 64
 
 Authorizer = Callable[[Peer, str], None]
 """Called with the caller and endpoint before a handler runs; raises ``PermissionDenied``."""
@@ -112,8 +117,31 @@ class _Stats:
 
 
 class _NotDelivered(Unavailable):
-    """No handler can have seen the request (no instance, or the server said no responders),
-    so retrying it is safe even for a non-idempotent endpoint."""
+    """Nothing was sent (no live instance), so retrying is safe for any endpoint."""
+
+
+class _InstanceDown(Unavailable):
+    """The instance seems gone: "no responders", or its heartbeats stopped. The first signal
+    is unauthenticated, so it never by itself moves a keyed call to another instance."""
+
+
+def _remote_error(code: str, body: bytes) -> MeshError:
+    """The exception for a sealed error reply; fields of the wrong type are ignored."""
+    try:
+        detail = json.loads(body)
+    except ValueError:
+        detail = None
+    if not isinstance(detail, dict):
+        return Internal(f"malformed error reply ({code})")
+    message, rule, after = detail.get("message"), detail.get("rule"), detail.get("retry_after")
+    return error_from_code(
+        code,
+        message if isinstance(message, str) else "",
+        rule=rule if isinstance(rule, str) else None,
+        retry_after=float(after)
+        if isinstance(after, int | float) and not isinstance(after, bool) and after >= 0
+        else None,
+    )
 
 
 def _error_body(exc: MeshError) -> bytes:
@@ -171,6 +199,7 @@ class Mesh:
         self._max_body = config.limits.max_body
         self._max_frame = config.limits.max_body + FRAME_OVERHEAD
         self._pending: dict[str, _Pending] = {}
+        self._checked_names: set[tuple[str, str]] = set()
         self._tokens = itertools.count(1)
         self._inbox = ""
         self._subs: list[Subscription] = []
@@ -258,20 +287,27 @@ class Mesh:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        if was_serving and self._kv is not None:
+        key = f"{self.name}.{self.instance}"
+        if was_serving:
+            # A signed announcement: callers stop picking this instance, and know that calls
+            # moved elsewhere will not also run here.
             with contextlib.suppress(MeshError):
-                await self._kv.delete(f"{self.name}.{self.instance}")
-            # Give callers time to see the deregistration before the subscription goes away.
+                await self._kv.put(key, self._record(STATE_DRAINING))
             await asyncio.sleep(self.config.directory.drain_grace)
         inbox_sub = self._subs[0] if self._subs else None
         for sub in self._subs[1:]:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await sub.drain()  # stop interest, but handle what was already delivered
         waiting = [t for t in self._tasks if not t.done()]
         if waiting:
             _done, late = await asyncio.wait(waiting, timeout=self.config.timeouts.drain)
             for task in late:
                 task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)  # let them answer UNAVAILABLE
+        if was_serving:
+            with contextlib.suppress(MeshError):
+                await self._kv.delete(key)
         if inbox_sub is not None:
             with contextlib.suppress(Exception):
                 await inbox_sub.unsubscribe()
@@ -283,7 +319,8 @@ class Mesh:
     close = drain
 
     def _require_ready(self) -> None:
-        if self._state != "ready":
+        # While draining, in-flight handlers may still make nested calls.
+        if self._state != "ready" and self._state != "draining":
             raise FailedPrecondition(f"mesh is {self._state}, not ready")
 
     async def wait_for(self, agent: str, timeout: float = 10.0) -> None:
@@ -297,7 +334,7 @@ class Mesh:
 
     # --- directory registration --------------------------------------------------------------
 
-    def _record(self, state: str = "serving") -> bytes:
+    def _record(self, state: str = STATE_SERVING) -> bytes:
         assert self.agent is not None
         return encode_record(
             self.identity.keys.signing,
@@ -324,7 +361,7 @@ class Mesh:
         """Fail attempts waiting on an instance that is gone, so they retry elsewhere now."""
         for p in list(self._pending.values()):
             if p.record.key == record.key and not p.fut.done():
-                p.fut.set_exception(Unavailable(f"instance {record.key} went away"))
+                p.fut.set_exception(_InstanceDown(f"instance {record.key} went away"))
 
     # --- client pipeline ---------------------------------------------------------------------
 
@@ -360,6 +397,12 @@ class Mesh:
                 ``DeadlineExceeded``, ``Unavailable``, ``Internal``, ...).
         """
         self._require_ready()
+        if (agent, endpoint) not in self._checked_names:
+            validate_name("agent", agent)
+            validate_name("endpoint", endpoint)
+            self._checked_names.add((agent, endpoint))
+        if traceparent is not None or tracestate is not None:
+            check_trace_context(traceparent, tracestate)
         now = time.time()
         limit = now + (self.config.timeouts.request if timeout is None else timeout)
         dl = limit if deadline is None else min(limit, deadline)
@@ -373,18 +416,21 @@ class Mesh:
             )
         self._budget.record_request()
         retry = self.config.retry
-        tried: set[str] = set()
+        avoid: set[str] = set()
+        pinned: InstanceRecord | None = None
         attempt = 0
         while True:
             attempt += 1
-            may_retry = idempotency_key is not None
             record: InstanceRecord | None = None
+            info: EndpointInfo | None = None
             try:
-                record = self._pick(agent, tried)
+                if pinned is not None and self.directory.is_gone(pinned.key):
+                    avoid.add(pinned.key)
+                    pinned = None
+                record = pinned or self._pick(agent, avoid)
                 info = record.endpoints.get(endpoint)
                 if info is None:
                     raise NotFound(f"agent {agent!r} has no endpoint {endpoint!r}")
-                may_retry = may_retry or info.idempotent
                 payload = await self._attempt(
                     record,
                     endpoint,
@@ -396,12 +442,28 @@ class Mesh:
                     tracestate,
                 )
             except MeshError as exc:
-                if record is not None and isinstance(exc, Unavailable):
-                    tried.add(record.key)
-                may_retry = may_retry or isinstance(exc, _NotDelivered)
+                idempotent = info is not None and info.idempotent
+                may_retry = (
+                    isinstance(exc, _NotDelivered) or idempotent or idempotency_key is not None
+                )
                 delay = self._retry_delay(exc, may_retry, attempt, retry.attempts, dl)
                 if delay is None:
                     raise
+                if record is not None and idempotent:
+                    avoid.add(record.key)  # any instance will do: prefer another one
+                elif record is not None:
+                    # A keyed call may be running there, and failure signals (refusals, "no
+                    # responders") are unauthenticated. Its reply cache answers a retry at
+                    # once, so stay, and move only on signed evidence that it is gone.
+                    pinned = record
+                    if isinstance(exc, _InstanceDown):
+                        left = dl - time.time()
+                        if not await self.directory.wait_gone(record.key, left):
+                            self.stats.fate("deadline_exceeded")
+                            raise DeadlineExceeded(
+                                f"{record.key} stopped answering and did not leave the "
+                                "directory before the deadline"
+                            ) from exc
                 await asyncio.sleep(delay)
                 continue
             self.stats.fate("ok" if attempt == 1 else "ok_after_retry")
@@ -434,11 +496,11 @@ class Mesh:
             return None
         return delay
 
-    def _pick(self, agent: str, tried: set[str]) -> InstanceRecord:
+    def _pick(self, agent: str, avoid: set[str]) -> InstanceRecord:
         candidates = self.directory.instances(agent)
         if not candidates:
             raise _NotDelivered(f"no live instance of agent {agent!r}")
-        fresh = [r for r in candidates if r.key not in tried] or candidates
+        fresh = [r for r in candidates if r.key not in avoid] or candidates
         keys = [r.key for r in fresh]
         chosen = self._picker.pick(keys)
         return fresh[keys.index(chosen)]
@@ -519,10 +581,7 @@ class Mesh:
         except DecodeError:
             self.stats.dropped_replies += 1
             return
-        if hdr.reply_to != p.request_id:
-            self.stats.dropped_replies += 1
-            return
-        if hdr.kind == Kind.REFUSAL:
+        if hdr.kind == Kind.REFUSAL and hdr.reply_to in (p.request_id, NO_ID):
             # Unsealed: the callee could not authenticate the request. Trusted only as a hint.
             p.fut.set_exception(
                 error_from_code(
@@ -535,6 +594,7 @@ class Mesh:
             return
         if (
             hdr.kind != Kind.REPLY
+            or hdr.reply_to != p.request_id
             or hdr.from_instance != p.record.instance
             or hdr.to_instance != self.instance
         ):
@@ -548,21 +608,11 @@ class Mesh:
         if hdr.status == OK:
             p.fut.set_result(plaintext)
             return
-        try:
-            detail = json.loads(plaintext)
-            exc = error_from_code(
-                hdr.status or "INTERNAL",
-                str(detail.get("message", "")),
-                rule=detail.get("rule"),
-                retry_after=detail.get("retry_after"),
-            )
-        except (ValueError, AttributeError):
-            exc = Internal("malformed error reply")
-        p.fut.set_exception(exc)
+        p.fut.set_exception(_remote_error(hdr.status or Internal.code, plaintext))
 
     def _no_responders(self, p: _Pending) -> None:
         record = p.record
-        p.fut.set_exception(_NotDelivered(f"no responders at instance {record.key}"))
+        p.fut.set_exception(_InstanceDown(f"no responders at instance {record.key}"))
         live = self.directory.get(record.key)
         if live is not None and live.state != STATE_DRAINING:
             # Listed as serving but not subscribed: the process is gone. Stop picking it, and
@@ -586,6 +636,8 @@ class Mesh:
             MessageTooLarge: the event exceeds ``Limits.max_body``.
         """
         self._require_ready()
+        validate_name("topic", topic)
+        check_trace_context(traceparent, tracestate)
         payload = event.__pydantic_serializer__.to_json(event)
         if len(payload) > self._max_body:
             raise MessageTooLarge(
@@ -604,13 +656,13 @@ class Mesh:
         )
         frame, _ = encode_frame(header, payload)
         frame += sign_frame(self.identity.keys.signing, frame)
-        headers: dict[str, str] | None = None
+        headers: dict[str, str] = {}
         if traceparent is not None:
-            headers = {HDR_TRACEPARENT: traceparent}
-            if tracestate is not None:
-                headers[HDR_TRACESTATE] = tracestate
+            headers[HDR_TRACEPARENT] = traceparent
+        if tracestate is not None:
+            headers[HDR_TRACESTATE] = tracestate
         await self.transport.publish(
-            f"{self.config.prefix}.evt.{self.name}.{topic}", frame, headers=headers
+            f"{self.config.prefix}.evt.{self.name}.{topic}", frame, headers=headers or None
         )
 
     # --- server pipeline ---------------------------------------------------------------------
@@ -661,33 +713,43 @@ class Mesh:
             return
         try:
             hdr, end = decode_frame(data)
-            if hdr.kind != Kind.REQUEST:
-                raise DecodeError(f"expected a request frame, got kind {hdr.kind}")
         except DecodeError as exc:
             await self._refuse(msg, NO_ID, exc)
             return
         try:
-            spec, peer, key, plaintext = self._admit(msg, hdr, end)
+            if hdr.kind != Kind.REQUEST:
+                raise DecodeError(f"expected a request frame, got kind {hdr.kind}")
+            peer, key, plaintext = self._admit(msg, hdr, end)
+        except DeadlineExceeded:
+            # The caller has stopped waiting (its own timer fired): nothing to answer.
+            self.stats.refuse(DeadlineExceeded.code)
+            return
         except MeshError as exc:
             await self._refuse(msg, hdr.id, exc)
             return
         if not msg.reply:
             return
-        if self.authorizer is not None:
-            try:
+        # From here on the caller is authenticated: errors travel sealed.
+        spec = self.agent.endpoints.get(hdr.name or "") if self.agent else None
+        try:
+            if spec is None:
+                raise NotFound(f"agent {self.name!r} has no endpoint {hdr.name!r}")
+            if self.authorizer is not None:
                 self.authorizer(peer, spec.name)
-            except MeshError as exc:
-                self.stats.refuse(exc.code)
-                await self._send_reply(msg.reply, hdr, key, exc.code, _error_body(exc))
-                return
+        except MeshError as exc:
+            self.stats.refuse(exc.code)
+            await self._send_reply(msg.reply, hdr, key, exc.code, _error_body(exc))
+            return
         task = asyncio.create_task(self._serve(spec, hdr, peer, key, plaintext, msg.reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _admit(
-        self, msg: InboundMessage, hdr: Header, end: int
-    ) -> tuple[EndpointSpec, Peer, bytes, bytes]:
-        """Every check before the handler may run; raises the error to refuse with."""
+    def _admit(self, msg: InboundMessage, hdr: Header, end: int) -> tuple[Peer, bytes, bytes]:
+        """Authenticate a request, cheapest checks first; raises the error to refuse with.
+
+        Returns:
+            ``(caller, pair key, plaintext body)``.
+        """
         if hdr.to_agent != self.name or hdr.to_instance != self.instance:
             raise Unauthenticated(
                 f"request addressed to {hdr.to_agent}.{hdr.to_instance}, "
@@ -710,14 +772,10 @@ class Mesh:
         cert = self.verifier.verify(hdr.cert)
         if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:
             raise Unauthenticated("sender does not match its certificate")
-        spec = self.agent.endpoints.get(hdr.name or "") if self.agent else None
-        if spec is None:
-            raise NotFound(f"agent {self.name!r} has no endpoint {hdr.name!r}")
         key = self._pair.get(cert.box_pk)
         plaintext = open_body(key, msg.data[:end], memoryview(msg.data)[end:])
         self._replay.record(hdr.id, hdr.ts)
-        peer = Peer(cert.agent, cert.instance, cert.roles, cert.serial)
-        return spec, peer, key, plaintext
+        return Peer(cert.agent, cert.instance, cert.roles, cert.serial), key, plaintext
 
     async def _serve(
         self,
@@ -735,7 +793,11 @@ class Mesh:
         deadline = hdr.deadline / 1000
         cached: asyncio.Future[tuple[str, bytes]] | None = None
         if cache_key is not None:
-            owner, cached = self._replies.claim(cache_key)
+            try:
+                owner, cached = self._replies.claim(cache_key, hashlib.blake2b(plaintext).digest())
+            except MeshError as exc:
+                await self._send_reply(reply, hdr, key, exc.code, _error_body(exc))
+                return
             if not owner:
                 try:
                     status, payload = await asyncio.wait_for(
@@ -798,6 +860,9 @@ class Mesh:
             if cache_key is not None and cached is not None:
                 self._replies.forget(cache_key)
                 cached.cancel()
+            gone = Unavailable(f"{self.name} shut down before {spec.name} finished")
+            with contextlib.suppress(Exception):
+                await self._send_reply(reply, hdr, key, gone.code, _error_body(gone))
             raise
         except Exception as exc:  # a handler bug: the caller gets a safe message only
             log.error(
@@ -863,8 +928,12 @@ class Mesh:
                 if msg.subject != f"{self.config.prefix}.evt.{hdr.from_agent}.{hdr.name}":
                     raise Unauthenticated("event subject does not match its signed header")
                 replay.check(hdr.id, hdr.ts)
-                if (msg.headers or {}).get(HDR_TRACEPARENT) != hdr.traceparent:
-                    raise Unauthenticated("readable trace header differs from the signed one")
+                readable = msg.headers or {}
+                if (
+                    readable.get(HDR_TRACEPARENT) != hdr.traceparent
+                    or readable.get(HDR_TRACESTATE) != hdr.tracestate
+                ):
+                    raise Unauthenticated("readable trace headers differ from the signed ones")
                 assert hdr.cert is not None
                 cert = self.verifier.verify(hdr.cert)
                 if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:

@@ -111,8 +111,17 @@ class _MemSub:
         # One message at a time per subscription, as nats-py delivers them.
         while True:
             msg = await self.inbox.get()
-            with contextlib.suppress(Exception):
-                await self.handler(msg)
+            try:
+                with contextlib.suppress(Exception):
+                    await self.handler(msg)
+            finally:
+                self.inbox.task_done()
+
+    async def drain(self) -> None:
+        if self in self.broker.subs:
+            self.broker.subs.remove(self)
+        await self.inbox.join()  # every delivered message handled
+        await self.unsubscribe()
 
     async def unsubscribe(self) -> None:
         if self in self.broker.subs:

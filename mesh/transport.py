@@ -48,6 +48,9 @@ Handler = Callable[[Any], Awaitable[None]]
 class Subscription(Protocol):
     async def unsubscribe(self) -> None: ...
 
+    async def drain(self) -> None:
+        """Stop interest but handle the messages already delivered."""
+
 
 class KeyValueBucket(Protocol):
     """A key-value bucket.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections import Counter
 
 import pytest
 
+from mesh import InvalidArgument
 from mesh.resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
 
 
@@ -295,23 +295,45 @@ class TestReplyCache:
 
         assert len(cache) == 1
 
-    async def test_oldest_evicted_when_full(self) -> None:
-        """When full, the oldest key is evicted and can be claimed anew."""
+    async def test_oldest_finished_entry_evicted_when_full(self) -> None:
+        """When full, the oldest finished key is evicted and can be claimed anew."""
         cache = ReplyCache(max_entries=3, clock=FakeClock())
-        futs = [cache.claim(("a", "e", str(n)))[1] for n in range(6)]
+        futs = []
+        for n in range(6):
+            fut = cache.claim(("a", "e", str(n)))[1]
+            fut.set_result(("OK", b""))
+            futs.append(fut)
 
         owner, fut = cache.claim(("a", "e", "0"))
 
         assert owner
         assert fut is not futs[0]
-        for f in futs:
-            f.cancel()
+        fut.cancel()
 
     async def test_bounded_size(self) -> None:
-        """The cache never holds more than max_entries entries."""
+        """With finished entries, the cache never holds more than max_entries."""
         cache = ReplyCache(max_entries=3, clock=FakeClock())
-        futs: list[asyncio.Future[tuple[str, bytes]]] = []
-
         for n in range(10):
-            futs.append(cache.claim(("a", "e", str(n)))[1])
+            cache.claim(("a", "e", str(n)))[1].set_result(("OK", b""))
             assert len(cache) <= 3
+
+    async def test_running_entries_are_never_evicted(self) -> None:
+        """An entry whose first attempt still runs survives a full cache, so no rerun."""
+        cache = ReplyCache(max_entries=2, clock=FakeClock())
+        running = cache.claim(("a", "e", "slow"))[1]
+        for n in range(5):
+            cache.claim(("a", "e", str(n)))[1].set_result(("OK", b""))
+
+        owner, fut = cache.claim(("a", "e", "slow"))
+
+        assert not owner and fut is running
+        running.cancel()
+
+    async def test_key_reused_with_another_body_is_refused(self) -> None:
+        """The same idempotency key with a different request body is an INVALID_ARGUMENT."""
+        cache = ReplyCache(clock=FakeClock())
+        cache.claim(("a", "e", "k"), b"body-1")[1].set_result(("OK", b""))
+
+        with pytest.raises(InvalidArgument):
+            cache.claim(("a", "e", "k"), b"body-2")
+        assert cache.claim(("a", "e", "k"), b"body-1")[0] is False
