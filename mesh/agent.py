@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from pydantic import BaseModel
 
 from .errors import InvalidArgument
-from .identity import validate_name
+from .identity import Certificate, validate_name
 
 if TYPE_CHECKING:
     from .runtime import Mesh
@@ -25,6 +25,7 @@ __all__ = ["Agent", "Context", "EndpointSpec", "EventSpec", "Peer"]
 
 M = TypeVar("M", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+H = TypeVar("H", bound=Callable[["Mesh"], Awaitable[None]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class Peer:
     instance: str
     roles: tuple[str, ...]
     serial: str
+    certificate: Certificate | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(slots=True)
@@ -158,6 +160,8 @@ class Agent:
     description: str = ""
     endpoints: dict[str, EndpointSpec] = field(default_factory=dict)
     events: list[EventSpec] = field(default_factory=list)
+    startup: list[Callable[[Mesh], Awaitable[None]]] = field(default_factory=list)
+    shutdown: list[Callable[[Mesh], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         validate_name("agent", self.name)
@@ -215,6 +219,16 @@ class Agent:
             return f
 
         return register(fn) if fn is not None else register
+
+    def on_start(self, fn: H) -> H:
+        """Register ``async fn(mesh)`` to run once the agent is ready, before it is announced."""
+        self.startup.append(fn)
+        return fn
+
+    def on_stop(self, fn: H) -> H:
+        """Register ``async fn(mesh)`` to run when the agent drains, after in-flight work."""
+        self.shutdown.append(fn)
+        return fn
 
     def on_event(self, agent: str, topic: str) -> Callable[[F], F]:
         """Register an async handler ``(event: Model, ctx: Context) -> None`` for ``topic``

@@ -48,6 +48,7 @@ class InstanceRecord:
     ts: float
     state: str = STATE_SERVING
     policy_revision: int | None = None
+    policy_error: str | None = None
     topics: tuple[str, ...] = field(default=())
 
     @property
@@ -73,6 +74,7 @@ def encode_record(
     ts: float,
     state: str = STATE_SERVING,
     policy_revision: int | None = None,
+    policy_error: str | None = None,
     topics: tuple[str, ...] = (),
 ) -> bytes:
     """Sign a record with the instance's key: ``msgpack([body, signature])``."""
@@ -87,6 +89,8 @@ def encode_record(
     }
     if policy_revision is not None:
         body["policy_revision"] = policy_revision
+    if policy_error is not None:
+        body["policy_error"] = policy_error
     packed = msgpack.packb(body, use_bin_type=True)
     return msgpack.packb([packed, signing.sign(packed).signature], use_bin_type=True)
 
@@ -112,6 +116,7 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
         ts = int(body["ts"]) / 1000.0
         state = str(body.get("state", STATE_SERVING))
         rev = body.get("policy_revision")
+        policy_error = body.get("policy_error")
         topics = tuple(str(t) for t in body.get("topics", ()))
     except (
         ValueError,
@@ -140,6 +145,7 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
         ts=ts,
         state=state,
         policy_revision=int(rev) if isinstance(rev, int) else None,
+        policy_error=policy_error if isinstance(policy_error, str) else None,
         topics=topics,
     )
 

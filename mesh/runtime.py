@@ -20,7 +20,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from .agent import Agent, Context, EndpointSpec, EventSpec, Peer
 from .config import MeshConfig
+from .control import ControlStore
 from .crypto import PairKeys, ReplayGuard, open_body, seal_body, sign_frame, verify_frame
 from .directory import (
     STATE_DRAINING,
@@ -64,7 +65,8 @@ from .errors import (
     Unavailable,
     error_from_code,
 )
-from .identity import CertificateVerifier, Identity, validate_name
+from .governance import Governance
+from .identity import Certificate, CertificateVerifier, Identity, TrustRoot, validate_name
 from .resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
 from .transport import InboundMessage, NatsTransport, Subscription, Transport, is_no_responders
 
@@ -158,7 +160,9 @@ class Mesh:
         config: servers, prefix, timeouts, retry policy, limits.
         agent: the agent definition to serve (``None`` for a caller-only client).
         transport: the broker connection (default: nats-py to ``config.servers``).
-        authorizer: decides each authenticated request before its handler runs.
+        authorizer: replaces the policy's decision for each authenticated request.
+        trust_root: the trust root with its private key, for the registry (which signs
+            policy, certificates and audit records); others need only the public key.
 
     Use as ``async with Mesh(...) as m:``; nothing is sent or served before ``start`` returns.
     """
@@ -171,6 +175,7 @@ class Mesh:
         agent: Agent | None = None,
         transport: Transport | None = None,
         authorizer: Authorizer | None = None,
+        trust_root: TrustRoot | None = None,
     ) -> None:
         self.identity = identity
         self.config = config = config or MeshConfig()
@@ -185,6 +190,14 @@ class Mesh:
             connect_timeout=config.timeouts.connect,
         )
         self.authorizer = authorizer
+        if trust_root is not None and trust_root.public_key != identity.root_public_key:
+            raise InvalidArgument("trust_root is not the root that issued this identity")
+        self.trust_root = trust_root or TrustRoot.from_public(identity.root_public_key)
+        self.control = ControlStore(
+            self.transport, config.prefix, self.trust_root, replicas=config.directory.replicas
+        )
+        self.governance = Governance(self)
+        self.certificate_listeners: list[Callable[[Identity], None]] = []
         self.name = identity.agent
         self.instance = identity.instance
         self._cert_raw = identity.certificate.raw
@@ -260,8 +273,12 @@ class Mesh:
             self._kv.watch, self.verifier, ttl=ttl, on_dead=self._instance_dead
         )
         await self._directory.start(timeouts.connect)
+        await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
         if self.agent is not None:
             await self._serve_subscriptions(self.agent)
+            self._state = "ready"  # start hooks may call out before the agent is announced
+            for hook in self.agent.startup:
+                await hook(self)
             await _retry_unavailable(self._register, deadline)
             self._heartbeat = asyncio.create_task(self._beat(), name="mesh-heartbeat")
         self.transport.on_reconnect(self._reconnected)
@@ -272,6 +289,7 @@ class Mesh:
     async def _reconnected(self) -> None:
         if self._directory is not None:
             self._directory.restart_watch()
+        self.governance.restart_watches()
         if self.agent is not None and self._state == "ready":
             with contextlib.suppress(MeshError):
                 await self._register()
@@ -305,6 +323,13 @@ class Mesh:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=1.0)  # let them answer UNAVAILABLE
+        if self.agent is not None:
+            for hook in self.agent.shutdown:
+                try:
+                    await hook(self)
+                except Exception:
+                    log.exception("mesh.stop_hook_failed", agent=self.name)
+        await self.governance.close()
         if was_serving:
             with contextlib.suppress(MeshError):
                 await self._kv.delete(key)
@@ -344,7 +369,44 @@ class Mesh:
             labels=self.agent.labels,
             ts=time.time(),
             state=state,
+            policy_revision=self.governance.revision,
+            policy_error=self.governance.error,
         )
+
+    async def subscribe_raw(
+        self, subject: str, handler: Callable[[InboundMessage], Awaitable[None]]
+    ) -> None:
+        """Subscribe a plain handler for a control-plane protocol (e.g. enrolment); it is
+        drained with the agent."""
+        self._subs.append(await self.transport.subscribe(subject, handler))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run background work that drain waits for."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def policy_changed(self) -> None:
+        """Acknowledge (or refuse) a policy revision in the directory record at once."""
+        if self.agent is not None and self._state == "ready":
+            self.spawn(self._register_quietly())
+
+    async def _register_quietly(self) -> None:
+        try:
+            await self._register()
+        except MeshError as exc:
+            log.warning("mesh.register_failed", error=exc.message)
+
+    async def replace_certificate(self, cert: Certificate) -> None:
+        """Switch to a renewed certificate for the same keys; callers see it at once."""
+        self.identity = Identity(
+            keys=self.identity.keys, certificate=cert, root_public_key=self.identity.root_public_key
+        )
+        self._cert_raw = cert.raw
+        for listener in self.certificate_listeners:
+            listener(self.identity)
+        if self.agent is not None and self._state == "ready":
+            await self._register_quietly()
 
     async def _register(self) -> None:
         await self._kv.put(f"{self.name}.{self.instance}", self._record())
@@ -352,10 +414,7 @@ class Mesh:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.config.directory.heartbeat)
-            try:
-                await self._register()
-            except MeshError as exc:
-                log.warning("mesh.heartbeat_failed", error=exc.message)
+            await self._register_quietly()
 
     def _instance_dead(self, record: InstanceRecord) -> None:
         """Fail attempts waiting on an instance that is gone, so they retry elsewhere now."""
@@ -403,8 +462,13 @@ class Mesh:
             self._checked_names.add((agent, endpoint))
         if traceparent is not None or tracestate is not None:
             check_trace_context(traceparent, tracestate)
+        gov = self.governance
+        gov.check_outgoing(agent, endpoint)
+        settings = gov.endpoint_settings(agent, endpoint)
+        if timeout is None:
+            timeout = gov.engine.timeout_for(agent, endpoint) or self.config.timeouts.request
         now = time.time()
-        limit = now + (self.config.timeouts.request if timeout is None else timeout)
+        limit = now + timeout
         dl = limit if deadline is None else min(limit, deadline)
         if dl <= now:
             self.stats.fate("deadline_exceeded")
@@ -415,7 +479,10 @@ class Mesh:
                 f"request body is {len(plaintext)} bytes, the limit is {self._max_body}"
             )
         self._budget.record_request()
-        retry = self.config.retry
+        attempts, per_try = self.config.retry.attempts, self.config.retry.per_try_timeout
+        if settings is not None and settings.retries is not None:
+            attempts = settings.retries.attempts
+            per_try = settings.retries.per_try_timeout or per_try
         avoid: set[str] = set()
         pinned: InstanceRecord | None = None
         attempt = 0
@@ -436,6 +503,7 @@ class Mesh:
                     endpoint,
                     plaintext,
                     dl,
+                    per_try,
                     attempt,
                     idempotency_key,
                     traceparent,
@@ -446,7 +514,7 @@ class Mesh:
                 may_retry = (
                     isinstance(exc, _NotDelivered) or idempotent or idempotency_key is not None
                 )
-                delay = self._retry_delay(exc, may_retry, attempt, retry.attempts, dl)
+                delay = self._retry_delay(exc, may_retry, attempt, attempts, dl)
                 if delay is None:
                     raise
                 if record is not None and idempotent:
@@ -511,6 +579,7 @@ class Mesh:
         endpoint: str,
         plaintext: bytes,
         dl: float,
+        per_try: float | None,
         attempt: int,
         idempotency_key: str | None,
         traceparent: str | None,
@@ -548,7 +617,6 @@ class Mesh:
         self._pending[token] = _Pending(fut, rid, record, key)
         picker_key = record.key
         self._picker.acquire(picker_key)
-        per_try = self.config.retry.per_try_timeout
         wait = dl - time.time()
         timed_out_by_deadline = per_try is None or per_try >= wait
         if not timed_out_by_deadline and per_try is not None:
@@ -736,6 +804,9 @@ class Mesh:
                 raise NotFound(f"agent {self.name!r} has no endpoint {hdr.name!r}")
             if self.authorizer is not None:
                 self.authorizer(peer, spec.name)
+            else:
+                self.governance.authorize(peer, spec.name)
+            self.governance.rate_take(peer.agent, spec.name)
         except MeshError as exc:
             self.stats.refuse(exc.code)
             await self._send_reply(msg.reply, hdr, key, exc.code, _error_body(exc))
@@ -772,10 +843,11 @@ class Mesh:
         cert = self.verifier.verify(hdr.cert)
         if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:
             raise Unauthenticated("sender does not match its certificate")
+        self.governance.rate_peek(cert.agent, hdr.name or "")
         key = self._pair.get(cert.box_pk)
         plaintext = open_body(key, msg.data[:end], memoryview(msg.data)[end:])
         self._replay.record(hdr.id, hdr.ts)
-        return Peer(cert.agent, cert.instance, cert.roles, cert.serial), key, plaintext
+        return Peer(cert.agent, cert.instance, cert.roles, cert.serial, cert), key, plaintext
 
     async def _serve(
         self,

@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import DirectoryConfig, MeshConfig, RetryPolicy, Timeouts
 from .embedded import NatsCluster, NatsServer, NatsServerError, find_nats_server
+from .errors import FailedPrecondition
 from .identity import Identity, TrustRoot
 
 __all__ = [
@@ -133,29 +134,60 @@ class _MemSub:
 
 
 class _MemKV:
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
+    def __init__(self, history: int = 1) -> None:
+        self.data: dict[str, tuple[bytes, int]] = {}
+        self.log: dict[str, list[tuple[bytes | None, int]]] = {}
+        self.keep = max(1, history)
+        self.seq = 0
         self.watchers: list[asyncio.Queue[tuple[str, bytes | None]]] = []
 
-    async def put(self, key: str, value: bytes) -> None:
-        self.data[key] = value
+    def _write(self, key: str, value: bytes | None) -> int:
+        self.seq += 1
+        if value is None:
+            self.data.pop(key, None)
+        else:
+            self.data[key] = (value, self.seq)
+        self.log[key] = [*self.log.get(key, []), (value, self.seq)][-self.keep :]
         for q in self.watchers:
             q.put_nowait((key, value))
+        return self.seq
+
+    async def put(self, key: str, value: bytes) -> int:
+        return self._write(key, value)
+
+    async def create(self, key: str, value: bytes) -> int:
+        if key in self.data:
+            raise FailedPrecondition(f"key {key!r} already exists")
+        return self._write(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        current = self.data.get(key)
+        if current is None or current[1] != last:
+            raise FailedPrecondition(f"key {key!r} changed since revision {last}")
+        return self._write(key, value)
 
     async def delete(self, key: str) -> None:
-        self.data.pop(key, None)
-        for q in self.watchers:
-            q.put_nowait((key, None))
+        self._write(key, None)
+
+    async def entry(self, key: str) -> tuple[bytes, int] | None:
+        return self.data.get(key)
 
     async def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
+        found = self.data.get(key)
+        return None if found is None else found[0]
+
+    async def history(self, key: str) -> list[tuple[bytes | None, int]]:
+        return list(self.log.get(key, []))
+
+    async def items(self) -> list[tuple[str, bytes]]:
+        return sorted((k, v) for k, (v, _rev) in self.data.items())
 
     async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
         q: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
         self.watchers.append(q)
         try:
-            for item in list(self.data.items()):
-                yield item
+            for key, (value, _rev) in list(self.data.items()):
+                yield key, value
             yield None
             while True:
                 yield await q.get()
@@ -163,10 +195,44 @@ class _MemKV:
             self.watchers.remove(q)
 
 
+class _MemStream:
+    def __init__(self) -> None:
+        self.messages: dict[int, bytes] = {}
+        self.seq = 0
+        self.changed = asyncio.Event()
+
+    async def append(self, data: bytes, *, expect_last: int | None = None) -> int:
+        if expect_last is not None and expect_last != self.seq:
+            raise FailedPrecondition(f"stream moved past sequence {expect_last}")
+        self.seq += 1
+        self.messages[self.seq] = data
+        self.changed.set()
+        self.changed = asyncio.Event()
+        return self.seq
+
+    async def last(self) -> tuple[int, bytes] | None:
+        if not self.messages:
+            return None
+        seq = max(self.messages)
+        return seq, self.messages[seq]
+
+    async def read(self, start: int = 1) -> list[tuple[int, bytes]]:
+        return sorted((s, d) for s, d in self.messages.items() if s >= start)
+
+    async def follow(self, start: int = 1) -> AsyncIterator[tuple[int, bytes]]:
+        nxt = start
+        while True:
+            for seq, data in await self.read(nxt):
+                yield seq, data
+                nxt = seq + 1
+            await self.changed.wait()
+
+
 @dataclass
 class _Broker:
     subs: list[_MemSub] = field(default_factory=list)
     kvs: dict[str, _MemKV] = field(default_factory=dict)
+    streams: dict[str, _MemStream] = field(default_factory=dict)
     rr: itertools.count[int] = field(default_factory=itertools.count)
 
 
@@ -242,9 +308,12 @@ class MemoryTransport:
         await asyncio.sleep(0)
 
     async def key_value(
-        self, bucket: str, *, ttl: float | None = None, replicas: int = 1
+        self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
     ) -> _MemKV:
-        return self.broker.kvs.setdefault(bucket, _MemKV())
+        return self.broker.kvs.setdefault(bucket, _MemKV(history))
+
+    async def stream(self, name: str, subject: str, *, replicas: int = 1) -> _MemStream:
+        return self.broker.streams.setdefault(name, _MemStream())
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         return None

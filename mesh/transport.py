@@ -15,7 +15,8 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue as NatsKeyValue
 
 from .errors import FailedPrecondition, Unavailable
@@ -24,6 +25,7 @@ __all__ = [
     "InboundMessage",
     "KeyValueBucket",
     "NatsTransport",
+    "Stream",
     "Subscription",
     "Transport",
     "is_no_responders",
@@ -53,19 +55,46 @@ class Subscription(Protocol):
 
 
 class KeyValueBucket(Protocol):
-    """A key-value bucket.
+    """A key-value bucket with per-key revisions.
 
     ``watch`` yields ``(key, value)`` pairs, ``value`` being ``None`` for a deletion, and one
     bare ``None`` once the values present when the watch started have all been delivered.
+    ``create`` and ``update`` are compare-and-set: they raise ``FailedPrecondition`` when the
+    key exists, or when its revision is not ``last``.
     """
 
-    async def put(self, key: str, value: bytes) -> None: ...
+    async def put(self, key: str, value: bytes) -> int: ...
+
+    async def create(self, key: str, value: bytes) -> int: ...
+
+    async def update(self, key: str, value: bytes, last: int) -> int: ...
 
     async def delete(self, key: str) -> None: ...
 
     async def get(self, key: str) -> bytes | None: ...
 
+    async def entry(self, key: str) -> tuple[bytes, int] | None: ...
+
+    async def history(self, key: str) -> list[tuple[bytes | None, int]]: ...
+
+    async def items(self) -> list[tuple[str, bytes]]: ...
+
     def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]: ...
+
+
+class Stream(Protocol):
+    """An append-only JetStream stream (the audit log)."""
+
+    async def append(self, data: bytes, *, expect_last: int | None = None) -> int:
+        """Append; with ``expect_last`` only if the last sequence is that (else
+        ``FailedPrecondition``). Returns the new sequence."""
+
+    async def last(self) -> tuple[int, bytes] | None: ...
+
+    async def read(self, start: int = 1) -> list[tuple[int, bytes]]:
+        """Every stored message from ``start`` on, as ``(sequence, data)``."""
+
+    def follow(self, start: int = 1) -> AsyncIterator[tuple[int, bytes]]: ...
 
 
 class Transport(Protocol):
@@ -96,8 +125,10 @@ class Transport(Protocol):
     async def flush(self, timeout: float = 5.0) -> None: ...
 
     async def key_value(
-        self, bucket: str, *, ttl: float | None = None, replicas: int = 1
+        self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
     ) -> KeyValueBucket: ...
+
+    async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream: ...
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None: ...
 
@@ -108,35 +139,83 @@ def is_no_responders(msg: InboundMessage) -> bool:
     return bool(headers) and not msg.data and headers.get(STATUS_HEADER) == NO_RESPONDERS  # type: ignore[union-attr]
 
 
+_JS_ERRORS = (TimeoutError, nats.errors.Error, nats.js.errors.Error)
+_WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream API errors: wrong last sequence
+
+
 class _NatsKV:
     def __init__(self, kv: NatsKeyValue) -> None:
         self._kv = kv
 
-    async def put(self, key: str, value: bytes) -> None:
+    async def put(self, key: str, value: bytes) -> int:
         try:
-            await self._kv.put(key, value)
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            return await self._kv.put(key, value)
+        except _JS_ERRORS as exc:
             raise Unavailable(f"key-value put {key!r} failed: {exc}") from exc
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            return await self._kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise FailedPrecondition(f"key {key!r} already exists") from exc
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"key-value create {key!r} failed: {exc}") from exc
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        try:
+            return await self._kv.update(key, value, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise FailedPrecondition(f"key {key!r} changed since revision {last}") from exc
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"key-value update {key!r} failed: {exc}") from exc
 
     async def delete(self, key: str) -> None:
         try:
             await self._kv.delete(key)
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+        except _JS_ERRORS as exc:
             raise Unavailable(f"key-value delete {key!r} failed: {exc}") from exc
 
-    async def get(self, key: str) -> bytes | None:
+    async def entry(self, key: str) -> tuple[bytes, int] | None:
         try:
             entry = await self._kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+        except _JS_ERRORS as exc:
             raise Unavailable(f"key-value get {key!r} failed: {exc}") from exc
-        return entry.value
+        return entry.value or b"", entry.revision or 0
+
+    async def get(self, key: str) -> bytes | None:
+        found = await self.entry(key)
+        return None if found is None else found[0]
+
+    async def history(self, key: str) -> list[tuple[bytes | None, int]]:
+        try:
+            entries = await self._kv.history(key)
+        except nats.js.errors.NoKeysError:
+            return []
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"key-value history {key!r} failed: {exc}") from exc
+        return [
+            (None if e.operation in ("DEL", "PURGE") else (e.value or b""), e.revision or 0)
+            for e in entries
+        ]
+
+    async def items(self) -> list[tuple[str, bytes]]:
+        out: dict[str, bytes] = {}
+        async for item in self.watch():
+            if item is None:
+                break
+            key, value = item
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = value
+        return sorted(out.items())
 
     async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
         try:
             watcher = await self._kv.watchall()
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+        except _JS_ERRORS as exc:
             raise Unavailable(f"key-value watch failed: {exc}") from exc
         try:
             async for entry in watcher:
@@ -148,6 +227,75 @@ class _NatsKV:
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+class _NatsStream:
+    def __init__(self, js: JetStreamContext, name: str, subject: str) -> None:
+        self._js = js
+        self._name = name
+        self._subject = subject
+
+    async def append(self, data: bytes, *, expect_last: int | None = None) -> int:
+        headers = None if expect_last is None else {"Nats-Expected-Last-Sequence": str(expect_last)}
+        try:
+            ack = await self._js.publish(self._subject, data, stream=self._name, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise FailedPrecondition(
+                    f"stream {self._name} moved past sequence {expect_last}"
+                ) from exc
+            raise Unavailable(f"append to stream {self._name} failed: {exc}") from exc
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"append to stream {self._name} failed: {exc}") from exc
+        return int(ack.seq)
+
+    async def last(self) -> tuple[int, bytes] | None:
+        try:
+            info = await self._js.stream_info(self._name)
+            last = info.state.last_seq
+            if not last or not info.state.messages:
+                return None
+            try:
+                msg = await self._js.get_msg(self._name, last)
+            except nats.js.errors.NotFoundError:
+                return last, b""  # the last record was deleted; the chain will show it
+        except nats.js.errors.NotFoundError:
+            return None
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"reading stream {self._name} failed: {exc}") from exc
+        return int(msg.seq or last), msg.data or b""
+
+    async def read(self, start: int = 1) -> list[tuple[int, bytes]]:
+        try:
+            info = await self._js.stream_info(self._name)
+            out = []
+            for seq in range(max(start, info.state.first_seq or 1), info.state.last_seq + 1):
+                try:
+                    msg = await self._js.get_msg(self._name, seq)
+                except nats.js.errors.NotFoundError:
+                    continue  # deleted: the caller sees the gap in sequence numbers
+                out.append((seq, msg.data or b""))
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"reading stream {self._name} failed: {exc}") from exc
+        return out
+
+    async def follow(self, start: int = 1) -> AsyncIterator[tuple[int, bytes]]:
+        try:
+            sub = await self._js.subscribe(
+                self._subject,
+                stream=self._name,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=ConsumerConfig(opt_start_seq=max(1, start)),
+            )
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"following stream {self._name} failed: {exc}") from exc
+        try:
+            async for msg in sub.messages:
+                yield int(msg.metadata.sequence.stream), msg.data
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
 
 class NatsTransport:
@@ -255,7 +403,7 @@ class NatsTransport:
             raise Unavailable(f"flush failed: {exc}") from exc
 
     async def key_value(
-        self, bucket: str, *, ttl: float | None = None, replicas: int = 1
+        self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
     ) -> KeyValueBucket:
         kv = self._kvs.get(bucket)
         if kv is not None:
@@ -266,12 +414,25 @@ class NatsTransport:
                 raw = await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 raw = await js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=replicas)
+                    KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=replicas)
                 )
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+        except _JS_ERRORS as exc:
             raise Unavailable(f"JetStream key-value bucket {bucket!r} unavailable: {exc}") from exc
         kv = self._kvs[bucket] = _NatsKV(raw)
         return kv
+
+    async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream:
+        js = self.nc.jetstream(timeout=5.0)
+        try:
+            try:
+                await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                await js.add_stream(
+                    StreamConfig(name=name, subjects=[subject], num_replicas=replicas)
+                )
+        except _JS_ERRORS as exc:
+            raise Unavailable(f"JetStream stream {name!r} unavailable: {exc}") from exc
+        return _NatsStream(js, name, subject)
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._reconnect_callbacks.append(callback)

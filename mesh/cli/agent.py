@@ -9,6 +9,9 @@ option             environment            meaning
 ``--identity``     ``MESH_IDENTITY``      identity directory (identity.key/.cert)
 ``--root``         ``MESH_TRUST_ROOT``    trust root public key file or directory
 ``--prefix``       ``MESH_PREFIX``        subject prefix (default ``mesh``)
+``--token``        ``MESH_JOIN_TOKEN``    one-time join token: enrol, then save the
+                                          identity into ``--identity``
+``--root-key``     ``MESH_ROOT_KEY``      trust root private key (the registry only)
 ``--drain``        ``MESH_DRAIN_TIMEOUT`` bound on finishing in-flight work
 ``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
 =================  =====================  ==========================================
@@ -23,13 +26,15 @@ import importlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 import structlog
 
 from ..agent import Agent
 from ..config import MeshConfig, Timeouts
+from ..enrol import enrol
 from ..errors import InvalidArgument
-from ..identity import load_identity, load_trust_root
+from ..identity import IDENTITY_KEY_FILE, Identity, load_identity, load_trust_root, save_identity
 from ..runtime import Mesh
 from ._common import configure_logging, env_default, parse_duration, run_command
 
@@ -89,14 +94,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = load_agent(args.target)
     if not args.identity:
         raise InvalidArgument("no identity: pass --identity DIR or set MESH_IDENTITY")
-    root_pk = load_trust_root(args.root).public_key if args.root else None
-    identity = load_identity(args.identity, root_public_key=root_pk)
     config = MeshConfig(
         servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
         prefix=args.prefix,
         timeouts=Timeouts(drain=parse_duration(args.drain)),
     )
-    asyncio.run(serve(agent, Mesh(identity, config, agent=agent)))
+    root_key = load_trust_root(args.root_key) if args.root_key else None
+    if root_key is not None and not root_key.can_sign:
+        raise InvalidArgument(f"{args.root_key}: --root-key needs root.key, not root.pub")
+    root_pk = load_trust_root(args.root).public_key if args.root else None
+    root_pk = root_pk or (root_key.public_key if root_key else None)
+    identity_dir = Path(args.identity)
+    if args.token and not (identity_dir / IDENTITY_KEY_FILE).exists():
+        if root_pk is None:
+            raise InvalidArgument("enrolling with --token needs --root (the trust root's root.pub)")
+        identity = asyncio.run(
+            enrol(config, agent=agent.name, token=args.token, root_public_key=root_pk)
+        )
+        save_identity(identity, identity_dir)
+        log.info("agent.enrolled", agent=agent.name, serial=identity.certificate.serial)
+    identity = load_identity(identity_dir, root_public_key=root_pk)
+    mesh = Mesh(identity, config, agent=agent, trust_root=root_key)
+
+    # Keep renewed certificates across restarts.
+    def keep(renewed: Identity) -> None:
+        save_identity(renewed, identity_dir)
+
+    mesh.certificate_listeners.append(keep)
+    asyncio.run(serve(agent, mesh))
     return 0
 
 
@@ -118,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--servers", default=env_default("SERVERS", "nats://127.0.0.1:4222"))
     run.add_argument("--identity", default=env_default("IDENTITY"))
     run.add_argument("--root", default=env_default("TRUST_ROOT"))
+    run.add_argument("--token", default=env_default("JOIN_TOKEN"))
+    run.add_argument("--root-key", default=env_default("ROOT_KEY"))
     run.add_argument("--prefix", default=env_default("PREFIX", "mesh"))
     run.add_argument("--drain", default=env_default("DRAIN_TIMEOUT", "10s"))
     run.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"))

@@ -1,0 +1,407 @@
+"""The policy registry: the mesh's control plane, written only against the public SDK.
+
+It holds the trust root's key (pass ``--root-key`` to ``mesh-agent run``) and keeps all of its
+state in JetStream through ``mesh.ControlStore``: policy revisions, issued certificates, join
+tokens (hashed), revocations and the hash-chained audit log. Restarting it loses nothing, and
+several instances can run at once (writes are compare-and-set).
+
+Run it::
+
+    mesh-agent run mesh_agents.registry:registry --identity keys/registry --root-key keys
+
+Every endpoint but ``renew`` requires the caller to hold the ``admin`` role.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from mesh import (
+    Agent,
+    AuditRecord,
+    CertificateReply,
+    Context,
+    DenialReport,
+    EnrolmentRequest,
+    FailedPrecondition,
+    IssuedCertificate,
+    JoinToken,
+    Mesh,
+    MeshError,
+    NotFound,
+    PermissionDenied,
+    PolicyRevision,
+    RenewRequest,
+    Revocation,
+    Unauthenticated,
+    canonical_policy_bytes,
+    diff_policies,
+    parse_policy,
+    serve_enrolment,
+)
+
+ADMIN_ROLE = "admin"
+DEFAULT_CERT_TTL = 24 * 3600.0
+
+registry = Agent(
+    "registry",
+    version="0.1.0",
+    description="Policy registry: identities, policy revisions, audit log.",
+)
+
+
+class Empty(BaseModel):
+    """No fields."""
+
+
+class ApplyRequest(BaseModel):
+    policy: str = Field(description="the policy file's YAML text")
+    source: str = Field(default="<cli>", description="where it came from, for errors and audit")
+
+
+class ApplyReply(BaseModel):
+    revision: int
+    changes: list[str]
+    unchanged: bool = False
+
+
+class RevisionInfo(BaseModel):
+    revision: int
+    source: str
+    applied_by: str
+    applied_at: float
+    sha256: str
+    rollback_of: int | None = None
+    policy: dict[str, Any]
+
+
+class HistoryReply(BaseModel):
+    revisions: list[RevisionInfo]
+
+
+class RollbackRequest(BaseModel):
+    revision: int
+
+
+class TokenRequest(BaseModel):
+    agent: str
+    roles: list[str] = []
+    ttl: float = Field(default=3600.0, gt=0, description="how long the token may be used")
+    cert_ttl: float = Field(default=DEFAULT_CERT_TTL, gt=60)
+
+
+class TokenReply(BaseModel):
+    token: str
+    expires_at: float
+
+
+class RevokeRequest(BaseModel):
+    target: str = Field(description="a certificate serial, or an agent name (all its serials)")
+
+
+class RevokeReply(BaseModel):
+    revoked: list[str]
+
+
+class IdentityInfo(BaseModel):
+    serial: str
+    agent: str
+    instance: str
+    roles: list[str]
+    not_after: int
+    issued_at: float
+    via: str
+    revoked: bool
+
+
+class IdentityList(BaseModel):
+    identities: list[IdentityInfo]
+
+
+def _require_admin(ctx: Context) -> None:
+    if ADMIN_ROLE not in ctx.caller.roles:
+        raise PermissionDenied(
+            f"{ctx.caller.agent} lacks the admin role the registry requires for {ctx.endpoint}",
+            rule="registry: admin role required",
+        )
+
+
+def _require_root(mesh: Mesh) -> None:
+    if not mesh.trust_root.can_sign:
+        raise FailedPrecondition("this registry was started without the trust root key")
+
+
+def _actor(ctx: Context) -> str:
+    return f"{ctx.caller.agent}/{ctx.caller.instance}"
+
+
+async def _audit(mesh: Mesh, kind: str, actor: str, subject: str, **details: Any) -> None:
+    await mesh.control.append_audit(
+        AuditRecord(kind=kind, actor=actor, subject=subject, details=details)
+    )
+
+
+def _info(rev: PolicyRevision) -> RevisionInfo:
+    return RevisionInfo(
+        revision=rev.revision,
+        source=rev.source,
+        applied_by=rev.applied_by,
+        applied_at=rev.applied_at,
+        sha256=rev.sha256,
+        rollback_of=rev.rollback_of,
+        policy=json.loads(rev.policy_json),
+    )
+
+
+async def _install(
+    ctx: Context, policy_json: bytes, source: str, rollback_of: int | None = None
+) -> ApplyReply:
+    """Sign and store ``policy_json`` as the next revision (compare-and-set)."""
+    mesh = ctx.mesh
+    _require_root(mesh)
+    new = parse_policy(policy_json.decode(), source=source)
+    current = await mesh.control.current_policy()
+    old = (
+        parse_policy(current[0].policy_json.decode(), source=current[0].source) if current else None
+    )
+    if current is not None and current[0].policy_json == policy_json and rollback_of is None:
+        return ApplyReply(revision=current[0].revision, changes=[], unchanged=True)
+    revision = current[0].revision + 1 if current else 1
+    rev = PolicyRevision(
+        revision=revision,
+        policy_json=policy_json,
+        source=source,
+        applied_by=_actor(ctx),
+        applied_at=time.time(),
+        rollback_of=rollback_of,
+    )
+    try:
+        await mesh.control.write_policy(rev, current[1] if current else None)
+    except FailedPrecondition:
+        raise FailedPrecondition(
+            "another revision was applied at the same time; look at `mesh-policy get` and retry"
+        ) from None
+    changes = diff_policies(old, new)
+    await _audit(
+        mesh,
+        "policy.rollback" if rollback_of else "policy.applied",
+        _actor(ctx),
+        f"revision {revision}",
+        source=source,
+        sha256=rev.sha256,
+        rollback_of=rollback_of,
+        changes=changes,
+    )
+    return ApplyReply(revision=revision, changes=changes)
+
+
+@registry.endpoint(name="apply")
+async def apply(req: ApplyRequest, ctx: Context) -> ApplyReply:
+    """Validate, sign and distribute a policy as the next revision."""
+    _require_admin(ctx)
+    policy = parse_policy(req.policy, source=req.source)
+    return await _install(ctx, canonical_policy_bytes(policy), req.source)
+
+
+@registry.endpoint(name="get", idempotent=True)
+async def get(_: Empty, ctx: Context) -> RevisionInfo:
+    """The current revision."""
+    _require_admin(ctx)
+    current = await ctx.mesh.control.current_policy()
+    if current is None:
+        raise NotFound("no policy has been applied yet")
+    return _info(current[0])
+
+
+@registry.endpoint(name="history", idempotent=True)
+async def history(_: Empty, ctx: Context) -> HistoryReply:
+    """Every kept revision, oldest first."""
+    _require_admin(ctx)
+    return HistoryReply(revisions=[_info(r) for r in await ctx.mesh.control.policy_history()])
+
+
+@registry.endpoint(name="rollback")
+async def rollback(req: RollbackRequest, ctx: Context) -> ApplyReply:
+    """Apply an earlier revision again, as a new revision."""
+    _require_admin(ctx)
+    for rev in await ctx.mesh.control.policy_history():
+        if rev.revision == req.revision:
+            return await _install(ctx, rev.policy_json, rev.source, rollback_of=rev.revision)
+    raise NotFound(f"revision {req.revision} is not in the kept history")
+
+
+@registry.endpoint(name="token")
+async def token(req: TokenRequest, ctx: Context) -> TokenReply:
+    """Make a one-time join token for an agent; only its hash is stored."""
+    _require_admin(ctx)
+    _require_root(ctx.mesh)
+    secret = "mjt_" + secrets.token_urlsafe(32)
+    expires = time.time() + req.ttl
+    grant = JoinToken(
+        agent=req.agent,
+        roles=sorted(set(req.roles)),
+        expires_at=expires,
+        cert_ttl=req.cert_ttl,
+        created_by=_actor(ctx),
+    )
+    await ctx.mesh.control.put_token(secret, grant)
+    await _audit(
+        ctx.mesh,
+        "identity.token_created",
+        _actor(ctx),
+        req.agent,
+        roles=grant.roles,
+        expires_at=expires,
+    )
+    return TokenReply(token=secret, expires_at=expires)
+
+
+@registry.endpoint(name="identities", idempotent=True)
+async def identities(_: Empty, ctx: Context) -> IdentityList:
+    """Every certificate the registry issued, with its revocation state."""
+    _require_admin(ctx)
+    revoked = {r.serial for r in await ctx.mesh.control.revocations()}
+    return IdentityList(
+        identities=[
+            IdentityInfo(
+                serial=c.serial,
+                agent=c.agent,
+                instance=c.instance,
+                roles=c.roles,
+                not_after=c.not_after,
+                issued_at=c.issued_at,
+                via=c.via,
+                revoked=c.serial in revoked,
+            )
+            for c in sorted(await ctx.mesh.control.certificates(), key=lambda c: c.issued_at)
+        ]
+    )
+
+
+@registry.endpoint(name="revoke")
+async def revoke(req: RevokeRequest, ctx: Context) -> RevokeReply:
+    """Revoke a serial, or every current certificate of an agent; agents refuse them within
+    seconds."""
+    _require_admin(ctx)
+    _require_root(ctx.mesh)
+    now = time.time()
+    certs = [
+        c
+        for c in await ctx.mesh.control.certificates()
+        if (c.serial == req.target or c.agent == req.target) and c.not_after > now
+    ]
+    if not certs:
+        raise NotFound(f"no current certificate with serial or agent {req.target!r}")
+    for c in certs:
+        await ctx.mesh.control.revoke(
+            Revocation(
+                serial=c.serial,
+                agent=c.agent,
+                revoked_at=now,
+                revoked_by=_actor(ctx),
+                not_after=c.not_after,
+            )
+        )
+        await _audit(ctx.mesh, "identity.revoked", _actor(ctx), c.agent, serial=c.serial)
+    return RevokeReply(revoked=[c.serial for c in certs])
+
+
+@registry.endpoint(name="renew")
+async def renew(_: RenewRequest, ctx: Context) -> CertificateReply:
+    """A fresh certificate for the caller's own keys, instance and roles (any agent)."""
+    mesh = ctx.mesh
+    _require_root(mesh)
+    old = ctx.caller.certificate
+    if old is None:
+        raise Unauthenticated("no certificate to renew")
+    life = min(float(old.not_after - old.not_before - 60), DEFAULT_CERT_TTL)
+    cert = mesh.trust_root.issue(
+        old.agent,
+        sign_pk=old.sign_pk,
+        box_pk=old.box_pk,
+        instance=old.instance,
+        roles=old.roles,
+        ttl=max(life, 60.0),
+    )
+    await _record_issue(mesh, cert.raw, "renewal", _actor(ctx), previous=old.serial)
+    return CertificateReply.of(cert)
+
+
+async def _record_issue(mesh: Mesh, raw: bytes, via: str, actor: str, **details: Any) -> None:
+    cert = mesh.verifier.verify(raw)
+    await mesh.control.record_certificate(
+        IssuedCertificate(
+            serial=cert.serial,
+            agent=cert.agent,
+            instance=cert.instance,
+            roles=list(cert.roles),
+            not_after=cert.not_after,
+            issued_at=time.time(),
+            via=via,
+            certificate=raw,
+        )
+    )
+    kind = "identity.renewed" if via == "renewal" else "identity.issued"
+    await _audit(
+        mesh,
+        kind,
+        actor,
+        cert.agent,
+        serial=cert.serial,
+        instance=cert.instance,
+        roles=list(cert.roles),
+        via=via,
+        not_after=cert.not_after,
+        **details,
+    )
+
+
+@registry.on_event("*", "mesh-denied")
+async def denied(report: DenialReport, ctx: Context) -> None:
+    """Write a callee's (signed) denial report into the audit log."""
+    if report.agent != ctx.caller.agent:
+        return  # an agent may only report denials of calls to itself
+    await _audit(
+        ctx.mesh,
+        "authz.audit_only" if report.audit_only else "authz.denied",
+        f"{ctx.caller.agent}/{ctx.caller.instance}",
+        f"{report.caller} -> {report.agent}.{report.endpoint}",
+        **{k: v for k, v in report.model_dump().items() if k not in ("agent", "endpoint")},
+    )
+
+
+@registry.on_start
+async def started(mesh: Mesh) -> None:
+    """Answer enrolments, and note the start in the audit log."""
+
+    async def issue(req: EnrolmentRequest) -> bytes:
+        _require_root(mesh)
+        try:
+            grant = await mesh.control.peek_token(req.token)
+            if grant.agent != req.agent:
+                raise Unauthenticated(f"this join token is for another agent, not {req.agent!r}")
+            cert = mesh.trust_root.issue(
+                req.agent,
+                sign_pk=req.sign_pk,
+                box_pk=req.box_pk,
+                roles=grant.roles,
+                ttl=grant.cert_ttl,
+            )
+            await mesh.control.redeem_token(req.token, cert.serial)
+        except MeshError as exc:
+            await _audit(
+                mesh, "identity.enrolment_refused", req.agent, req.agent, reason=exc.message
+            )
+            raise
+        await _record_issue(mesh, cert.raw, "token", req.agent, token_created_by=grant.created_by)
+        return cert.raw
+
+    await serve_enrolment(mesh, issue)
+    await _audit(
+        mesh, "registry.started", f"registry/{mesh.instance}", "registry", version=registry.version
+    )

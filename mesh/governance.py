@@ -1,0 +1,332 @@
+"""Governance inside each agent process: the policy it runs, the revocations it honours, the
+renewal of its certificate, rate limits, and reports of denials to the registry.
+
+Fail static: the last policy that verified stays in force while the registry or JetStream is
+away; the watches are re-created after a reconnect and catch up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from pydantic import BaseModel
+
+from .agent import Peer
+from .control import ControlStore
+from .errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
+from .identity import Certificate, Identity
+from .policy import EndpointPolicy, PolicyEngine, parse_policy
+from .ratelimit import RateLimiter, TokenBucket
+
+if TYPE_CHECKING:
+    from .runtime import Mesh
+
+__all__ = ["CertificateReply", "DenialReport", "Governance", "RenewRequest"]
+
+log = structlog.get_logger("mesh.governance")
+DENIAL_TOPIC = "mesh-denied"
+REGISTRY = "registry"
+
+
+class DenialReport(BaseModel):
+    """What a callee tells the registry about a request policy denied (for the audit log)."""
+
+    caller: str
+    caller_instance: str
+    caller_serial: str
+    agent: str
+    endpoint: str
+    rule: str
+    revision: int | None
+    audit_only: bool = False
+    suppressed: int = 0
+
+
+class RenewRequest(BaseModel):
+    """Ask the registry for a fresh certificate for the caller's own keys."""
+
+
+class CertificateReply(BaseModel):
+    """A certificate, base64 of its wire bytes."""
+
+    certificate: str
+
+    @classmethod
+    def of(cls, cert: Certificate) -> CertificateReply:
+        return cls(certificate=base64.b64encode(cert.raw).decode())
+
+    def raw(self) -> bytes:
+        return base64.b64decode(self.certificate)
+
+
+class Governance:
+    """One per ``Mesh``; the runtime asks it before sending and before serving."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self.engine = PolicyEngine(None)
+        self.revision: int | None = None
+        self.error: str | None = None
+        self.limiter = RateLimiter()
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self._reports = TokenBucket(20.0, 50)
+        self._suppressed = 0
+        self._store: ControlStore | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._policy_ready = asyncio.Event()
+        self._revocations_ready = asyncio.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, store: ControlStore, timeout: float) -> None:
+        """Load the current policy and revocations, then keep watching them.
+
+        Raises:
+            Unavailable: they could not be read within ``timeout``.
+        """
+        self._store = store
+        self.restart_watches()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(self._policy_ready.wait(), self._revocations_ready.wait()),
+                timeout,
+            )
+        except TimeoutError:
+            raise Unavailable("policy and revocations did not load in time") from None
+        self._tasks["renew"] = asyncio.create_task(self._renew_loop(), name="mesh-renew")
+
+    def restart_watches(self) -> None:
+        """(Re-)create the policy and revocation watches, e.g. after a reconnect."""
+        for name, run in (("policy", self._watch_policy), ("revoked", self._watch_revocations)):
+            old = self._tasks.pop(name, None)
+            if old is not None:
+                old.cancel()
+            self._tasks[name] = asyncio.create_task(run(), name=f"mesh-watch-{name}")
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _watch(
+        self,
+        open_watch: Callable[[], AsyncIterator[object]],
+        apply: Callable[[object], None],
+        ready: asyncio.Event,
+    ) -> None:
+        while True:
+            try:
+                async for item in open_watch():
+                    if item is None:
+                        ready.set()
+                    else:
+                        apply(item)
+            except asyncio.CancelledError:
+                raise
+            except MeshError as exc:
+                log.warning("mesh.watch_failed", error=exc.message)
+            await asyncio.sleep(0.5)
+
+    async def _watch_policy(self) -> None:
+        assert self._store is not None
+        await self._watch(self._store.watch_policy, self._apply_policy, self._policy_ready)
+
+    async def _watch_revocations(self) -> None:
+        assert self._store is not None
+        await self._watch(
+            self._store.watch_revocations, self._apply_revocation, self._revocations_ready
+        )
+
+    # --- policy ------------------------------------------------------------------------------
+
+    def _apply_policy(self, raw: object) -> None:
+        assert self._store is not None and isinstance(raw, bytes)
+        try:
+            rev = self._store.decode_policy(raw)
+            policy = parse_policy(rev.policy_json.decode(), source=rev.source)
+        except MeshError as exc:
+            # NACK: keep serving on the last good policy and say why in the directory.
+            self.error = exc.message
+            log.error("mesh.policy_refused", error=exc.message)
+        else:
+            if self.revision is not None and rev.revision <= self.revision:
+                return
+            self.engine = PolicyEngine(policy, revision=rev.revision, source=rev.source)
+            self.revision = rev.revision
+            self.error = None
+            log.info("mesh.policy_applied", revision=rev.revision, source=rev.source)
+        self._mesh.policy_changed()
+
+    def _apply_revocation(self, item: object) -> None:
+        serial = getattr(item, "serial", None)
+        if isinstance(serial, str):
+            self._mesh.verifier.revoked.add(serial)
+            if serial == self._mesh.identity.certificate.serial:
+                log.error("mesh.own_certificate_revoked", serial=serial)
+
+    def endpoint_settings(self, agent: str, endpoint: str) -> EndpointPolicy | None:
+        return self.engine.endpoint_settings(agent, endpoint)
+
+    def check_outgoing(self, agent: str, endpoint: str) -> None:
+        """The caller's own check, to fail fast without a round trip.
+
+        Raises:
+            PermissionDenied: naming the rule.
+        """
+        if agent == REGISTRY:
+            return  # the control plane is always reachable; it enforces its own rules
+        me = self._mesh.identity.certificate
+        decision = self.engine.decide(me.agent, me.roles, agent, endpoint)
+        if not decision.allowed:
+            raise PermissionDenied(
+                f"{me.agent} may not call {agent}.{endpoint}: "
+                + decision.explain(self.engine.source, self.engine.revision),
+                rule=decision.rule,
+            )
+
+    def authorize(self, caller: Peer, endpoint: str) -> None:
+        """The callee's decision, before the handler runs.
+
+        Raises:
+            PermissionDenied: naming the rule that decided.
+        """
+        if self._mesh.name == REGISTRY:
+            return  # the registry checks roles itself (admin for everything but renew)
+        decision = self.engine.decide(caller.agent, caller.roles, self._mesh.name, endpoint)
+        result = "deny" if not decision.allowed else ("audit" if decision.audit_only else "allow")
+        self.decisions[(result, decision.rule)] += 1
+        if decision.allowed and not decision.audit_only:
+            return
+        self._report(caller, endpoint, decision.rule, decision.audit_only)
+        if not decision.allowed:
+            raise PermissionDenied(
+                f"{caller.agent} may not call {self._mesh.name}.{endpoint}: "
+                + decision.explain(self.engine.source, self.engine.revision),
+                rule=decision.rule,
+            )
+
+    def _report(self, caller: Peer, endpoint: str, rule: str, audit_only: bool) -> None:
+        if not self._reports.try_take():
+            self._suppressed += 1  # bounded reporting: junk cannot flood the audit log
+            return
+        report = DenialReport(
+            caller=caller.agent,
+            caller_instance=caller.instance,
+            caller_serial=caller.serial,
+            agent=self._mesh.name,
+            endpoint=endpoint,
+            rule=rule,
+            revision=self.engine.revision,
+            audit_only=audit_only,
+            suppressed=self._suppressed,
+        )
+        self._suppressed = 0
+        self._mesh.spawn(self._publish_report(report))
+
+    async def _publish_report(self, report: DenialReport) -> None:
+        with contextlib.suppress(MeshError):
+            await self._mesh.publish(DENIAL_TOPIC, report)
+
+    # --- rate limits -------------------------------------------------------------------------
+
+    def rate_peek(self, caller: str, endpoint: str) -> None:
+        """Refuse before decrypting when a bucket is already empty (consumes nothing).
+
+        Raises:
+            ResourceExhausted: with ``retry_after``.
+        """
+        settings = self.engine.endpoint_settings(self._mesh.name, endpoint)
+        if settings is None or settings.rate_limit is None:
+            return
+        wait = self.limiter.check(caller, self._mesh.name, endpoint, settings.rate_limit)
+        if wait is not None:
+            raise ResourceExhausted(
+                f"rate limit of {self._mesh.name}.{endpoint} exceeded for {caller}",
+                retry_after=wait,
+            )
+
+    def rate_take(self, caller: str, endpoint: str) -> None:
+        """Consume a token once the request is authenticated.
+
+        Raises:
+            ResourceExhausted: with ``retry_after``.
+        """
+        settings = self.engine.endpoint_settings(self._mesh.name, endpoint)
+        if settings is None or settings.rate_limit is None:
+            return
+        wait = self.limiter.take(caller, self._mesh.name, endpoint, settings.rate_limit)
+        if wait is not None:
+            raise ResourceExhausted(
+                f"rate limit of {self._mesh.name}.{endpoint} exceeded for {caller}",
+                retry_after=wait,
+            )
+
+    # --- certificate renewal -----------------------------------------------------------------
+
+    def renew_at(self, cert: Certificate) -> float:
+        """Half the certificate's life, with ±10 % jitter so a fleet does not renew at once."""
+        life = cert.not_after - cert.not_before
+        return cert.not_before + life * (0.5 + random.uniform(-0.1, 0.1))
+
+    async def _renew_loop(self) -> None:
+        mesh = self._mesh
+        while True:
+            cert = mesh.identity.certificate
+            await asyncio.sleep(max(0.0, self.renew_at(cert) - time.time()))
+            delay = 1.0
+            while mesh.identity.certificate is cert:
+                try:
+                    await self.renew_now()
+                except MeshError as exc:
+                    left = cert.not_after - time.time()
+                    log.warning("mesh.renewal_failed", error=exc.message, expires_in_s=round(left))
+                    await asyncio.sleep(min(delay, max(1.0, left / 10)))
+                    delay = min(delay * 2, 60.0)
+
+    async def renew_now(self) -> Certificate:
+        """Get a fresh certificate for this instance's keys (from the registry, or from the
+        trust root when this process holds it) and switch to it without dropping traffic.
+
+        Raises:
+            MeshError: the registry refused or could not be reached.
+        """
+        mesh = self._mesh
+        old = mesh.identity.certificate
+        if mesh.trust_root.can_sign:
+            new = mesh.trust_root.issue(
+                old.agent,
+                sign_pk=old.sign_pk,
+                box_pk=old.box_pk,
+                instance=old.instance,
+                roles=old.roles,
+                ttl=old.not_after - old.not_before - 60,
+            )
+        else:
+            reply = await mesh.request(REGISTRY, "renew", RenewRequest(), CertificateReply)
+            new = mesh.verifier.verify(reply.raw())
+            if (new.agent, new.instance, new.sign_pk, new.box_pk) != (
+                old.agent,
+                old.instance,
+                old.sign_pk,
+                old.box_pk,
+            ):
+                raise PermissionDenied("registry returned a certificate for other keys")
+        await mesh.replace_certificate(new)
+        log.info("mesh.certificate_renewed", serial=new.serial, not_after=new.not_after)
+        return new
+
+
+def identity_with(identity: Identity, cert: Certificate) -> Identity:
+    """The same keys with a new certificate."""
+    return Identity(keys=identity.keys, certificate=cert, root_public_key=identity.root_public_key)
