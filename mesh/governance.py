@@ -82,6 +82,7 @@ class Governance:
         self._store: ControlStore | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._policy_ready = asyncio.Event()
+        self._policy_seen = asyncio.Event()
         self._revocations_ready = asyncio.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -166,7 +167,24 @@ class Governance:
             self.revision = rev.revision
             self.error = None
             log.info("mesh.policy_applied", revision=rev.revision, source=rev.source)
+        self._policy_seen.set()
+        self._policy_seen = asyncio.Event()
         self._mesh.policy_changed()
+
+    async def wait_for_revision(self, revision: int, timeout: float = 10.0) -> None:
+        """Wait until this agent runs ``revision`` (or a later one).
+
+        Raises:
+            Unavailable: it did not arrive within ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.revision is None or self.revision < revision:
+            left = end - loop.time()
+            if left <= 0:
+                raise Unavailable(f"policy revision {revision} did not arrive in time")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._policy_seen.wait(), left)
 
     def _apply_revocation(self, item: object) -> None:
         serial = getattr(item, "serial", None)

@@ -1,10 +1,11 @@
 """``mesh-agent demo``: three example agents on an embedded nats-server, talking securely.
 
 It starts nats-server (JetStream on) from the pip-installed binary, makes a throwaway trust
-root and identities, runs the agents of ``examples/research.py``, and narrates a short
-conversation: sealed request/reply with a nested call that inherits the deadline, signed
-events, a deadline that is too short, and a captured request that a broker-level attacker
-replays and tampers with, refused both times.
+root and identities, starts the policy registry and applies ``policies/research.yaml``, runs
+the agents of ``examples/research.py``, and narrates a short conversation: sealed
+request/reply with a nested call that inherits the deadline, signed events, a deadline that is
+too short, a denied call and the rule that denied it, a captured request that a broker-level
+attacker replays and tampers with (refused both times), and the audit log.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import os
 import signal
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 from ..config import DirectoryConfig, MeshConfig
 from ..embedded import NatsServer
 from ..envelope import decode_frame, encode_header
-from ..errors import DeadlineExceeded, MeshError
+from ..errors import DeadlineExceeded, MeshError, PermissionDenied
 from ..identity import TrustRoot, save_identity, save_trust_root
+from ..policy import PolicyEngine
 from ..runtime import Mesh
 from ..transport import NatsTransport
 
@@ -69,8 +72,35 @@ async def _attack(url: str, planner: Mesh) -> None:
     await spy.close()
 
 
+def _policy_text() -> tuple[str, str]:
+    """The demo's policy: ``policies/research.yaml`` (installed as ``mesh_policies``)."""
+    text = resources.files("mesh_policies").joinpath("research.yaml").read_text()
+    return text, "policies/research.yaml"
+
+
+async def _intruder(config: MeshConfig, root: TrustRoot, res: Mesh) -> None:
+    """An agent with a valid certificate but no rule that lets it in."""
+    from mesh_examples.research import Answer, Question
+
+    async with Mesh(root.issue_identity("intruder"), config) as intruder:
+        await intruder.wait_for("researcher")
+        say("intruder   -> researcher.answer (valid certificate, but no rule allows it)")
+        try:
+            await intruder.request("researcher", "answer", Question(text="secrets"), Answer)
+        except PermissionDenied as exc:
+            say(f"intruder   <- refused by its own mesh library, no round trip: {exc.message}")
+        # A client that skips its own check is refused by the callee, which names the rule.
+        intruder.governance.engine = PolicyEngine(None)
+        try:
+            await intruder.request("researcher", "answer", Question(text="secrets"), Answer)
+        except PermissionDenied as exc:
+            say(f"intruder   <- refused by researcher: PERMISSION_DENIED, rule {exc.rule!r}")
+    await asyncio.sleep(0.2)  # the denial report reaches the registry's audit log
+
+
 async def run_demo(*, keep: bool = False) -> int:
     """Run the demo; returns the process exit code."""
+    from mesh_agents.registry import ApplyReply, ApplyRequest, registry
     from mesh_examples import research
     from mesh_examples.research import Answer, Question, librarian, planner, researcher
 
@@ -81,6 +111,8 @@ async def run_demo(*, keep: bool = False) -> int:
         root = TrustRoot.generate()
         save_trust_root(root, keys)
         ids = {
+            "registry": root.issue_identity("registry", roles=["registry"]),
+            "admin": root.issue_identity("admin", roles=["admin"]),
             "librarian": root.issue_identity("librarian", roles=["knowledge"]),
             "researcher": root.issue_identity("researcher", roles=["analyst"]),
             "planner": root.issue_identity("planner", roles=["coordinator"]),
@@ -96,16 +128,28 @@ async def run_demo(*, keep: bool = False) -> int:
             directory=DirectoryConfig(heartbeat=1.0, ttl=4.0, drain_grace=0.1),
         )
         async with (
+            Mesh(ids["registry"], config, agent=registry, trust_root=root),
+            Mesh(ids["admin"], config) as admin,
             Mesh(ids["librarian"], config, agent=librarian) as lib,
             Mesh(ids["researcher"], config, agent=researcher) as res,
             Mesh(ids["planner"], config, agent=planner) as plan,
         ):
+            await admin.wait_for("registry")
+            text, source = _policy_text()
+            applied = await admin.request(
+                "registry", "apply", ApplyRequest(policy=text, source=source), ApplyReply
+            )
+            say(f"admin      -> registry.apply({source}): revision {applied.revision}, signed")
+            for mesh in (lib, res, plan):
+                await mesh.governance.wait_for_revision(applied.revision)
+            await asyncio.sleep(0.1)  # acknowledgements reach the directory
             await plan.wait_for("researcher")
             await res.wait_for("librarian")
             say("directory (signed records in JetStream KV 'mesh-directory'):")
             for rec in sorted(plan.directory.all(), key=lambda r: r.agent):
                 say(
-                    f"  {rec.agent}/{rec.instance} v{rec.version} endpoints {sorted(rec.endpoints)}"
+                    f"  {rec.agent:<10} {rec.instance} v{rec.version} policy revision "
+                    f"{rec.policy_revision} endpoints {sorted(rec.endpoints)}"
                 )
             say()
             for q in QUESTIONS:
@@ -127,6 +171,8 @@ async def run_demo(*, keep: bool = False) -> int:
             except DeadlineExceeded as exc:
                 say(f"planner    <- {type(exc).__name__}: {exc.message}")
             say()
+            await _intruder(config, root, res)
+            say()
             try:
                 await _attack(server.url, plan)
             except (MeshError, TimeoutError) as exc:
@@ -136,14 +182,24 @@ async def run_demo(*, keep: bool = False) -> int:
             say()
             refused = sum(res.stats.refused.values())
             say(f"researcher refused {refused} message(s): {res.stats.refused}")
+            records, problems = await admin.control.read_audit()
+            say(
+                f"audit log ({len(records)} signed, hash-chained records; "
+                f"{'verified' if not problems else 'PROBLEMS: ' + '; '.join(problems)}):"
+            )
+            for entry in records[-4:]:
+                say(f"  {entry.seq:>3} {entry.kind:<22} {entry.actor:<28} {entry.subject}")
             if keep:
                 say(f"mesh is up: NATS at {server.url}, identities in {keys}; Ctrl-C to stop")
+                say(
+                    f"  try: MESH_SERVERS={server.url} MESH_IDENTITY={keys / 'admin'} "
+                    "mesh-policy agents"
+                )
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, stop.set)
                 with contextlib.suppress(asyncio.CancelledError):
                     await stop.wait()
-            del lib
         say("demo finished: all agents drained and deregistered")
     return 0

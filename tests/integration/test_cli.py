@@ -121,6 +121,9 @@ def test_demo_runs_a_secure_conversation_and_exits_zero() -> None:
     assert "refused UNAUTHENTICATED (replayed message id)" in out
     assert "refused UNAUTHENTICATED (seal does not verify" in out
     assert "DeadlineExceeded" in out
+    assert "registry.apply(policies/research.yaml): revision 1" in out
+    assert "refused by researcher: PERMISSION_DENIED, rule 'default deny'" in out
+    assert "authz.denied" in out and "verified" in out
 
 
 def test_run_rejects_a_target_that_is_not_an_agent() -> None:

@@ -1,0 +1,1 @@
+"""Example and default policy files (YAML), installed as ``mesh_policies`` for the demo."""
