@@ -201,6 +201,16 @@ class TestParsing:
         ).encode("utf-8")
         assert parse_policy(raw.decode()) == a
 
+    def test_canonical_bytes_keep_unicode(self) -> None:
+        p = parse_policy(
+            "apiVersion: mesh/v1\nkind: Policy\n"
+            "metadata: {name: x, description: café ☕}\nspec: {}\n"
+        )
+
+        raw = canonical_policy_bytes(p)
+        assert "café ☕".encode() in raw
+        assert parse_policy(raw.decode()) == p
+
     def test_canonical_bytes_normalise_spelling(self) -> None:
         """``30s`` and ``30`` and ``0.5m`` are the same policy, byte for byte."""
         a = parse_policy(doc("  defaults: {timeout: 30s}\n"))
@@ -506,6 +516,18 @@ class TestErrors:
 
         assert err.line == 5
         assert "invalid YAML" in err.problem
+
+    def test_unprintable_character(self) -> None:
+        err = error_of(HEADER + "spec: {}\n\x00\n")
+
+        assert (err.line, err.problem) == (5, "invalid YAML: unacceptable character #x0000")
+
+    def test_unknown_yaml_tag(self) -> None:
+        """Only plain YAML data: python tags are refused, never constructed."""
+        err = error_of(HEADER + "spec: !!python/object/apply:os.system [true]\n")
+
+        assert err.line == 4
+        assert "could not determine a constructor" in err.problem
 
     def test_policy_error_collect(self) -> None:
         a = PolicyError("first", source="f", line=1, path="x")
