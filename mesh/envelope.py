@@ -94,7 +94,6 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "seq": ("sq", int),
     "end": ("end", bool),
 }
-_BY_KEY = {key: (attr, typ) for attr, (key, typ) in _FIELDS.items()}
 _REQUIRED: dict[int, tuple[str, ...]] = {
     Kind.REQUEST: (
         "id",
@@ -121,6 +120,12 @@ _REQUIRED: dict[int, tuple[str, ...]] = {
     Kind.EVENT: ("id", "ts", "from_agent", "from_instance", "name", "cert"),
     Kind.REFUSAL: ("id", "ts", "reply_to", "status"),
 }
+
+
+_KEYS = tuple(key for key, _typ in _FIELDS.values())
+_TYPES = tuple(typ for _key, typ in _FIELDS.values())
+_ORDER = list(_FIELDS)
+_REQUIRED_AT = {kind: tuple(_ORDER.index(a) for a in attrs) for kind, attrs in _REQUIRED.items()}
 
 
 @dataclass(slots=True)
@@ -209,24 +214,20 @@ def decode_frame(frame: bytes) -> tuple[Header, int]:
         )
     except Exception as exc:  # msgpack raises many types on junk; all mean the same here
         raise DecodeError(f"header is not valid msgpack ({type(exc).__name__})") from None
-    if not isinstance(raw, dict):
+    if type(raw) is not dict:
         raise DecodeError("header must be a msgpack map")
-    fields: dict[str, Any] = {}
-    for key, value in raw.items():
-        spec = _BY_KEY.get(key)
-        if spec is None:
-            continue  # unknown keys are ignored, so later minor versions can add fields
-        attr, typ = spec
-        if type(value) is not typ:
+    # Known keys only: unknown ones are ignored, so later minor versions can add fields.
+    get = raw.get
+    values = [get(key) for key in _KEYS]
+    for value, key, typ in zip(values, _KEYS, _TYPES, strict=True):
+        if value is not None and type(value) is not typ:
             raise DecodeError(f"header field {key!r} must be {typ.__name__}")
-        fields[attr] = value
-    kind = fields.get("kind")
-    required = _REQUIRED.get(kind) if kind is not None else None
+    required = _REQUIRED_AT.get(values[0])  # type: ignore[arg-type]
     if required is None:
-        raise DecodeError(f"unknown frame kind {kind!r}")
-    for attr in required:
-        if attr not in fields:
-            raise DecodeError(f"header field {_FIELDS[attr][0]!r} missing for kind {kind}")
-    if len(fields["id"]) != 16:
+        raise DecodeError(f"unknown frame kind {values[0]!r}")
+    for i in required:
+        if values[i] is None:
+            raise DecodeError(f"header field {_KEYS[i]!r} missing for kind {values[0]}")
+    if len(values[1]) != 16:  # type: ignore[arg-type]
         raise DecodeError("message id must be 16 bytes")
-    return Header(**fields), end
+    return Header(*values), end  # type: ignore[arg-type]

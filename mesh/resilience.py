@@ -14,10 +14,11 @@ from typing import Generic, TypeVar
 
 from .errors import InvalidArgument
 
-__all__ = ["Backoff", "LeastLoadedPicker", "ReplyCache", "RetryBudget"]
+__all__ = ["Backoff", "ConcurrencyLimit", "LeastLoadedPicker", "ReplyCache", "RetryBudget"]
 
 Clock = Callable[[], float]
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 class Backoff:
@@ -112,8 +113,13 @@ class LeastLoadedPicker(Generic[T]):
                 del self._penalty_until[key]
         return load
 
-    def pick(self, candidates: Sequence[T]) -> T:
-        """Choose one of ``candidates`` (must not be empty)."""
+    def pick(self, candidates: Sequence[C], key: Callable[[C], T] | None = None) -> C:
+        """Choose one of ``candidates`` (must not be empty).
+
+        Args:
+            candidates: what to choose from.
+            key: maps a candidate to the key its load is kept under (default: itself).
+        """
         n = len(candidates)
         if n == 1:
             return candidates[0]
@@ -122,8 +128,9 @@ class LeastLoadedPicker(Generic[T]):
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
+        ka, kb = (a, b) if key is None else (key(a), key(b))
         now = self._clock()
-        return a if self._load(a, now) <= self._load(b, now) else b
+        return a if self._load(ka, now) <= self._load(kb, now) else b  # type: ignore[arg-type]
 
     def acquire(self, key: T) -> None:
         self.outstanding[key] = self.outstanding.get(key, 0) + 1
@@ -138,6 +145,49 @@ class LeastLoadedPicker(Generic[T]):
     def penalize(self, key: T, seconds: float) -> None:
         """Make ``key`` look heavily loaded for ``seconds``."""
         self._penalty_until[key] = self._clock() + seconds
+
+
+class ConcurrencyLimit:
+    """At most ``limit`` holders at once; a free slot is taken without awaiting (the common
+    case on the hot path), others wait in arrival order."""
+
+    __slots__ = ("_waiters", "active", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free."""
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Wait for a slot."""
+        if self.try_acquire():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # a slot was handed over just as we were cancelled
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back, handing it straight to the next waiter."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes on; ``active`` is unchanged
+                return
+        self.active -= 1
 
 
 class ReplyCache:

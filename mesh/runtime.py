@@ -67,7 +67,7 @@ from .errors import (
 )
 from .governance import Governance
 from .identity import Certificate, CertificateVerifier, Identity, TrustRoot, validate_name
-from .resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
+from .resilience import Backoff, ConcurrencyLimit, LeastLoadedPicker, ReplyCache, RetryBudget
 from .transport import InboundMessage, NatsTransport, Subscription, Transport, is_no_responders
 
 __all__ = ["EndpointStats", "Mesh", "connect"]
@@ -125,6 +125,10 @@ class _NotDelivered(Unavailable):
 class _InstanceDown(Unavailable):
     """The instance seems gone: "no responders", or its heartbeats stopped. The first signal
     is unauthenticated, so it never by itself moves a keyed call to another instance."""
+
+
+def _record_key(record: InstanceRecord) -> str:
+    return record.key
 
 
 def _remote_error(code: str, body: bytes) -> MeshError:
@@ -218,7 +222,7 @@ class Mesh:
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
-        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._limits: dict[str, ConcurrencyLimit] = {}
         self._directory: Directory | None = None
         self._kv: Any = None
         self._state = "new"
@@ -568,10 +572,9 @@ class Mesh:
         candidates = self.directory.instances(agent)
         if not candidates:
             raise _NotDelivered(f"no live instance of agent {agent!r}")
-        fresh = [r for r in candidates if r.key not in avoid] or candidates
-        keys = [r.key for r in fresh]
-        chosen = self._picker.pick(keys)
-        return fresh[keys.index(chosen)]
+        if avoid:
+            candidates = [r for r in candidates if r.key not in avoid] or candidates
+        return self._picker.pick(candidates, _record_key)
 
     async def _attempt(
         self,
@@ -669,7 +672,8 @@ class Mesh:
             self.stats.dropped_replies += 1
             return
         try:
-            plaintext = open_body(p.key, data[:end], memoryview(data)[end:])
+            view = memoryview(data)
+            plaintext = open_body(p.key, view[:end], view[end:])
         except Unauthenticated:
             self.stats.dropped_replies += 1  # forged or altered; keep waiting for the real one
             return
@@ -738,7 +742,7 @@ class Mesh:
     async def _serve_subscriptions(self, agent: Agent) -> None:
         limits = self.config.limits
         for spec in agent.endpoints.values():
-            self._sems[spec.name] = asyncio.Semaphore(
+            self._limits[spec.name] = ConcurrencyLimit(
                 spec.concurrency or limits.endpoint_concurrency
             )
             self.endpoint_stats[spec.name] = EndpointStats()
@@ -845,7 +849,8 @@ class Mesh:
             raise Unauthenticated("sender does not match its certificate")
         self.governance.rate_peek(cert.agent, hdr.name or "")
         key = self._pair.get(cert.box_pk)
-        plaintext = open_body(key, msg.data[:end], memoryview(msg.data)[end:])
+        view = memoryview(msg.data)
+        plaintext = open_body(key, view[:end], view[end:])
         self._replay.record(hdr.id, hdr.ts)
         return Peer(cert.agent, cert.instance, cert.roles, cert.serial, cert), key, plaintext
 
@@ -887,8 +892,11 @@ class Mesh:
                 return
         started = time.perf_counter_ns()
         ran = False
+        limit = self._limits[spec.name]
         try:
-            async with self._sems[spec.name]:
+            if not limit.try_acquire():
+                await limit.acquire()
+            try:
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     raise DeadlineExceeded("deadline passed while the request was queued")
@@ -917,6 +925,8 @@ class Mesh:
                         result = await spec.handler(body, ctx)
                     else:
                         result = await spec.handler(body)
+            finally:
+                limit.release()
             status = OK
             payload = (
                 result.__pydantic_serializer__.to_json(result)

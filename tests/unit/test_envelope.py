@@ -143,7 +143,6 @@ class TestRefused:
             ("fa", b"alice"),
             ("ct", "cert"),
             ("end", 1),
-            ("sq", None),
         ],
     )
     def test_wrong_type(self, key: str, value: object) -> None:
@@ -152,6 +151,15 @@ class TestRefused:
         m[key] = value
 
         with pytest.raises(DecodeError, match=repr(key)):
+            decode_frame(_frame_from_map(m))
+
+    def test_nil_counts_as_absent(self) -> None:
+        """A nil value is the same as a missing key: fine when optional, refused when required."""
+        m = _full_header(Kind.EVENT).to_map()
+        m["sq"] = None
+        assert decode_frame(_frame_from_map(m))[0].seq is None
+        m["ct"] = None
+        with pytest.raises(DecodeError, match="'ct' missing"):
             decode_frame(_frame_from_map(m))
 
     def test_unknown_kind(self) -> None:

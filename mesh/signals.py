@@ -1,0 +1,473 @@
+"""Golden signals per edge: requests, errors, latency and in-flight calls between agents.
+
+Pure core: no I/O, an injectable clock, no sleeps in tests.
+
+Each agent instance keeps one ``EdgeStats``. The runtime calls ``record`` once per finished
+request, as a client (after the last attempt of a call) and as a server (after its handler
+ran); ``enter`` / ``exit`` keep the in-flight gauges. ``record`` costs about a microsecond: a
+dict lookup keyed by ``(caller, callee, endpoint, reporter)``, three integer increments and a
+``bisect`` into a fixed log-scale latency histogram. Every few seconds the instance publishes
+``snapshot_and_reset(now)`` (an ``EdgeReport``: the counts since the last one) to the registry.
+
+The registry feeds the reports into a ``SignalTable``, which keeps a sliding window (60 s by
+default) and answers ``rows`` (for ``mesh-policy top``: rps, success rate, p50 / p99 and
+in-flight per callee endpoint and per calling edge) and ``edges`` (for ``mesh-policy graph``).
+
+Histogram: bucket ``i`` counts latencies ``bounds[i-1] < s <= bounds[i]`` (as Prometheus
+``le`` buckets); the bounds run from 50 µs doubling to about 52 s, and one last bucket counts
+everything slower. The bounds travel in every report, so they may change later: a table
+re-bins reports whose bounds differ from its own.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "BUCKET_BOUNDS_MS",
+    "BUCKET_BOUNDS_S",
+    "EdgeKey",
+    "EdgeReport",
+    "EdgeSample",
+    "EdgeStats",
+    "GraphEdge",
+    "Reporter",
+    "SignalRow",
+    "SignalTable",
+    "quantile_ms",
+]
+
+Reporter = Literal["client", "server"]
+EdgeKey = tuple[str, str, str, Reporter]
+"""``(caller, callee, endpoint, reporter)``."""
+
+OK = "OK"
+ALL_CALLERS = "*"
+
+BUCKET_BOUNDS_S: tuple[float, ...] = tuple(50e-6 * 2**i for i in range(21))
+"""Upper bounds of the latency buckets in seconds: 50 µs, 100 µs, ... about 52.4 s (21 bounds,
+so 22 buckets with the overflow)."""
+BUCKET_BOUNDS_MS: tuple[float, ...] = tuple(round(b * 1000, 6) for b in BUCKET_BOUNDS_S)
+_NBUCKETS = len(BUCKET_BOUNDS_S) + 1
+
+# Limits on what a report may carry (reports come over the wire into the registry).
+MAX_EDGES_PER_REPORT = 4096
+MAX_BUCKETS = 64
+MAX_CODES = 32
+
+
+class _Slot:
+    """The counters of one edge since the last snapshot."""
+
+    __slots__ = ("buckets", "codes", "errors", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.codes: dict[str, int] = {}
+        self.buckets = [0] * _NBUCKETS
+
+
+# --- wire models --------------------------------------------------------------------------------
+
+
+class EdgeSample(BaseModel):
+    """One edge's counts over a report's interval, as one instance saw them.
+
+    ``codes`` holds the error codes only (the OK count is ``requests - errors``) and ``buckets``
+    drops its trailing zeros, to keep reports small; readers pad with zeros.
+    """
+
+    caller: str
+    callee: str
+    endpoint: str
+    reporter: Reporter
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    codes: dict[str, int] = Field(default_factory=dict, max_length=MAX_CODES)
+    buckets: list[int] = Field(default_factory=list, max_length=MAX_BUCKETS)
+    inflight: int = Field(default=0, ge=0)
+
+
+class EdgeReport(BaseModel):
+    """What one agent instance publishes every few seconds: its edges since the last report."""
+
+    agent: str
+    instance: str
+    interval_s: float = Field(ge=0)
+    at: float
+    edges: list[EdgeSample] = Field(default_factory=list, max_length=MAX_EDGES_PER_REPORT)
+    bucket_bounds_ms: list[float] = Field(
+        default_factory=lambda: list(BUCKET_BOUNDS_MS), max_length=MAX_BUCKETS
+    )
+
+
+class SignalRow(BaseModel):
+    """One line of ``mesh-policy top``: a callee endpoint over the window, either in total
+    (``caller == "*"``) or for one calling agent."""
+
+    callee: str
+    endpoint: str
+    caller: str
+    rps: float
+    success_rate: float | None
+    """Share of requests with code OK, 0..1; ``None`` without requests in the window."""
+    p50_ms: float | None
+    p99_ms: float | None
+    inflight: int
+    requests: int
+    errors: int
+
+
+class GraphEdge(BaseModel):
+    """One caller -> callee edge of the dependency graph, over all endpoints of the callee."""
+
+    caller: str
+    callee: str
+    requests: int
+    rps: float
+    success_rate: float | None
+    p99_ms: float | None
+
+
+# --- per instance -------------------------------------------------------------------------------
+
+
+class EdgeStats:
+    """The golden signals of one agent instance, per edge, since the last snapshot.
+
+    Args:
+        agent: this instance's agent name.
+        instance: this instance's id.
+        now: unix time the counting starts (default: the current time).
+    """
+
+    __slots__ = ("_last", "_slots", "agent", "inflight", "instance")
+
+    def __init__(self, agent: str, instance: str, now: float | None = None) -> None:
+        self.agent = agent
+        self.instance = instance
+        self._last = time.time() if now is None else now
+        self._slots: dict[EdgeKey, _Slot] = {}
+        self.inflight: dict[EdgeKey, int] = {}
+        """In-flight requests per edge (a gauge: snapshots do not reset it)."""
+
+    def record(
+        self,
+        caller: str,
+        callee: str,
+        endpoint: str,
+        reporter: Reporter,
+        code: str,
+        seconds: float,
+    ) -> None:
+        """Count one finished request (about a microsecond).
+
+        Args:
+            caller: the calling agent.
+            callee: the called agent.
+            endpoint: the callee's endpoint.
+            reporter: ``"client"`` (the caller's view) or ``"server"`` (the callee's).
+            code: ``"OK"`` or the error code.
+            seconds: the request's duration.
+        """
+        key = (caller, callee, endpoint, reporter)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+        slot.requests += 1
+        if code != OK:
+            slot.errors += 1
+            codes = slot.codes
+            codes[code] = codes.get(code, 0) + 1
+        slot.buckets[bisect_left(BUCKET_BOUNDS_S, seconds)] += 1
+
+    def enter(self, key: EdgeKey) -> None:
+        """A request on ``key`` = ``(caller, callee, endpoint, reporter)`` started."""
+        inflight = self.inflight
+        inflight[key] = inflight.get(key, 0) + 1
+
+    def exit(self, key: EdgeKey) -> None:
+        """A request on ``key`` ended (whatever its outcome)."""
+        inflight = self.inflight
+        left = inflight.get(key, 0) - 1
+        if left > 0:
+            inflight[key] = left
+        else:
+            inflight.pop(key, None)
+
+    def finish(self, key: EdgeKey, code: str, seconds: float) -> None:
+        """``exit(key)`` and ``record(*key, code, seconds)`` in one call."""
+        self.exit(key)
+        self.record(key[0], key[1], key[2], key[3], code, seconds)
+
+    def snapshot_and_reset(self, now: float) -> EdgeReport:
+        """The counts since the last snapshot (or since construction), then start afresh.
+
+        In-flight gauges are not reset; an edge with requests in flight but none finished
+        appears with ``requests == 0``.
+
+        Args:
+            now: unix time of this snapshot; the report's interval is ``now`` minus the last.
+        """
+        slots, self._slots = self._slots, {}
+        interval = max(0.0, now - self._last)
+        self._last = now
+        edges: list[EdgeSample] = []
+        inflight = self.inflight
+        for key in sorted(slots.keys() | inflight.keys()):
+            slot = slots.get(key)
+            caller, callee, endpoint, reporter = key
+            if slot is None:
+                edges.append(
+                    EdgeSample(
+                        caller=caller,
+                        callee=callee,
+                        endpoint=endpoint,
+                        reporter=reporter,
+                        inflight=inflight[key],
+                    )
+                )
+                continue
+            buckets = slot.buckets
+            n = len(buckets)
+            while n and not buckets[n - 1]:
+                n -= 1
+            edges.append(
+                EdgeSample(
+                    caller=caller,
+                    callee=callee,
+                    endpoint=endpoint,
+                    reporter=reporter,
+                    requests=slot.requests,
+                    errors=slot.errors,
+                    codes=slot.codes,
+                    buckets=buckets[:n],
+                    inflight=inflight.get(key, 0),
+                )
+            )
+        return EdgeReport(
+            agent=self.agent,
+            instance=self.instance,
+            interval_s=interval,
+            at=now,
+            edges=edges,
+            bucket_bounds_ms=list(BUCKET_BOUNDS_MS),
+        )
+
+
+# --- aggregation in the registry ----------------------------------------------------------------
+
+
+def quantile_ms(
+    buckets: Sequence[int], q: float, bounds_ms: Sequence[float] = BUCKET_BOUNDS_MS
+) -> float | None:
+    """The ``q`` quantile (0..1) of a histogram in milliseconds, interpolating linearly inside
+    the bucket it falls in; ``None`` for an empty histogram. A quantile in the overflow bucket
+    is reported as the last bound (the histogram cannot say more)."""
+    total = sum(buckets)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, count in enumerate(buckets):
+        if count <= 0:
+            continue
+        if seen + count >= rank:
+            if i >= len(bounds_ms):
+                return float(bounds_ms[-1])
+            lower = bounds_ms[i - 1] if i > 0 else 0.0
+            upper = bounds_ms[i]
+            return lower + (upper - lower) * max(0.0, rank - seen) / count
+        seen += count
+    return float(bounds_ms[-1])
+
+
+class _Agg:
+    """Sums over the window for one row."""
+
+    __slots__ = ("buckets", "errors", "inflight", "requests", "rps")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.rps = 0.0
+        self.inflight = 0
+        self.buckets = [0] * _NBUCKETS
+
+    def merge(self, other: _Agg) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.rps += other.rps
+        self.inflight += other.inflight
+        mine = self.buckets
+        for i, count in enumerate(other.buckets):
+            mine[i] += count
+
+    @property
+    def success_rate(self) -> float | None:
+        if self.requests <= 0:
+            return None
+        return max(0.0, self.requests - self.errors) / self.requests
+
+    def quantile(self, q: float) -> float | None:
+        return quantile_ms(self.buckets, q)
+
+
+class SignalTable:
+    """Reports from many instances over a sliding window, summed into rows and graph edges.
+
+    Rates: each instance's requests are divided by the time its reports in the window cover
+    (the sum of their intervals), and the instances' rates are added. So the rate is right
+    from the first report on, whatever each instance's reporting period. Latency quantiles
+    come from the merged histograms; in-flight gauges from each instance's latest report.
+
+    Args:
+        window: seconds a report counts after it arrived.
+        clock: unix seconds (reports are placed in the window by arrival, so clock skew
+            between machines does not matter).
+    """
+
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        self.window = window
+        self._clock = clock
+        self._reports: list[tuple[float, EdgeReport]] = []
+        self._remaps: dict[tuple[float, ...], list[int]] = {}
+
+    def add(self, report: EdgeReport) -> None:
+        """Take one instance's report (stamped with the table's clock on arrival)."""
+        self._reports.append((self._clock(), report))
+
+    def _live(self) -> list[tuple[float, EdgeReport]]:
+        cutoff = self._clock() - self.window
+        self._reports = [(t, r) for t, r in self._reports if t >= cutoff]
+        return self._reports
+
+    def _remap(self, bounds_ms: list[float]) -> list[int] | None:
+        """Indexes of our buckets for a report's buckets, or ``None`` when bounds match."""
+        key = tuple(bounds_ms)
+        if key == BUCKET_BOUNDS_MS:
+            return None
+        remap = self._remaps.get(key)
+        if remap is None:
+            remap = [bisect_left(BUCKET_BOUNDS_MS, b) for b in key]
+            remap.append(_NBUCKETS - 1)  # their overflow bucket lands in ours
+            if len(self._remaps) < 16:
+                self._remaps[key] = remap
+        return remap
+
+    def _collect(self, reporter: Reporter) -> dict[tuple[str, str, str], _Agg]:
+        """Sums per ``(callee, endpoint, caller)``."""
+        live = self._live()
+        covered: dict[tuple[str, str], float] = {}
+        latest: dict[tuple[str, str], tuple[float, EdgeReport]] = {}
+        for arrived, rep in live:
+            inst = (rep.agent, rep.instance)
+            covered[inst] = covered.get(inst, 0.0) + rep.interval_s
+            prev = latest.get(inst)
+            if prev is None or (arrived, rep.at) >= (prev[0], prev[1].at):
+                latest[inst] = (arrived, rep)
+        out: dict[tuple[str, str, str], _Agg] = {}
+        for _, rep in live:
+            span = max(covered[(rep.agent, rep.instance)], 1e-3)
+            remap = self._remap(rep.bucket_bounds_ms)
+            for s in rep.edges:
+                if s.reporter != reporter or s.requests <= 0:
+                    continue
+                key = (s.callee, s.endpoint, s.caller)
+                agg = out.get(key)
+                if agg is None:
+                    agg = out[key] = _Agg()
+                agg.requests += s.requests
+                agg.errors += min(s.errors, s.requests)
+                agg.rps += s.requests / span
+                buckets = agg.buckets
+                if remap is None:
+                    for i, count in enumerate(s.buckets[:_NBUCKETS]):
+                        buckets[i] += max(0, count)
+                else:
+                    for i, count in enumerate(s.buckets[: len(remap)]):
+                        buckets[remap[i]] += max(0, count)
+        for _, rep in latest.values():
+            for s in rep.edges:
+                if s.reporter != reporter or s.inflight <= 0:
+                    continue
+                key = (s.callee, s.endpoint, s.caller)
+                agg = out.get(key)
+                if agg is None:
+                    agg = out[key] = _Agg()
+                agg.inflight += s.inflight
+        return out
+
+    def rows(self, reporter: Reporter = "server", *, by_caller: bool = True) -> list[SignalRow]:
+        """Rows for ``top``: per callee endpoint a total (``caller == "*"``) followed, when
+        ``by_caller``, by one row per calling agent; sorted by callee, endpoint, caller.
+
+        Args:
+            reporter: whose view to count: ``"server"`` (what callees served) or ``"client"``
+                (what callers saw, including calls that reached no instance).
+            by_caller: include the per-edge rows.
+        """
+        per_edge = self._collect(reporter)
+        totals: dict[tuple[str, str], _Agg] = {}
+        for (callee, endpoint, _), agg in per_edge.items():
+            total = totals.get((callee, endpoint))
+            if total is None:
+                total = totals[(callee, endpoint)] = _Agg()
+            total.merge(agg)
+        callers: dict[tuple[str, str], list[str]] = {}
+        for callee, endpoint, caller in per_edge:
+            callers.setdefault((callee, endpoint), []).append(caller)
+        rows: list[SignalRow] = []
+        for callee, endpoint in sorted(totals):
+            rows.append(_row(callee, endpoint, ALL_CALLERS, totals[(callee, endpoint)]))
+            if by_caller:
+                for caller in sorted(callers[(callee, endpoint)]):
+                    rows.append(_row(callee, endpoint, caller, per_edge[callee, endpoint, caller]))
+        return rows
+
+    def edges(self, reporter: Reporter = "server") -> list[GraphEdge]:
+        """The dependency graph: one edge per (caller, callee) over all endpoints, sorted."""
+        pairs: dict[tuple[str, str], _Agg] = {}
+        for (callee, _, caller), agg in self._collect(reporter).items():
+            pair = pairs.get((caller, callee))
+            if pair is None:
+                pair = pairs[(caller, callee)] = _Agg()
+            pair.merge(agg)
+        return [
+            GraphEdge(
+                caller=caller,
+                callee=callee,
+                requests=agg.requests,
+                rps=agg.rps,
+                success_rate=agg.success_rate,
+                p99_ms=agg.quantile(0.99),
+            )
+            for (caller, callee), agg in sorted(pairs.items())
+        ]
+
+    def instances(self) -> list[tuple[str, str]]:
+        """``(agent, instance)`` of every instance with a report in the window."""
+        return sorted({(r.agent, r.instance) for _, r in self._live()})
+
+
+def _row(callee: str, endpoint: str, caller: str, agg: _Agg) -> SignalRow:
+    return SignalRow(
+        callee=callee,
+        endpoint=endpoint,
+        caller=caller,
+        rps=agg.rps,
+        success_rate=agg.success_rate,
+        p50_ms=agg.quantile(0.5),
+        p99_ms=agg.quantile(0.99),
+        inflight=agg.inflight,
+        requests=agg.requests,
+        errors=min(agg.errors, agg.requests),
+    )
