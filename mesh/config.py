@@ -89,10 +89,13 @@ class MeshConfig:
     Attributes:
         servers: NATS URLs.
         prefix: subject prefix, so several meshes can share one NATS.
+        services: answer the NATS services protocol (``$SRV.PING|INFO|STATS``) so NATS
+            tooling lists agents; the replies reveal names, versions and request counts.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     prefix: str = "mesh"
+    services: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)

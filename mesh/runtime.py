@@ -68,6 +68,7 @@ from .errors import (
 from .governance import Governance
 from .identity import Certificate, CertificateVerifier, Identity, TrustRoot, validate_name
 from .resilience import Backoff, ConcurrencyLimit, LeastLoadedPicker, ReplyCache, RetryBudget
+from .services import serve_services
 from .transport import InboundMessage, NatsTransport, Subscription, Transport, is_no_responders
 
 __all__ = ["EndpointStats", "Mesh", "connect"]
@@ -280,6 +281,8 @@ class Mesh:
         await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
         if self.agent is not None:
             await self._serve_subscriptions(self.agent)
+            if self.config.services:
+                await serve_services(self)
             self._state = "ready"  # start hooks may call out before the agent is announced
             for hook in self.agent.startup:
                 await hook(self)
