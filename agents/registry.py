@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
+from weakref import WeakKeyDictionary
 
 from pydantic import BaseModel, Field
 
@@ -27,8 +28,10 @@ from mesh import (
     CertificateReply,
     Context,
     DenialReport,
+    EdgeReport,
     EnrolmentRequest,
     FailedPrecondition,
+    GraphEdge,
     IssuedCertificate,
     JoinToken,
     Mesh,
@@ -38,6 +41,8 @@ from mesh import (
     PolicyRevision,
     RenewRequest,
     Revocation,
+    SignalRow,
+    SignalTable,
     Unauthenticated,
     canonical_policy_bytes,
     diff_policies,
@@ -358,6 +363,52 @@ async def _record_issue(mesh: Mesh, raw: bytes, via: str, actor: str, **details:
         via=via,
         not_after=cert.not_after,
         **details,
+    )
+
+
+class SignalsRequest(BaseModel):
+    reporter: Literal["server", "client"] = "server"
+    by_caller: bool = True
+
+
+class SignalsReply(BaseModel):
+    window_s: float
+    rows: list[SignalRow]
+    edges: list[GraphEdge]
+    nodes: list[str]
+
+
+SIGNAL_WINDOW_S = 60.0
+_signals: WeakKeyDictionary[Mesh, SignalTable] = WeakKeyDictionary()
+
+
+def _table(mesh: Mesh) -> SignalTable:
+    table = _signals.get(mesh)
+    if table is None:
+        table = _signals[mesh] = SignalTable(window=SIGNAL_WINDOW_S)
+    return table
+
+
+@registry.on_event("*", "mesh-signals")
+async def collect(report: EdgeReport, ctx: Context) -> None:
+    """Keep agents' golden-signal reports for `mesh-policy top` and `graph` (in memory, for a
+    minute: every registry instance receives every report)."""
+    if (report.agent, report.instance) != (ctx.caller.agent, ctx.caller.instance):
+        return  # an instance reports only for itself
+    _table(ctx.mesh).add(report)
+
+
+@registry.endpoint(name="signals", idempotent=True)
+async def signals(req: SignalsRequest, ctx: Context) -> SignalsReply:
+    """Golden signals per agent and endpoint over the last minute, and the call graph."""
+    _require_admin(ctx)
+    table = _table(ctx.mesh)
+    nodes = sorted({r.agent for r in ctx.mesh.directory.all()} | {a for a, _ in table.instances()})
+    return SignalsReply(
+        window_s=SIGNAL_WINDOW_S,
+        rows=table.rows(req.reporter, by_caller=req.by_caller),
+        edges=table.edges(req.reporter),
+        nodes=nodes,
     )
 
 

@@ -54,6 +54,7 @@ from .policy import (
     parse_policy,
 )
 from .runtime import EndpointStats, Mesh, connect
+from .signals import EdgeReport, EdgeStats, GraphEdge, SignalRow, SignalTable
 
 __version__ = "0.1.0"
 
@@ -71,10 +72,13 @@ __all__ = [
     "DecodeError",
     "DenialReport",
     "DirectoryConfig",
+    "EdgeReport",
+    "EdgeStats",
     "EndpointPolicy",
     "EndpointStats",
     "EnrolmentRequest",
     "FailedPrecondition",
+    "GraphEdge",
     "Identity",
     "InstanceKeys",
     "Internal",
@@ -97,6 +101,8 @@ __all__ = [
     "ResourceExhausted",
     "RetryPolicy",
     "Revocation",
+    "SignalRow",
+    "SignalTable",
     "Timeouts",
     "TrustRoot",
     "Unauthenticated",

@@ -89,6 +89,8 @@ class MeshConfig:
     Attributes:
         servers: NATS URLs.
         prefix: subject prefix, so several meshes can share one NATS.
+        access_log: write one JSON line per served request (policy can also switch it on).
+        signals_interval: seconds between golden-signal reports to the registry (0: never).
         services: answer the NATS services protocol (``$SRV.PING|INFO|STATS``) so NATS
             tooling lists agents; the replies reveal names, versions and request counts.
     """
@@ -96,6 +98,8 @@ class MeshConfig:
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     prefix: str = "mesh"
     services: bool = True
+    access_log: bool = False
+    signals_interval: float = 5.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)

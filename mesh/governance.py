@@ -193,6 +193,14 @@ class Governance:
             if serial == self._mesh.identity.certificate.serial:
                 log.error("mesh.own_certificate_revoked", serial=serial)
 
+    def access_log(self, endpoint: str) -> bool:
+        """Whether policy asks for access log lines of this agent's ``endpoint``."""
+        settings = self.engine.endpoint_settings(self._mesh.name, endpoint)
+        if settings is not None and settings.access_log is not None:
+            return settings.access_log
+        policy = self.engine.policy
+        return policy is not None and policy.spec.defaults.access_log
+
     def endpoint_settings(self, agent: str, endpoint: str) -> EndpointPolicy | None:
         return self.engine.endpoint_settings(agent, endpoint)
 

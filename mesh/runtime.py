@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import msgpack
 import structlog
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import Span, TracerProvider
 from pydantic import BaseModel, ValidationError
 
 from .agent import Agent, Context, EndpointSpec, EventSpec, Peer
@@ -67,8 +69,11 @@ from .errors import (
 )
 from .governance import Governance
 from .identity import Certificate, CertificateVerifier, Identity, TrustRoot, validate_name
+from .policy import EndpointPolicy
 from .resilience import Backoff, ConcurrencyLimit, LeastLoadedPicker, ReplyCache, RetryBudget
 from .services import serve_services
+from .signals import SIGNALS_TOPIC, EdgeKey, EdgeStats
+from .telemetry import Telemetry
 from .transport import InboundMessage, NatsTransport, Subscription, Transport, is_no_responders
 
 __all__ = ["EndpointStats", "Mesh", "connect"]
@@ -168,6 +173,8 @@ class Mesh:
         authorizer: replaces the policy's decision for each authenticated request.
         trust_root: the trust root with its private key, for the registry (which signs
             policy, certificates and audit records); others need only the public key.
+        tracer_provider / meter_provider: OpenTelemetry providers (default: the global ones;
+            with no tracer provider installed no span is made).
 
     Use as ``async with Mesh(...) as m:``; nothing is sent or served before ``start`` returns.
     """
@@ -181,6 +188,8 @@ class Mesh:
         transport: Transport | None = None,
         authorizer: Authorizer | None = None,
         trust_root: TrustRoot | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         self.identity = identity
         self.config = config = config or MeshConfig()
@@ -202,6 +211,13 @@ class Mesh:
             self.transport, config.prefix, self.trust_root, replicas=config.directory.replicas
         )
         self.governance = Governance(self)
+        self.signals = EdgeStats(identity.agent, identity.instance)
+        self.telemetry = Telemetry(
+            self,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            access_log=config.access_log,
+        )
         self.certificate_listeners: list[Callable[[Identity], None]] = []
         self.name = identity.agent
         self.instance = identity.instance
@@ -223,6 +239,7 @@ class Mesh:
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
         self._limits: dict[str, ConcurrencyLimit] = {}
         self._directory: Directory | None = None
         self._kv: Any = None
@@ -289,6 +306,9 @@ class Mesh:
             await _retry_unavailable(self._register, deadline)
             self._heartbeat = asyncio.create_task(self._beat(), name="mesh-heartbeat")
         self.transport.on_reconnect(self._reconnected)
+        if self.config.signals_interval > 0:
+            self._reporter = asyncio.create_task(self._report_signals(), name="mesh-signals")
+        self.telemetry.register_metrics()
         await self.transport.flush(timeouts.connect)
         self.started_at = time.time()
         self._state = "ready"
@@ -308,10 +328,11 @@ class Mesh:
             return
         was_serving = self._state == "ready" and self.agent is not None
         self._state = "draining"
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for background in (self._heartbeat, self._reporter):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
         key = f"{self.name}.{self.instance}"
         if was_serving:
             # A signed announcement: callers stop picking this instance, and know that calls
@@ -386,6 +407,15 @@ class Mesh:
         """Subscribe a plain handler for a control-plane protocol (e.g. enrolment); it is
         drained with the agent."""
         self._subs.append(await self.transport.subscribe(subject, handler))
+
+    async def _report_signals(self) -> None:
+        """Send this instance's golden signals per edge to the registry, periodically."""
+        while True:
+            await asyncio.sleep(self.config.signals_interval)
+            report = self.signals.snapshot_and_reset(time.time())
+            if report.edges:
+                with contextlib.suppress(MeshError):
+                    await self.publish(SIGNALS_TOPIC, report)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run background work that drain waits for."""
@@ -486,6 +516,55 @@ class Mesh:
                 f"request body is {len(plaintext)} bytes, the limit is {self._max_body}"
             )
         self._budget.record_request()
+        key: EdgeKey = (self.name, agent, endpoint, "client")
+        self.signals.enter(key)
+        span, traceparent, tracestate = self.telemetry.start_client(
+            agent, endpoint, traceparent, tracestate
+        )
+        started = time.perf_counter()
+        code = OK
+        try:
+            payload = await self._call(
+                agent,
+                endpoint,
+                plaintext,
+                dl,
+                settings,
+                idempotency_key,
+                traceparent,
+                tracestate,
+                span,
+            )
+        except MeshError as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.signals.finish(key, code, time.perf_counter() - started)
+            self.telemetry.end(span, code)
+        try:
+            return reply_type.model_validate_json(payload)
+        except ValidationError as exc:
+            raise InvalidArgument(
+                f"reply of {agent}.{endpoint} does not match {reply_type.__name__}: "
+                f"{exc.error_count()} validation error(s)"
+            ) from None
+
+    async def _call(
+        self,
+        agent: str,
+        endpoint: str,
+        plaintext: bytes,
+        dl: float,
+        settings: EndpointPolicy | None,
+        idempotency_key: str | None,
+        traceparent: str | None,
+        tracestate: str | None,
+        span: Span | None,
+    ) -> bytes:
+        """Attempts of one call, with retries, until a reply, a final error or the deadline."""
         attempts, per_try = self.config.retry.attempts, self.config.retry.per_try_timeout
         if settings is not None and settings.retries is not None:
             attempts = settings.retries.attempts
@@ -515,14 +594,17 @@ class Mesh:
                     idempotency_key,
                     traceparent,
                     tracestate,
+                    span,
                 )
             except MeshError as exc:
                 idempotent = info is not None and info.idempotent
                 may_retry = (
                     isinstance(exc, _NotDelivered) or idempotent or idempotency_key is not None
                 )
-                delay = self._retry_delay(exc, may_retry, attempt, attempts, dl)
+                delay, fate = self._retry_delay(exc, may_retry, attempt, attempts, dl)
+                Telemetry.retry(span, attempt, exc.code, fate, delay or 0.0)
                 if delay is None:
+                    self.stats.fate(fate)
                     raise
                 if record is not None and idempotent:
                     avoid.add(record.key)  # any instance will do: prefer another one
@@ -542,34 +624,24 @@ class Mesh:
                 await asyncio.sleep(delay)
                 continue
             self.stats.fate("ok" if attempt == 1 else "ok_after_retry")
-            try:
-                return reply_type.model_validate_json(payload)
-            except ValidationError as exc:
-                raise InvalidArgument(
-                    f"reply of {agent}.{endpoint} does not match {reply_type.__name__}: "
-                    f"{exc.error_count()} validation error(s)"
-                ) from None
+            return payload
 
     def _retry_delay(
         self, exc: MeshError, may_retry: bool, attempt: int, attempts: int, dl: float
-    ) -> float | None:
-        """Seconds to wait before retrying, or ``None`` to give up (recording the fate)."""
+    ) -> tuple[float | None, str]:
+        """Seconds to wait before retrying (``None`` to give up), and the call's fate."""
         if not exc.retryable or not may_retry:
-            self.stats.fate("deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "failed")
-            return None
+            return None, "deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "failed"
         if attempt >= attempts:
-            self.stats.fate("retries_exhausted")
-            return None
+            return None, "retries_exhausted"
         delay = self._backoff.delay(attempt)
         if exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
         if time.time() + delay >= dl:
-            self.stats.fate("deadline_exceeded")
-            return None
+            return None, "deadline_exceeded"
         if not self._budget.try_spend():
-            self.stats.fate("retry_skipped_budget")
-            return None
-        return delay
+            return None, "retry_skipped_budget"
+        return delay, "retried"
 
     def _pick(self, agent: str, avoid: set[str]) -> InstanceRecord:
         candidates = self.directory.instances(agent)
@@ -590,6 +662,7 @@ class Mesh:
         idempotency_key: str | None,
         traceparent: str | None,
         tracestate: str | None,
+        span: Span | None,
     ) -> bytes:
         rid = os.urandom(16)
         dl_ms = int(dl * 1000)
@@ -628,12 +701,12 @@ class Mesh:
         if not timed_out_by_deadline and per_try is not None:
             wait = per_try
         timer = loop.call_later(max(0.0, wait), _expire, fut, timed_out_by_deadline)
+        subject = f"{self._rpc_prefix}{record.agent}.{record.instance}.{endpoint}"
+        if span is not None:
+            Telemetry.attempt(span, attempt, subject, rid)
         try:
             await self.transport.publish(
-                f"{self._rpc_prefix}{record.agent}.{record.instance}.{endpoint}",
-                frame,
-                reply=f"{self._inbox}.{token}",
-                headers=headers,
+                subject, frame, reply=f"{self._inbox}.{token}", headers=headers
             )
             return await fut
         finally:
@@ -818,7 +891,9 @@ class Mesh:
             self.stats.refuse(exc.code)
             await self._send_reply(msg.reply, hdr, key, exc.code, _error_body(exc))
             return
-        task = asyncio.create_task(self._serve(spec, hdr, peer, key, plaintext, msg.reply))
+        task = asyncio.create_task(
+            self._serve(spec, hdr, peer, key, plaintext, msg.reply, msg.subject, len(msg.data))
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -865,6 +940,8 @@ class Mesh:
         key: bytes,
         plaintext: bytes,
         reply: str,
+        subject: str,
+        request_bytes: int,
     ) -> None:
         ik = hdr.idempotency_key
         cache_key = (peer.agent, spec.name, ik) if ik is not None else None
@@ -896,6 +973,11 @@ class Mesh:
         started = time.perf_counter_ns()
         ran = False
         limit = self._limits[spec.name]
+        edge: EdgeKey = (peer.agent, self.name, spec.name, "server")
+        self.signals.enter(edge)
+        span, traceparent, tracestate = self.telemetry.start_server(
+            self.name, spec.name, subject, hdr.id, peer.agent, hdr.traceparent, hdr.tracestate
+        )
         try:
             if not limit.try_acquire():
                 await limit.acquire()
@@ -920,8 +1002,8 @@ class Mesh:
                     deadline=deadline,
                     attempt=hdr.attempt or 1,
                     idempotency_key=ik,
-                    traceparent=hdr.traceparent,
-                    tracestate=hdr.tracestate,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
                 )
                 async with asyncio.timeout(remaining):
                     if spec.wants_context:
@@ -946,6 +1028,8 @@ class Mesh:
                 self._replies.forget(cache_key)
                 cached.cancel()
             gone = Unavailable(f"{self.name} shut down before {spec.name} finished")
+            self.signals.finish(edge, gone.code, (time.perf_counter_ns() - started) / 1e9)
+            self.telemetry.end(span, gone.code)
             with contextlib.suppress(Exception):
                 await self._send_reply(reply, hdr, key, gone.code, _error_body(gone))
             raise
@@ -961,11 +1045,26 @@ class Mesh:
                 Internal.code,
                 json.dumps({"message": f"handler {spec.name} failed"}).encode(),
             )
+        elapsed = time.perf_counter_ns() - started
         stats.requests += 1
-        stats.processing_ns += time.perf_counter_ns() - started
+        stats.processing_ns += elapsed
         if status != OK:
             stats.errors += 1
             stats.last_error = status
+        self.signals.finish(edge, status, elapsed / 1e9)
+        self.telemetry.end(span, status)
+        if self.telemetry.access_log or self.governance.access_log(spec.name):
+            self.telemetry.log_access(
+                caller=peer.agent,
+                caller_instance=peer.instance,
+                endpoint=spec.name,
+                code=status,
+                seconds=elapsed / 1e9,
+                request_bytes=request_bytes,
+                reply_bytes=len(payload),
+                traceparent=hdr.traceparent,
+                attempt=hdr.attempt or 1,
+            )
         if cache_key is not None and cached is not None:
             if ran:
                 cached.set_result((status, payload))

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 __all__ = [
+    "ALL_CALLERS",
     "BUCKET_BOUNDS_MS",
     "BUCKET_BOUNDS_S",
     "EdgeKey",
@@ -48,6 +49,7 @@ EdgeKey = tuple[str, str, str, Reporter]
 
 OK = "OK"
 ALL_CALLERS = "*"
+SIGNALS_TOPIC = "mesh-signals"  # the event topic agents report on
 
 BUCKET_BOUNDS_S: tuple[float, ...] = tuple(50e-6 * 2**i for i in range(21))
 """Upper bounds of the latency buckets in seconds: 50 µs, 100 µs, ... about 52.4 s (21 bounds,
@@ -62,15 +64,27 @@ MAX_CODES = 32
 
 
 class _Slot:
-    """The counters of one edge since the last snapshot."""
+    """The counters of one edge since the instance started (they only grow)."""
 
-    __slots__ = ("buckets", "codes", "errors", "requests")
+    __slots__ = ("buckets", "codes", "error_seconds", "errors", "ok_seconds", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
-        self.codes: dict[str, int] = {}
+        self.ok_seconds = 0.0
+        self.codes: dict[str, int] = {}  # error codes only
+        self.error_seconds: dict[str, float] = {}
         self.buckets = [0] * _NBUCKETS
+
+    def copy(self) -> _Slot:
+        out = _Slot()
+        out.requests, out.errors, out.ok_seconds = self.requests, self.errors, self.ok_seconds
+        out.codes, out.error_seconds = dict(self.codes), dict(self.error_seconds)
+        out.buckets = list(self.buckets)
+        return out
+
+
+_EMPTY = _Slot()
 
 
 # --- wire models --------------------------------------------------------------------------------
@@ -139,7 +153,15 @@ class GraphEdge(BaseModel):
 
 
 class EdgeStats:
-    """The golden signals of one agent instance, per edge, since the last snapshot.
+    """The golden signals of one agent instance, per edge.
+
+    The counters only grow (OpenTelemetry's observable instruments read them through
+    ``totals``, ``cumulative_buckets`` and ``inflight_by_edge``); ``snapshot_and_reset``
+    reports what changed since the previous snapshot, for the registry.
+
+    ``record``, ``enter``, ``exit`` and ``snapshot_and_reset`` run on the event loop's thread;
+    the three readers may run on a metrics exporter's thread (they copy before iterating, and
+    every counter they read only grows).
 
     Args:
         agent: this instance's agent name.
@@ -147,13 +169,14 @@ class EdgeStats:
         now: unix time the counting starts (default: the current time).
     """
 
-    __slots__ = ("_last", "_slots", "agent", "inflight", "instance")
+    __slots__ = ("_base", "_last", "_slots", "agent", "inflight", "instance")
 
     def __init__(self, agent: str, instance: str, now: float | None = None) -> None:
         self.agent = agent
         self.instance = instance
         self._last = time.time() if now is None else now
         self._slots: dict[EdgeKey, _Slot] = {}
+        self._base: dict[EdgeKey, _Slot] = {}  # the counters at the last snapshot
         self.inflight: dict[EdgeKey, int] = {}
         """In-flight requests per edge (a gauge: snapshots do not reset it)."""
 
@@ -181,10 +204,14 @@ class EdgeStats:
         if slot is None:
             slot = self._slots[key] = _Slot()
         slot.requests += 1
-        if code != OK:
+        if code == OK:
+            slot.ok_seconds += seconds
+        else:
             slot.errors += 1
             codes = slot.codes
             codes[code] = codes.get(code, 0) + 1
+            spent = slot.error_seconds
+            spent[code] = spent.get(code, 0.0) + seconds
         slot.buckets[bisect_left(BUCKET_BOUNDS_S, seconds)] += 1
 
     def enter(self, key: EdgeKey) -> None:
@@ -207,50 +234,43 @@ class EdgeStats:
         self.record(key[0], key[1], key[2], key[3], code, seconds)
 
     def snapshot_and_reset(self, now: float) -> EdgeReport:
-        """The counts since the last snapshot (or since construction), then start afresh.
-
-        In-flight gauges are not reset; an edge with requests in flight but none finished
-        appears with ``requests == 0``.
+        """The counts since the last snapshot (or since construction); the next snapshot
+        counts from here. In-flight gauges are not reset: an edge with requests in flight but
+        none finished appears with ``requests == 0``.
 
         Args:
             now: unix time of this snapshot; the report's interval is ``now`` minus the last.
         """
-        slots, self._slots = self._slots, {}
         interval = max(0.0, now - self._last)
         self._last = now
         edges: list[EdgeSample] = []
         inflight = self.inflight
-        for key in sorted(slots.keys() | inflight.keys()):
-            slot = slots.get(key)
-            caller, callee, endpoint, reporter = key
-            if slot is None:
-                edges.append(
-                    EdgeSample(
-                        caller=caller,
-                        callee=callee,
-                        endpoint=endpoint,
-                        reporter=reporter,
-                        inflight=inflight[key],
-                    )
-                )
+        base = self._base
+        for key in sorted(self._slots.keys() | inflight.keys()):
+            slot = self._slots.get(key, _EMPTY)
+            was = base.get(key, _EMPTY)
+            requests = slot.requests - was.requests
+            busy = inflight.get(key, 0)
+            if not requests and not busy:
                 continue
-            buckets = slot.buckets
-            n = len(buckets)
-            while n and not buckets[n - 1]:
-                n -= 1
-            edges.append(
-                EdgeSample(
-                    caller=caller,
-                    callee=callee,
-                    endpoint=endpoint,
-                    reporter=reporter,
-                    requests=slot.requests,
-                    errors=slot.errors,
-                    codes=slot.codes,
-                    buckets=buckets[:n],
-                    inflight=inflight.get(key, 0),
-                )
+            caller, callee, endpoint, reporter = key
+            sample = EdgeSample(
+                caller=caller, callee=callee, endpoint=endpoint, reporter=reporter, inflight=busy
             )
+            if requests:
+                sample.requests = requests
+                sample.errors = slot.errors - was.errors
+                sample.codes = {
+                    code: n - was.codes.get(code, 0)
+                    for code, n in slot.codes.items()
+                    if n != was.codes.get(code, 0)
+                }
+                buckets = [n - m for n, m in zip(slot.buckets, was.buckets, strict=True)]
+                while buckets and not buckets[-1]:
+                    buckets.pop()
+                sample.buckets = buckets
+                base[key] = slot.copy()
+            edges.append(sample)
         return EdgeReport(
             agent=self.agent,
             instance=self.instance,
@@ -259,6 +279,40 @@ class EdgeStats:
             edges=edges,
             bucket_bounds_ms=list(BUCKET_BOUNDS_MS),
         )
+
+    # --- cumulative readers (for OpenTelemetry observable instruments) -------------------------
+
+    def totals(self) -> list[tuple[EdgeKey, str, int, float]]:
+        """``(key, code, requests, seconds)`` since the instance started, per edge and code."""
+        out: list[tuple[EdgeKey, str, int, float]] = []
+        for key, slot in sorted(list(self._slots.items())):
+            ok = slot.requests - slot.errors
+            if ok > 0:
+                out.append((key, OK, ok, slot.ok_seconds))
+            spent = dict(slot.error_seconds)
+            for code, n in sorted(dict(slot.codes).items()):
+                out.append((key, code, n, spent.get(code, 0.0)))
+        return out
+
+    def cumulative_buckets(self) -> list[tuple[EdgeKey, str, int]]:
+        """``(key, le, requests at or under le seconds)`` per edge, Prometheus style: ``le``
+        is the bound in seconds as text, ending with ``"+Inf"`` (the edge's total)."""
+        out: list[tuple[EdgeKey, str, int]] = []
+        for key, slot in sorted(list(self._slots.items())):
+            running = 0
+            for le, n in zip(_LE, list(slot.buckets), strict=True):
+                running += n
+                out.append((key, le, running))
+        return out
+
+    def inflight_by_edge(self) -> list[tuple[EdgeKey, int]]:
+        """``(key, requests in flight)`` for every edge seen (zero when none is in flight)."""
+        inflight = dict(self.inflight)
+        keys = set(list(self._slots)) | inflight.keys()
+        return [(key, inflight.get(key, 0)) for key in sorted(keys)]
+
+
+_LE: tuple[str, ...] = (*(f"{b:g}" for b in BUCKET_BOUNDS_S), "+Inf")
 
 
 # --- aggregation in the registry ----------------------------------------------------------------

@@ -12,6 +12,9 @@ option             environment            meaning
 ``--token``        ``MESH_JOIN_TOKEN``    one-time join token: enrol, then save the
                                           identity into ``--identity``
 ``--root-key``     ``MESH_ROOT_KEY``      trust root private key (the registry only)
+``--traces``       ``MESH_TRACES``        span exporter: none, console or otlp
+``--metrics-port`` ``MESH_METRICS_PORT``  serve Prometheus metrics on this port
+``--access-log``   ``MESH_ACCESS_LOG``    one JSON line per served request (1/true)
 ``--drain``        ``MESH_DRAIN_TIMEOUT`` bound on finishing in-flight work
 ``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
 =================  =====================  ==========================================
@@ -36,6 +39,7 @@ from ..enrol import enrol
 from ..errors import InvalidArgument
 from ..identity import IDENTITY_KEY_FILE, Identity, load_identity, load_trust_root, save_identity
 from ..runtime import Mesh
+from ..telemetry import install_tracing, serve_prometheus
 from ._common import configure_logging, env_default, parse_duration, run_command
 
 log = structlog.get_logger("mesh.runner")
@@ -98,7 +102,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
         prefix=args.prefix,
         timeouts=Timeouts(drain=parse_duration(args.drain)),
+        access_log=args.access_log,
     )
+    install_tracing(args.traces, agent.name)
+    if args.metrics_port:
+        serve_prometheus(int(args.metrics_port))
     root_key = load_trust_root(args.root_key) if args.root_key else None
     if root_key is not None and not root_key.can_sign:
         raise InvalidArgument(f"{args.root_key}: --root-key needs root.key, not root.pub")
@@ -148,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prefix", default=env_default("PREFIX", "mesh"))
     run.add_argument("--drain", default=env_default("DRAIN_TIMEOUT", "10s"))
     run.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"))
+    run.add_argument(
+        "--traces", choices=["none", "console", "otlp"], default=env_default("TRACES", "none")
+    )
+    run.add_argument("--metrics-port", type=int, default=env_default("METRICS_PORT"))
+    run.add_argument(
+        "--access-log",
+        action="store_true",
+        default=(env_default("ACCESS_LOG", "") or "").lower() in ("1", "true", "yes"),
+    )
     run.add_argument("--log-format", choices=["console", "json"], default="console")
     run.set_defaults(func=cmd_run)
 

@@ -38,6 +38,7 @@ from ..identity import (
 )
 from ..policy import PolicyEngine, diff_policies, load_policy, parse_policy
 from ..runtime import Mesh
+from . import observe
 from ._common import env_default, parse_duration, run_command
 
 ADMIN_ROLE = "admin"
@@ -408,6 +409,24 @@ async def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_top(args: argparse.Namespace) -> int:
+    """Golden signals per agent and endpoint: rps, success rate, p50, p99, in flight."""
+    async with _admin(args) as mesh:
+        reply = await observe.fetch_signals(
+            mesh, "client" if args.client else "server", not args.totals
+        )
+    out.print(observe.render_top(reply))
+    return 0
+
+
+async def cmd_graph(args: argparse.Namespace) -> int:
+    """The caller -> callee graph (text, DOT, Mermaid, SVG or PNG)."""
+    async with _admin(args) as mesh:
+        reply = await observe.fetch_signals(mesh, "server", True)
+    out.print(observe.render_graph(reply, args.format, args.out), markup=False)
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -487,6 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--file", help="decide with this policy file instead of the current one")
     cmd(
         "agents", _online(cmd_agents), "list live instances and the policy revision each runs", True
+    )
+    observe.add_arguments(
+        cmd("top", _online(cmd_top), "golden signals per agent and endpoint (last minute)", True),
+        cmd(
+            "graph",
+            _online(cmd_graph),
+            "the caller -> callee graph: text, dot, mermaid, svg, png",
+            True,
+        ),
     )
 
     ident = sub.add_parser(
