@@ -889,6 +889,9 @@ class Mesh:
             self.governance.rate_take(peer.agent, spec.name)
         except MeshError as exc:
             self.stats.refuse(exc.code)
+            # Unknown endpoint names are folded into one label: callers cannot grow the table.
+            endpoint = spec.name if spec is not None else "(unknown)"
+            self.signals.record(peer.agent, self.name, endpoint, "server", exc.code, 0.0)
             await self._send_reply(msg.reply, hdr, key, exc.code, _error_body(exc))
             return
         task = asyncio.create_task(

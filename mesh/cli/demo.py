@@ -16,8 +16,15 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from rich.console import Console
 
 from ..config import DirectoryConfig, MeshConfig
 from ..embedded import NatsServer
@@ -27,6 +34,7 @@ from ..identity import TrustRoot, save_identity, save_trust_root
 from ..policy import PolicyEngine
 from ..runtime import Mesh
 from ..transport import NatsTransport
+from .observe import fetch_signals, render_graph, render_top
 
 QUESTIONS = ["How do NATS subjects work?", "What does a service mesh give me?"]
 
@@ -70,6 +78,29 @@ async def _attack(url: str, planner: Mesh) -> None:
         hdr, _ = decode_frame(await asyncio.wait_for(refusals.get(), 5))
         say(f"attacker   {label}: refused {hdr.status} ({hdr.message})")
     await spy.close()
+
+
+def _trace_lines(spans: Sequence[ReadableSpan], trace_id: int) -> list[str]:
+    """The spans of one trace as an indented tree, parents first."""
+    mine = [s for s in spans if s.context is not None and s.context.trace_id == trace_id]
+    children: dict[int | None, list[ReadableSpan]] = {}
+    for s in mine:
+        children.setdefault(s.parent.span_id if s.parent else None, []).append(s)
+    lines: list[str] = []
+
+    def walk(parent: int | None, depth: int) -> None:
+        for s in sorted(children.get(parent, []), key=lambda s: s.start_time or 0):
+            ms = ((s.end_time or 0) - (s.start_time or 0)) / 1e6
+            attrs = s.attributes or {}
+            who = attrs.get("mesh.caller", "")
+            side = "client" if s.kind == SpanKind.CLIENT else "server"
+            code = attrs.get("rpc.natsmesh.status_code", "")
+            lines.append(f"  {'  ' * depth}{s.name} [{side} of {who}] {code} {ms:.2f} ms")
+            assert s.context is not None
+            walk(s.context.span_id, depth + 1)
+
+    walk(None, 0)
+    return lines
 
 
 def _policy_text() -> tuple[str, str]:
@@ -126,13 +157,17 @@ async def run_demo(*, keep: bool = False) -> int:
         config = MeshConfig(
             servers=(server.url,),
             directory=DirectoryConfig(heartbeat=1.0, ttl=4.0, drain_grace=0.1),
+            signals_interval=0.5,
         )
+        spans = InMemorySpanExporter()
+        tracing = TracerProvider()
+        tracing.add_span_processor(SimpleSpanProcessor(spans))
         async with (
             Mesh(ids["registry"], config, agent=registry, trust_root=root),
             Mesh(ids["admin"], config) as admin,
-            Mesh(ids["librarian"], config, agent=librarian) as lib,
-            Mesh(ids["researcher"], config, agent=researcher) as res,
-            Mesh(ids["planner"], config, agent=planner) as plan,
+            Mesh(ids["librarian"], config, agent=librarian, tracer_provider=tracing) as lib,
+            Mesh(ids["researcher"], config, agent=researcher, tracer_provider=tracing) as res,
+            Mesh(ids["planner"], config, agent=planner, tracer_provider=tracing) as plan,
         ):
             await admin.wait_for("registry")
             text, source = _policy_text()
@@ -182,6 +217,24 @@ async def run_demo(*, keep: bool = False) -> int:
             say()
             refused = sum(res.stats.refused.values())
             say(f"researcher refused {refused} message(s): {res.stats.refused}")
+            first = next(
+                s
+                for s in spans.get_finished_spans()
+                if s.parent is None and s.name == "researcher/answer"
+            )
+            assert first.context is not None
+            say(
+                f"trace {first.context.trace_id:032x} of the first question (OpenTelemetry; "
+                "`mesh-agent run --traces console|otlp` exports them):"
+            )
+            for line in _trace_lines(spans.get_finished_spans(), first.context.trace_id):
+                say(line)
+            await asyncio.sleep(config.signals_interval + 0.3)  # the last signal reports
+            signals = await fetch_signals(admin, "server", True)
+            say("`mesh-policy top` (golden signals the agents reported to the registry):")
+            Console(width=110).print(render_top(signals))
+            say("`mesh-policy graph` (also --format dot|mermaid|svg|png):")
+            say(render_graph(signals, "text", None))
             records, problems = await admin.control.read_audit()
             say(
                 f"audit log ({len(records)} signed, hash-chained records; "
