@@ -113,10 +113,10 @@ async def test_policy_reaches_every_agent_and_each_acknowledges(world: World) ->
     for b in bobs:
         await wait_until(lambda b=b: b.governance.revision == rev)
     await wait_until(
-        lambda: sum(
-            r.policy_revision == rev for r in world.admin.directory.all() if r.agent == "bob"
+        lambda: (
+            sum(r.policy_revision == rev for r in world.admin.directory.all() if r.agent == "bob")
+            == 3
         )
-        == 3
     )
 
 
