@@ -20,6 +20,7 @@ import time
 from typing import Any, Literal
 from weakref import WeakKeyDictionary
 
+import structlog
 from pydantic import BaseModel, Field
 
 from mesh import (
@@ -51,6 +52,8 @@ from mesh import (
 )
 
 ADMIN_ROLE = "admin"
+ROOT_WARNING_S = 90 * 24 * 3600
+log = structlog.get_logger("mesh.registry")
 DEFAULT_CERT_TTL = 24 * 3600.0
 
 registry = Agent(
@@ -126,6 +129,8 @@ class IdentityInfo(BaseModel):
 
 class IdentityList(BaseModel):
     identities: list[IdentityInfo]
+    root_key_id: str = ""
+    root_not_after: float | None = None
 
 
 def _require_admin(ctx: Context) -> None:
@@ -272,6 +277,8 @@ async def identities(_: Empty, ctx: Context) -> IdentityList:
     _require_admin(ctx)
     revoked = {r.serial for r in await ctx.mesh.control.revocations()}
     return IdentityList(
+        root_key_id=ctx.mesh.trust_root.key_id,
+        root_not_after=ctx.mesh.trust_root.not_after,
         identities=[
             IdentityInfo(
                 serial=c.serial,
@@ -284,7 +291,7 @@ async def identities(_: Empty, ctx: Context) -> IdentityList:
                 revoked=c.serial in revoked,
             )
             for c in sorted(await ctx.mesh.control.certificates(), key=lambda c: c.issued_at)
-        ]
+        ],
     )
 
 
@@ -453,6 +460,14 @@ async def started(mesh: Mesh) -> None:
         return cert.raw
 
     await serve_enrolment(mesh, issue)
+    if mesh.trust_root.not_after is not None:
+        left = mesh.trust_root.not_after - time.time()
+        if left < ROOT_WARNING_S:
+            log.warning(
+                "registry.trust_root_expiring",
+                days_left=round(left / 86400, 1),
+                key_id=mesh.trust_root.key_id,
+            )
     await _audit(
         mesh, "registry.started", f"registry/{mesh.instance}", "registry", version=registry.version
     )

@@ -221,10 +221,15 @@ class TrustRoot:
     Agents hold only ``public_key``; the private half lives with the registry / operator.
     """
 
-    def __init__(self, signing: SigningKey | None, public_key: bytes) -> None:
+    def __init__(
+        self, signing: SigningKey | None, public_key: bytes, not_after: float | None = None
+    ) -> None:
         self._signing = signing
         self.public_key = public_key
         self.key_id = key_id(public_key)
+        # When operators should have rotated to a new root (advisory: kept in root.json beside
+        # the key; the registry warns and exports it as a metric well before).
+        self.not_after = not_after
 
     @classmethod
     def generate(cls) -> TrustRoot:
@@ -403,6 +408,7 @@ class CertificateVerifier:
 
 ROOT_KEY_FILE = "root.key"
 ROOT_PUB_FILE = "root.pub"
+ROOT_META_FILE = "root.json"
 IDENTITY_KEY_FILE = "identity.key"
 IDENTITY_CERT_FILE = "identity.cert"
 
@@ -432,6 +438,9 @@ def save_trust_root(root: TrustRoot, directory: str | Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     _write_private(d / ROOT_KEY_FILE, bytes(root._signing).hex().encode() + b"\n")
     (d / ROOT_PUB_FILE).write_text(root.public_key.hex() + "\n")
+    if root.not_after is not None:
+        meta = {"key_id": root.key_id, "not_after": int(root.not_after)}
+        (d / ROOT_META_FILE).write_text(json.dumps(meta) + "\n")
     return d
 
 
@@ -456,10 +465,17 @@ def load_trust_root(path: str | Path) -> TrustRoot:
         raise InvalidArgument(f"{p}: expected 64 hex characters") from exc
     if len(raw) != 32:
         raise InvalidArgument(f"{p}: expected a 32-byte key in hex, got {len(raw)} bytes")
+    not_after = None
+    meta_file = p.with_name(ROOT_META_FILE)
+    if meta_file.exists():
+        try:
+            not_after = float(json.loads(meta_file.read_text())["not_after"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"{meta_file}: not a valid trust root metadata file") from exc
     if p.name == ROOT_KEY_FILE:
         sk = SigningKey(raw)
-        return TrustRoot(sk, bytes(sk.verify_key))
-    return TrustRoot.from_public(raw)
+        return TrustRoot(sk, bytes(sk.verify_key), not_after)
+    return TrustRoot(None, raw, not_after)
 
 
 def save_identity(identity: Identity, directory: str | Path) -> Path:

@@ -1037,13 +1037,15 @@ class Mesh:
                 await self._send_reply(reply, hdr, key, gone.code, _error_body(gone))
             raise
         except Exception as exc:  # a handler bug: the caller gets a safe message only
+            # An exception's text may quote the payload: only its type by default, the
+            # traceback at debug level.
             log.error(
                 "mesh.handler_failed",
                 endpoint=spec.name,
                 caller=peer.agent,
                 error_type=type(exc).__name__,
-                exc_info=True,
             )
+            log.debug("mesh.handler_traceback", endpoint=spec.name, exc_info=True)
             status, payload = (
                 Internal.code,
                 json.dumps({"message": f"handler {spec.name} failed"}).encode(),
@@ -1162,8 +1164,8 @@ class Mesh:
                 topic=spec.topic,
                 sender=ctx.caller.agent,
                 error_type=type(exc).__name__,
-                exc_info=True,
             )
+            log.debug("mesh.event_handler_traceback", topic=spec.topic, exc_info=True)
 
 
 async def _retry_unavailable(op: Callable[[], Awaitable[T]], deadline: float) -> T:

@@ -296,6 +296,12 @@ class _MetricsHub:
                 unit="s",
                 description="seconds until the instance's certificate expires",
             ),
+            gauge(
+                "mesh.trust_root.expiry",
+                [each(_root_expiry)],
+                unit="s",
+                description="unix time by which the trust root should be rotated (where known)",
+            ),
         ]
 
     def _each(
@@ -355,6 +361,11 @@ def _cert_expiry(m: Mesh, base: dict[str, str]) -> Iterable[Observation]:
 def _cert_left(m: Mesh, base: dict[str, str]) -> Iterable[Observation]:
     cert = m.identity.certificate
     yield Observation(cert.not_after - time.time(), {**base, "mesh.serial": cert.serial})
+
+
+def _root_expiry(m: Mesh, base: dict[str, str]) -> Iterable[Observation]:
+    if m.trust_root.not_after is not None:
+        yield Observation(m.trust_root.not_after, {**base, "mesh.root": m.trust_root.key_id})
 
 
 _HUBS: WeakKeyDictionary[otel_metrics.MeterProvider, _MetricsHub] = WeakKeyDictionary()

@@ -44,6 +44,7 @@ from ._common import env_default, parse_duration, run_command
 ADMIN_ROLE = "admin"
 REGISTRY = "registry"
 EXPIRY_WARNING_S = 7 * 24 * 3600
+ROOT_WARNING_S = 90 * 24 * 3600
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -85,13 +86,17 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"{d / ROOT_KEY_FILE} already exists; refusing to replace a trust root (use --force)"
         )
     root = TrustRoot.generate()
+    root.not_after = time.time() + parse_duration(args.root_ttl)
     save_trust_root(root, d)
     ttl = parse_duration(args.ttl)
     admin = root.issue_identity(args.admin, roles=[ADMIN_ROLE], ttl=ttl)
     save_identity(admin, d / args.admin)
     registry = root.issue_identity(REGISTRY, roles=[REGISTRY], ttl=ttl)
     save_identity(registry, d / REGISTRY)
-    out.print(f"trust root {root.key_id}: {d / ROOT_KEY_FILE} (mode 0600) and {d / 'root.pub'}")
+    out.print(
+        f"trust root {root.key_id}: {d / ROOT_KEY_FILE} (mode 0600) and {d / 'root.pub'}; "
+        f"rotate before {_when(root.not_after)}"
+    )
     for name, ident in ((args.admin, admin), (REGISTRY, registry)):
         c = ident.certificate
         out.print(
@@ -342,6 +347,14 @@ async def cmd_identity_list(args: argparse.Namespace) -> int:
         reply = await _registry(mesh, "identities", r.Empty(), r.IdentityList)
     table = Table("agent", "instance", "serial", "roles", "via", "expires", "state")
     now = time.time()
+    if reply.root_not_after is not None:
+        left = reply.root_not_after - now
+        note = "[bold red]ROTATE NOW[/]" if left < ROOT_WARNING_S else "ok"
+        out.print(
+            f"trust root {reply.root_key_id} valid until {_when(reply.root_not_after)}: {note}"
+        )
+        if left < ROOT_WARNING_S:
+            err.print(f"[yellow]warning:[/] the trust root expires in {left / 86400:.0f} days")
     for i in reply.identities:
         if i.revoked:
             state = "[red]revoked[/]"
@@ -480,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", help="directory for root.key, root.pub and the identities")
     init.add_argument("--admin", default="admin", help="admin identity name (default admin)")
     init.add_argument("--ttl", default="24h", help="certificate lifetime (default 24h)")
+    init.add_argument(
+        "--root-ttl", default="3650d", help="when to rotate the trust root (default 3650d)"
+    )
     init.add_argument("--force", action="store_true", help="replace an existing trust root")
 
     v = cmd("validate", cmd_validate, "check policy files; name file, line and problem")
