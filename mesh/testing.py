@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import itertools
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import DirectoryConfig, MeshConfig, RetryPolicy, Timeouts
 from .embedded import NatsCluster, NatsServer, NatsServerError, find_nats_server
@@ -29,11 +30,13 @@ from .errors import FailedPrecondition
 from .identity import Identity, TrustRoot
 
 __all__ = [
+    "ContainerServer",
     "MemoryTransport",
     "NatsCluster",
     "NatsServer",
     "NatsServerError",
     "Trust",
+    "container_server",
     "find_nats_server",
     "test_config",
 ]
@@ -319,6 +322,53 @@ class MemoryTransport:
         return None
 
 
+# --- a server from testcontainers ---------------------------------------------------------
+
+
+@dataclass
+class ContainerServer:
+    """A nats-server running in a container; only ``url`` is offered."""
+
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def container_server(image: str = "nats:2.10") -> AsyncIterator[ContainerServer]:
+    """A nats-server with JetStream from testcontainers (needs a Docker engine).
+
+    Inside pytest, a missing engine or package skips the test with the reason; elsewhere it
+    raises ``NatsServerError``.
+    """
+
+    def unavailable(reason: str) -> NoReturn:
+        if "pytest" in sys.modules:
+            import pytest
+
+            pytest.skip(reason)
+        raise NatsServerError(reason)
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://") and not os.path.exists(host[len("unix://") :]):
+        # Checked before docker-py is touched: it leaks its socket when no engine answers.
+        unavailable(f"no Docker engine for testcontainers: {host[len('unix://') :]} is missing")
+    try:
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
+    except ImportError:
+        unavailable("the server from testcontainers needs the testcontainers package")
+    try:
+        container = DockerContainer(image).with_command("-js").with_exposed_ports(4222)
+        await asyncio.to_thread(container.start)
+    except Exception as exc:  # no engine, no socket, no image
+        unavailable(f"no Docker engine is usable for testcontainers: {exc}")
+    try:
+        await asyncio.to_thread(wait_for_logs, container, "Server is ready", 30)
+        host = container.get_container_host_ip()
+        yield ContainerServer(f"nats://{host}:{container.get_exposed_port(4222)}")
+    finally:
+        await asyncio.to_thread(container.stop)
+
+
 # --- pytest fixtures ---------------------------------------------------------------------
 
 try:
@@ -332,7 +382,7 @@ else:
     async def nats_server() -> AsyncIterator[NatsServer | Any]:
         """A real nats-server with JetStream on a free port (or from testcontainers)."""
         if os.environ.get("MESH_TEST_SERVER") == "container":
-            async with _container_server() as srv:
+            async with container_server() as srv:
                 yield srv
             return
         async with NatsServer() as srv:
@@ -348,29 +398,6 @@ else:
     def trust() -> Trust:
         """A throwaway trust root."""
         return Trust()
-
-    @contextlib.asynccontextmanager
-    async def _container_server() -> AsyncIterator[Any]:
-        try:
-            from testcontainers.core.container import DockerContainer
-            from testcontainers.core.waiting_utils import wait_for_logs
-        except ImportError:
-            pytest.skip("MESH_TEST_SERVER=container needs the testcontainers package")
-        try:
-            container = DockerContainer("nats:2.10").with_command("-js").with_exposed_ports(4222)
-            container.start()
-        except Exception as exc:  # no engine, no socket, no image
-            pytest.skip(f"MESH_TEST_SERVER=container but no Docker engine is usable: {exc}")
-        try:
-            wait_for_logs(container, "Server is ready", timeout=30)
-            url = f"nats://{container.get_container_host_ip()}:{container.get_exposed_port(4222)}"
-            yield _ContainerServer(url)
-        finally:
-            container.stop()
-
-    @dataclass
-    class _ContainerServer:
-        url: str
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Awaitable[None]:
