@@ -33,7 +33,17 @@ from pydantic import BaseModel, ValidationError
 from .agent import Agent, Context, EndpointSpec, EventSpec, Peer
 from .config import MeshConfig
 from .control import ControlStore
-from .crypto import PairKeys, ReplayGuard, open_body, seal_body, sign_frame, verify_frame
+from .crypto import (
+    NONCE_LEN,
+    SIG_LEN,
+    TAG_LEN,
+    PairKeys,
+    ReplayGuard,
+    open_frame,
+    seal_frame,
+    sign_frame,
+    verify_frame,
+)
 from .directory import (
     STATE_DRAINING,
     STATE_SERVING,
@@ -131,6 +141,10 @@ class _NotDelivered(Unavailable):
 class _InstanceDown(Unavailable):
     """The instance seems gone: "no responders", or its heartbeats stopped. The first signal
     is unauthenticated, so it never by itself moves a keyed call to another instance."""
+
+
+def _too_large(size: int) -> MessageTooLarge:
+    return MessageTooLarge(f"a body of {size} bytes exceeds the limit of this agent")
 
 
 def _record_key(record: InstanceRecord) -> str:
@@ -232,6 +246,7 @@ class Mesh:
         self._replies = ReplyCache(config.limits.reply_cache_ttl)
         self._max_body = config.limits.max_body
         self._max_frame = config.limits.max_body + FRAME_OVERHEAD
+        self._max_sealed = config.limits.max_body + NONCE_LEN + TAG_LEN
         self._pending: dict[str, _Pending] = {}
         self._checked_names: set[tuple[str, str]] = set()
         self._tokens = itertools.count(1)
@@ -689,7 +704,7 @@ class Mesh:
         hb = msgpack.packb(hdr, use_bin_type=True)
         aad = PREFIX.pack(MAGIC, len(hb)) + hb
         key = self._pair.get(record.certificate.box_pk)
-        frame = aad + seal_body(key, aad, plaintext)
+        frame = seal_frame(key, aad, plaintext)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
         token = str(next(self._tokens))
@@ -728,7 +743,7 @@ class Mesh:
         except DecodeError:
             self.stats.dropped_replies += 1
             return
-        if hdr.kind == Kind.REFUSAL and hdr.reply_to in (p.request_id, NO_ID):
+        if hdr.kind == Kind.REFUSAL and hdr.reply_to == p.request_id:
             # Unsealed: the callee could not authenticate the request. Trusted only as a hint.
             p.fut.set_exception(
                 error_from_code(
@@ -747,9 +762,11 @@ class Mesh:
         ):
             self.stats.dropped_replies += 1
             return
+        if len(data) - end > self._max_sealed:
+            p.fut.set_exception(_too_large(len(data) - end))  # a reply over our own limit
+            return
         try:
-            view = memoryview(data)
-            plaintext = open_body(p.key, view[:end], view[end:])
+            plaintext = open_frame(p.key, data, end)
         except Unauthenticated:
             self.stats.dropped_replies += 1  # forged or altered; keep waiting for the real one
             return
@@ -850,21 +867,15 @@ class Mesh:
 
     async def _on_request(self, msg: InboundMessage) -> None:
         data = msg.data
-        if len(data) > self._max_frame:
-            await self._refuse(
-                msg,
-                NO_ID,
-                MessageTooLarge(
-                    f"request of {len(data)} bytes exceeds the limit of {self._max_frame}"
-                ),
-            )
-            return
         try:
-            hdr, end = decode_frame(data)
+            hdr, end = decode_frame(data)  # bounded: a header is at most 16 KiB
         except DecodeError as exc:
-            await self._refuse(msg, NO_ID, exc)
+            too_big = len(data) > self._max_frame
+            await self._refuse(msg, NO_ID, _too_large(len(data)) if too_big else exc)
             return
         try:
+            if len(data) - end > self._max_sealed:
+                raise _too_large(len(data) - end)
             if hdr.kind != Kind.REQUEST:
                 raise DecodeError(f"expected a request frame, got kind {hdr.kind}")
             peer, key, plaintext = self._admit(msg, hdr, end)
@@ -930,8 +941,7 @@ class Mesh:
             raise Unauthenticated("sender does not match its certificate")
         self.governance.rate_peek(cert.agent, hdr.name or "")
         key = self._pair.get(cert.box_pk)
-        view = memoryview(msg.data)
-        plaintext = open_body(key, view[:end], view[end:])
+        plaintext = open_frame(key, msg.data, end)
         self._replay.record(hdr.id, hdr.ts)
         return Peer(cert.agent, cert.instance, cert.roles, cert.serial, cert), key, plaintext
 
@@ -1100,7 +1110,7 @@ class Mesh:
         hb = msgpack.packb(rh, use_bin_type=True)
         aad = PREFIX.pack(MAGIC, len(hb)) + hb
         with contextlib.suppress(MeshError):
-            await self.transport.publish(reply, aad + seal_body(key, aad, payload))
+            await self.transport.publish(reply, seal_frame(key, aad, payload))
 
     def _event_handler(self, specs: list[EventSpec]) -> Callable[[InboundMessage], Any]:
         replay = ReplayGuard(self.config.timeouts.replay_window)
@@ -1112,6 +1122,8 @@ class Mesh:
                 return
             try:
                 hdr, end = decode_frame(data)
+                if len(data) - end > self._max_body + SIG_LEN:
+                    raise _too_large(len(data) - end)
                 if hdr.kind != Kind.EVENT:
                     raise DecodeError("expected an event frame")
                 if msg.subject != f"{self.config.prefix}.evt.{hdr.from_agent}.{hdr.name}":
