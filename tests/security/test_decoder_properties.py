@@ -9,7 +9,6 @@ msgpack-encoded random maps shaped like the real thing.
 
 import contextlib
 import os
-import sys
 import time
 from typing import Any
 
