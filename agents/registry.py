@@ -15,6 +15,7 @@ Every endpoint but ``renew`` requires the caller to hold the ``admin`` role.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from typing import Any, Literal
@@ -52,6 +53,8 @@ from mesh import (
 )
 
 ADMIN_ROLE = "admin"
+SERIAL = re.compile(r"[0-9a-f]{32}")
+MAX_CERT_TTL = 30 * 24 * 3600.0
 ROOT_WARNING_S = 90 * 24 * 3600
 log = structlog.get_logger("mesh.registry")
 DEFAULT_CERT_TTL = 24 * 3600.0
@@ -307,6 +310,20 @@ async def revoke(req: RevokeRequest, ctx: Context) -> RevokeReply:
         for c in await ctx.mesh.control.certificates()
         if (c.serial == req.target or c.agent == req.target) and c.not_after > now
     ]
+    if not certs and SERIAL.fullmatch(req.target):
+        # A serial the registry did not issue (offline issuance): revoke it all the same,
+        # for as long as any certificate can live.
+        certs = [
+            IssuedCertificate(
+                serial=req.target,
+                agent="(offline)",
+                instance="",
+                roles=[],
+                not_after=int(now + MAX_CERT_TTL),
+                issued_at=0.0,
+                via="offline",
+            )
+        ]
     if not certs:
         raise NotFound(f"no current certificate with serial or agent {req.target!r}")
     for c in certs:

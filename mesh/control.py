@@ -151,13 +151,20 @@ class AuditRecord:
 
 
 def verify_audit_chain(
-    entries: list[tuple[int, bytes]], root_public_key: bytes
+    entries: list[tuple[int, bytes]],
+    root_public_key: bytes,
+    *,
+    first_seq: int = 1,
+    last_seq: int | None = None,
 ) -> tuple[list[AuditRecord], list[str]]:
     """Check every signature and every link of the chain.
 
     Args:
         entries: ``(stream sequence, bytes)`` in stream order.
         root_public_key: the trust root.
+        first_seq: where ``entries`` should start (1: the whole log, whose first record
+            links to nothing; later: a window whose first link is not checked).
+        last_seq: the stream's last sequence, so removed records at the end show too.
 
     Returns:
         ``(records, problems)``: the records that verified, and one line per problem
@@ -165,10 +172,10 @@ def verify_audit_chain(
     """
     records: list[AuditRecord] = []
     problems: list[str] = []
-    prev_hash = ""
-    prev_seq = 0
+    prev_hash: str | None = "" if first_seq <= 1 else None
+    prev_seq = first_seq - 1
     for seq, raw in entries:
-        if prev_seq and seq != prev_seq + 1:
+        if seq != prev_seq + 1:
             problems.append(f"records {prev_seq + 1}..{seq - 1} are missing (removed)")
         try:
             body = open_document(raw, root_public_key)
@@ -177,7 +184,7 @@ def verify_audit_chain(
             msg = exc.message if isinstance(exc, MeshError) else str(exc)
             problems.append(f"record {seq}: {msg} (edited or forged)")
         else:
-            if record.prev != prev_hash:
+            if prev_hash is not None and record.prev != prev_hash:
                 problems.append(
                     f"record {seq} does not link to record {prev_seq} "
                     "(a record was removed, reordered or edited)"
@@ -185,6 +192,8 @@ def verify_audit_chain(
             records.append(record)
         prev_hash = hashlib.sha256(raw).hexdigest()
         prev_seq = seq
+    if last_seq is not None and last_seq > prev_seq:
+        problems.append(f"records {prev_seq + 1}..{last_seq} are missing (removed)")
     return records, problems
 
 
@@ -402,4 +411,7 @@ class ControlStore:
     async def read_audit(self) -> tuple[list[AuditRecord], list[str]]:
         """Every audit record, verified; and the problems found in the chain."""
         stream = await self.audit_stream()
-        return verify_audit_chain(await stream.read(), self.root.public_key)
+        last = await stream.last()
+        return verify_audit_chain(
+            await stream.read(), self.root.public_key, last_seq=last[0] if last else None
+        )

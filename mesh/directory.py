@@ -246,8 +246,8 @@ class Directory:
             self.rejected += 1  # copied under another instance's key, or dated in the future
             return
         old = self._last.get(key)
-        if old is not None and old.ts > record.ts:
-            return  # an older record replayed
+        if old is not None and old.ts >= record.ts:
+            return  # an older (or the same) record replayed: no evidence of life
         self._last[key] = record
         # A record that was already in the bucket is as fresh as its signed timestamp says;
         # one that arrives live was just written.

@@ -35,7 +35,8 @@ from .errors import (
     error_from_code,
 )
 from .identity import CertificateVerifier, Identity, InstanceKeys, validate_name
-from .transport import InboundMessage, NatsTransport, Transport
+from .ratelimit import TokenBucket
+from .transport import InboundMessage, NatsTransport, Transport, is_no_responders
 
 __all__ = ["EnrolmentRequest", "enrol", "serve_enrolment"]
 
@@ -43,6 +44,7 @@ REGISTRY_AGENT = "registry"
 REGISTRY_ROLE = "registry"
 _CONTEXT = b"mesh-enrol-v1"
 MAX_ENROL_FRAME = 4096
+ENROL_RATE, ENROL_BURST = 20.0, 40  # enrolments a registry instance opens per second
 
 
 def enrol_subject(prefix: str, instance: str) -> str:
@@ -93,14 +95,20 @@ async def enrol(
     own = transport is None
     transport = transport or NatsTransport(config.servers, name=f"{agent}.enrolment")
     verifier = CertificateVerifier(root_public_key)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
     if own:
         await transport.connect()
     try:
-        kv = await transport.key_value(f"{config.prefix}-directory")
+        kv = await transport.key_value(
+            f"{config.prefix}-directory",
+            ttl=max(3 * config.directory.ttl, 10.0),
+            replicas=config.directory.replicas,
+        )
         directory = Directory(kv.watch, verifier, ttl=config.directory.ttl)
-        await directory.start(timeout)
+        await directory.start(max(0.1, end - loop.time()))
         try:
-            record = await directory.wait_for(REGISTRY_AGENT, timeout)
+            record = await directory.wait_for(REGISTRY_AGENT, max(0.1, end - loop.time()))
         finally:
             await directory.close()
         if REGISTRY_ROLE not in record.certificate.roles:
@@ -121,7 +129,10 @@ async def enrol(
             )
         )
         reply = await _request(
-            transport, enrol_subject(config.prefix, record.instance), sealed, timeout
+            transport,
+            enrol_subject(config.prefix, record.instance),
+            sealed,
+            max(0.1, end - loop.time()),
         )
     finally:
         if own:
@@ -145,7 +156,10 @@ async def _request(transport: Transport, subject: str, payload: bytes, timeout: 
 
     async def on_reply(msg: InboundMessage) -> None:
         if not fut.done():
-            fut.set_result(msg.data)
+            if is_no_responders(msg):
+                fut.set_exception(Unavailable("the registry instance is not listening"))
+            else:
+                fut.set_result(msg.data)
 
     sub = await transport.subscribe(inbox, on_reply)
     try:
@@ -205,9 +219,14 @@ async def serve_enrolment(mesh: Any, issue: Callable[[EnrolmentRequest], Awaitab
     if REGISTRY_ROLE not in mesh.identity.certificate.roles:
         raise PermissionDenied("serving enrolment needs an identity with the registry role")
 
+    budget = TokenBucket(ENROL_RATE, ENROL_BURST)
+    prefix = f"{mesh.config.prefix}."
+
     async def on_request(msg: InboundMessage) -> None:
-        if not msg.reply:
-            return
+        if not msg.reply or msg.reply.startswith(prefix):
+            return  # never answer into the mesh's own subjects
+        if not budget.try_take():
+            return  # unauthenticated work is bounded; the enrolling agent retries
         try:
             request = open_enrolment(msg.data, box)
             out = {"status": "OK", "certificate": await issue(request)}

@@ -156,10 +156,10 @@ class Governance:
         try:
             rev = self._store.decode_policy(raw)
             policy = parse_policy(rev.policy_json.decode(), source=rev.source)
-        except MeshError as exc:
+        except Exception as exc:
             # NACK: keep serving on the last good policy and say why in the directory.
-            self.error = exc.message
-            log.error("mesh.policy_refused", error=exc.message)
+            self.error = exc.message if isinstance(exc, MeshError) else type(exc).__name__
+            log.error("mesh.policy_refused", error=self.error)
         else:
             if self.revision is not None and rev.revision <= self.revision:
                 return
@@ -227,7 +227,8 @@ class Governance:
         Raises:
             PermissionDenied: naming the rule that decided.
         """
-        if self._mesh.name == REGISTRY:
+        me = self._mesh.identity.certificate
+        if me.agent == REGISTRY and REGISTRY in me.roles:
             return  # the registry checks roles itself (admin for everything but renew)
         decision = self.engine.decide(caller.agent, caller.roles, self._mesh.name, endpoint)
         result = "deny" if not decision.allowed else ("audit" if decision.audit_only else "allow")

@@ -209,10 +209,13 @@ class ReplyCache:
 
     def _trim(self, now: float) -> None:
         entries = self._entries
-        while entries:
-            _key, (born, _fp, fut) = next(iter(entries.items()))
-            # Entries still running are never evicted: that would let a retry run it twice.
-            if fut.done() and (len(entries) >= self._max or born + self.ttl < now):
+        for _ in range(len(entries)):
+            key, (born, _fp, fut) = next(iter(entries.items()))
+            if not fut.done():
+                # Still running: never evicted (a retry would run it twice); look past it.
+                entries.move_to_end(key)
+                continue
+            if len(entries) >= self._max or born + self.ttl < now:
                 entries.popitem(last=False)
             else:
                 break

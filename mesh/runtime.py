@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -57,6 +58,7 @@ from .envelope import (
     HDR_TRACEPARENT,
     HDR_TRACESTATE,
     MAGIC,
+    MAX_HEADER,
     PREFIX,
     Header,
     Kind,
@@ -73,6 +75,7 @@ from .errors import (
     MeshError,
     MessageTooLarge,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     error_from_code,
@@ -93,6 +96,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 OK = "OK"
 NO_ID = bytes(16)
+MAX_IDEMPOTENCY_KEY = 256
 # Sealing adds a 24-byte nonce and a 16-byte tag; headers are at most 16 KiB.
 # A frame adds to its body: a 4-byte prefix, a header of at most 16 KiB, and a 24-byte nonce
 # with a 16-byte tag (sealed) or a 64-byte signature (events).
@@ -427,10 +431,12 @@ class Mesh:
         """Send this instance's golden signals per edge to the registry, periodically."""
         while True:
             await asyncio.sleep(self.config.signals_interval)
-            report = self.signals.snapshot_and_reset(time.time())
-            if report.edges:
-                with contextlib.suppress(MeshError):
+            try:
+                report = self.signals.snapshot_and_reset(time.time())
+                if report.edges:
                     await self.publish(SIGNALS_TOPIC, report)
+            except Exception as exc:  # reporting must never stop
+                log.warning("mesh.signals_report_failed", error_type=type(exc).__name__)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run background work that drain waits for."""
@@ -514,6 +520,10 @@ class Mesh:
             self._checked_names.add((agent, endpoint))
         if traceparent is not None or tracestate is not None:
             check_trace_context(traceparent, tracestate)
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(
+                f"idempotency keys are 1 to {MAX_IDEMPOTENCY_KEY} characters long"
+            )
         gov = self.governance
         gov.check_outgoing(agent, endpoint)
         settings = gov.endpoint_settings(agent, endpoint)
@@ -556,6 +566,9 @@ class Mesh:
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
+        except Exception:
+            code = Internal.code
+            raise
         finally:
             self.signals.finish(key, code, time.perf_counter() - started)
             self.telemetry.end(span, code)
@@ -592,10 +605,12 @@ class Mesh:
             record: InstanceRecord | None = None
             info: EndpointInfo | None = None
             try:
+                if attempt > 1 and time.time() >= dl:
+                    raise DeadlineExceeded(f"deadline of {agent}.{endpoint} passed")
                 if pinned is not None and self.directory.is_gone(pinned.key):
                     avoid.add(pinned.key)
                     pinned = None
-                record = pinned or self._pick(agent, avoid)
+                record = pinned or self._pick(agent, endpoint, avoid)
                 info = record.endpoints.get(endpoint)
                 if info is None:
                     raise NotFound(f"agent {agent!r} has no endpoint {endpoint!r}")
@@ -629,13 +644,12 @@ class Mesh:
                     # once, so stay, and move only on signed evidence that it is gone.
                     pinned = record
                     if isinstance(exc, _InstanceDown):
-                        left = dl - time.time()
-                        if not await self.directory.wait_gone(record.key, left):
-                            self.stats.fate("deadline_exceeded")
-                            raise DeadlineExceeded(
-                                f"{record.key} stopped answering and did not leave the "
-                                "directory before the deadline"
-                            ) from exc
+                        # Wait (bounded) for signed evidence; without it, ask the same instance
+                        # again: if it lives, its reply cache answers.
+                        wait = min(self.config.directory.ttl, dl - time.time())
+                        await self.directory.wait_gone(record.key, wait)
+                if record is not None and isinstance(exc, ResourceExhausted) and exc.retry_after:
+                    self._picker.penalize(record.key, exc.retry_after)
                 await asyncio.sleep(delay)
                 continue
             self.stats.fate("ok" if attempt == 1 else "ok_after_retry")
@@ -658,10 +672,13 @@ class Mesh:
             return None, "retry_skipped_budget"
         return delay, "retried"
 
-    def _pick(self, agent: str, avoid: set[str]) -> InstanceRecord:
+    def _pick(self, agent: str, endpoint: str, avoid: set[str]) -> InstanceRecord:
         candidates = self.directory.instances(agent)
         if not candidates:
             raise _NotDelivered(f"no live instance of agent {agent!r}")
+        if len(candidates) > 1 and any(endpoint not in r.endpoints for r in candidates):
+            # During a rolling upgrade some instances may not serve the endpoint yet.
+            candidates = [r for r in candidates if endpoint in r.endpoints] or candidates
         if avoid:
             candidates = [r for r in candidates if r.key not in avoid] or candidates
         return self._picker.pick(candidates, _record_key)
@@ -702,6 +719,8 @@ class Mesh:
         if tracestate is not None:
             hdr["tst"] = headers[HDR_TRACESTATE] = tracestate
         hb = msgpack.packb(hdr, use_bin_type=True)
+        if len(hb) > MAX_HEADER:
+            raise InvalidArgument(f"request header of {len(hb)} bytes exceeds {MAX_HEADER}")
         aad = PREFIX.pack(MAGIC, len(hb)) + hb
         key = self._pair.get(record.certificate.box_pk)
         frame = seal_frame(key, aad, plaintext)
@@ -763,7 +782,7 @@ class Mesh:
             self.stats.dropped_replies += 1
             return
         if len(data) - end > self._max_sealed:
-            p.fut.set_exception(_too_large(len(data) - end))  # a reply over our own limit
+            self.stats.dropped_replies += 1  # over our limit: not opened, like a forgery
             return
         try:
             plaintext = open_frame(p.key, data, end)
@@ -860,7 +879,9 @@ class Mesh:
             status=exc.code,
             message=exc.message,
             rule=exc.rule,
-            retry_after_ms=int(exc.retry_after * 1000) if exc.retry_after is not None else None,
+            retry_after_ms=max(1, math.ceil(exc.retry_after * 1000))
+            if exc.retry_after is not None
+            else None,
         )
         with contextlib.suppress(MeshError):
             await self.transport.publish(msg.reply, encode_frame(header)[0])
@@ -928,6 +949,8 @@ class Mesh:
         assert hdr.deadline is not None
         if hdr.deadline <= time.time() * 1000:
             raise DeadlineExceeded("request deadline passed before it arrived")
+        if hdr.traceparent is not None or hdr.tracestate is not None:
+            check_trace_context(hdr.traceparent, hdr.tracestate)
         nats_headers = msg.headers or {}
         if (
             nats_headers.get(HDR_DEADLINE) != str(hdr.deadline)
@@ -993,7 +1016,10 @@ class Mesh:
         )
         try:
             if not limit.try_acquire():
-                await limit.acquire()
+                try:
+                    await asyncio.wait_for(limit.acquire(), max(0.0, deadline - time.time()))
+                except TimeoutError:
+                    raise DeadlineExceeded("deadline passed while the request was queued") from None
             try:
                 remaining = deadline - time.time()
                 if remaining <= 0:

@@ -332,6 +332,12 @@ class ContainerServer:
     url: str
 
 
+def _missing_docker_socket() -> str | None:
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    path = host[len("unix://") :]
+    return path if host.startswith("unix://") and not os.path.exists(path) else None
+
+
 @contextlib.asynccontextmanager
 async def container_server(image: str = "nats:2.10") -> AsyncIterator[ContainerServer]:
     """A nats-server with JetStream from testcontainers (needs a Docker engine).
@@ -347,10 +353,10 @@ async def container_server(image: str = "nats:2.10") -> AsyncIterator[ContainerS
             pytest.skip(reason)
         raise NatsServerError(reason)
 
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if host.startswith("unix://") and not os.path.exists(host[len("unix://") :]):
+    missing = _missing_docker_socket()
+    if missing:
         # Checked before docker-py is touched: it leaks its socket when no engine answers.
-        unavailable(f"no Docker engine for testcontainers: {host[len('unix://') :]} is missing")
+        unavailable(f"no Docker engine for testcontainers: {missing} is missing")
     try:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs

@@ -7,6 +7,7 @@ in memory for unit tests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -344,21 +345,32 @@ class NatsTransport:
             return None
 
         try:
-            self._nc = await nats.connect(
-                servers=self._servers,
-                name=self._name,
-                connect_timeout=max(1, int(self._connect_timeout)),
-                reconnected_cb=reconnected,
-                error_cb=error_cb,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                allow_reconnect=True,
-                **self._options,
+            # nats-py retries a first connection forever when reconnects are unbounded:
+            # bound it, so a wrong URL is an error and not a silent hang.
+            self._nc = await asyncio.wait_for(
+                self._connect(reconnected, error_cb), self._connect_timeout
             )
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             raise Unavailable(
-                f"cannot connect to NATS at {', '.join(self._servers)}: {exc}"
+                f"cannot connect to NATS at {', '.join(self._servers)}: {str(exc) or 'timed out'}"
             ) from exc
+
+    async def _connect(
+        self,
+        reconnected: Callable[[], Awaitable[None]],
+        error_cb: Callable[[Exception], Awaitable[None]],
+    ) -> Client:
+        return await nats.connect(
+            servers=self._servers,
+            name=self._name,
+            connect_timeout=max(1, int(self._connect_timeout)),
+            reconnected_cb=reconnected,
+            error_cb=error_cb,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            allow_reconnect=True,
+            **self._options,
+        )
 
     async def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

@@ -39,13 +39,14 @@ from ..identity import (
 from ..policy import PolicyEngine, diff_policies, load_policy, parse_policy
 from ..runtime import Mesh
 from . import observe
-from ._common import env_default, parse_duration, run_command
+from ._common import configure_logging, env_default, parse_duration, run_command
 
 ADMIN_ROLE = "admin"
 REGISTRY = "registry"
 EXPIRY_WARNING_S = 7 * 24 * 3600
 ROOT_WARNING_S = 90 * 24 * 3600
-out = Console(highlight=False, soft_wrap=True)
+# Piped output keeps whole rows (serials, instance ids) so it can be cut and pasted.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -132,7 +133,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         except MeshError as exc:
             failed += 1
             for e in getattr(exc, "errors", None) or [exc]:
-                err.print(f"[red]error:[/] {e.message}")
+                err.print(e.message, markup=False)
             continue
         spec = policy.spec
         out.print(
@@ -190,7 +191,7 @@ async def cmd_apply(args: argparse.Namespace) -> int:
     else:
         out.print(f"applied revision {reply.revision}")
         for line in reply.changes:
-            out.print(f"  {line}")
+            out.print(f"  {line}", markup=False)
     return 0
 
 
@@ -204,19 +205,26 @@ async def cmd_diff(args: argparse.Namespace) -> int:
     base = f"revision {current[0].revision}" if current else "no policy"
     out.print(f"{args.path} against {base}:")
     for line in lines or ["no changes"]:
-        out.print(f"  {line}")
+        out.print(f"  {line}", markup=False)
     return 0
 
 
 async def cmd_get(args: argparse.Namespace) -> int:
-    """Print the current revision."""
+    """Print the current revision (or an earlier one with --revision)."""
     async with _admin(args) as mesh:
-        current = await mesh.control.current_policy()
-    if current is None:
+        if args.revision is None:
+            current = await mesh.control.current_policy()
+            found = current[0] if current else None
+        else:
+            kept = {r.revision: r for r in await mesh.control.policy_history()}
+            found = kept.get(args.revision)
+            if found is None:
+                raise FailedPrecondition(f"revision {args.revision} is not in the kept history")
+    if found is None:
         raise FailedPrecondition("no policy has been applied yet")
-    rev = current[0]
+    rev = found
     if args.json:
-        out.print_json(rev.policy_json.decode())
+        print(rev.policy_json.decode())
         return 0
     out.print(
         f"revision {rev.revision} from {rev.source}, applied by {rev.applied_by} at "
@@ -224,7 +232,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
     )
     import yaml
 
-    out.print(yaml.safe_dump(json.loads(rev.policy_json), sort_keys=False).rstrip())
+    out.print(yaml.safe_dump(json.loads(rev.policy_json), sort_keys=False).rstrip(), markup=False)
     return 0
 
 
@@ -256,7 +264,7 @@ async def cmd_rollback(args: argparse.Namespace) -> int:
         )
     out.print(f"revision {reply.revision} now runs the policy of revision {args.revision}")
     for line in reply.changes:
-        out.print(f"  {line}")
+        out.print(f"  {line}", markup=False)
     return 0
 
 
@@ -283,7 +291,7 @@ async def cmd_explain(args: argparse.Namespace) -> int:
                 source=rev.source,
             )
     decision = engine.decide(args.caller, roles, args.callee, args.endpoint)
-    out.print(decision.explain(engine.source, engine.revision))
+    out.print(decision.explain(engine.source, engine.revision), markup=False)
     return 0 if decision.allowed else 3
 
 
@@ -390,8 +398,8 @@ async def cmd_audit_tail(args: argparse.Namespace) -> int:
     """Print the last records; with -f, follow new ones (each verified)."""
     async with _admin(args) as mesh:
         records, problems = await mesh.control.read_audit()
-        for rec in records[-args.lines :]:
-            out.print(_audit_line(rec))
+        for rec in records[-args.lines :] if args.lines > 0 else []:
+            out.print(_audit_line(rec), markup=False)
         for p in problems:
             err.print(f"[red]audit problem:[/] {p}")
         if not args.follow:
@@ -401,11 +409,11 @@ async def cmd_audit_tail(args: argparse.Namespace) -> int:
         tail: list[tuple[int, bytes]] = [last] if last else []
         async for seq, raw in stream.follow((last[0] + 1) if last else 1):
             tail = [*tail[-1:], (seq, raw)]
-            recs, probs = verify_audit_chain(tail, mesh.trust_root.public_key)
+            recs, probs = verify_audit_chain(tail, mesh.trust_root.public_key, first_seq=tail[0][0])
             for p in probs:
                 err.print(f"[red]audit problem:[/] {p}")
             if recs and recs[-1].seq == seq:
-                out.print(_audit_line(recs[-1]))
+                out.print(_audit_line(recs[-1]), markup=False)
     return 0
 
 
@@ -414,7 +422,7 @@ async def cmd_audit_verify(args: argparse.Namespace) -> int:
     async with _admin(args) as mesh:
         records, problems = await mesh.control.read_audit()
     for p in problems:
-        out.print(f"[red]FAIL[/] {p}")
+        out.print(f"FAIL {p}", markup=False)
     if problems:
         out.print(f"audit log: {len(problems)} problem(s) in {len(records)} verified record(s)")
         return 1
@@ -506,13 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("path", metavar="PATH")
     g = cmd("get", _online(cmd_get), "print the current policy revision", True)
     g.add_argument("--json", action="store_true", help="the canonical JSON instead of YAML")
+    g.add_argument("--revision", type=int, help="an earlier revision from the history")
     cmd("history", _online(cmd_history), "list the kept policy revisions", True)
     rb = cmd("rollback", _online(cmd_rollback), "apply an earlier revision again", True)
     rb.add_argument("revision", type=int)
     ex = cmd(
         "explain",
         _online(cmd_explain),
-        "print the decision and its rule for a call, sending nothing",
+        "print the decision and its rule for a call, sending nothing (exit 0 ALLOW, 3 DENY)",
         True,
     )
     ex.add_argument("caller")
@@ -586,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mesh-policy``."""
     args = build_parser().parse_args(argv)
+    configure_logging("warning")  # library logs go to stderr, never into the output
     return int(run_command(lambda: args.func(args)))
 
 
