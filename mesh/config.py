@@ -30,7 +30,8 @@ class Timeouts:
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """When and how failed attempts are retried (only retryable failures, only for idempotent
-    endpoints or requests with an idempotency key, never past the deadline).
+    endpoints or requests with an idempotency key, or when nothing was sent because no instance
+    was live; never past the deadline).
 
     Attributes:
         attempts: total attempts including the first.

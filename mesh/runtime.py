@@ -1,14 +1,17 @@
 """The runtime: ``Mesh``, one connection per agent instance, with the client and server pipelines.
 
-Server pipeline, in order of cost (cheapest rejection first): size, decode, addressing, time
-window and replay check, deadline, readable-header match, certificate (cached), endpoint lookup,
-open the seal, record the id, authorize, then queue for the endpoint's concurrency limit and
-run the handler. Nothing reaches a handler unless every step passed.
+Server pipeline, cheapest rejection first (``docs/protocol.md``, Callee processing): decode the
+header, body size, kind, addressing, time window and replay check, deadline (expired requests
+are dropped unanswered), readable-header match, certificate (cached; expiry, revocation),
+rate-limit peek, open the seal, record the id; then, answered sealed: endpoint lookup,
+authorization, rate-limit take; then queue for the endpoint's concurrency limit (bounded by the
+deadline) and run the handler. Nothing reaches a handler unless every step passed.
 
-Client pipeline: deadline, encode and size check, pick an instance (power of two choices), seal,
-send to the instance's own subject, await the sealed reply on the connection's inbox; retry
-retryable failures of idempotent calls with full-jitter backoff within the retry budget and
-the deadline.
+Client pipeline: names, policy check, deadline, encode and size check, pick an instance (power
+of two choices), seal, send to the instance's own subject, await the sealed reply on the
+connection's inbox; retry retryable failures with full-jitter backoff within the retry budget
+and the deadline: idempotent calls on another instance, keyed calls on the same one until
+signed evidence says it is gone.
 """
 
 from __future__ import annotations
@@ -354,8 +357,9 @@ class Mesh:
                     await background
         key = f"{self.name}.{self.instance}"
         if was_serving:
-            # A signed announcement: callers stop picking this instance, and know that calls
-            # moved elsewhere will not also run here.
+            # A signed announcement: callers stop picking this instance for new calls. In-flight
+            # work still finishes here (a keyed call that times out meanwhile may move and run
+            # twice: the documented window).
             with contextlib.suppress(MeshError):
                 await self._kv.put(key, self._record(STATE_DRAINING))
             await asyncio.sleep(self.config.directory.drain_grace)

@@ -19,8 +19,8 @@ start time -- about what the directory bucket shows already, plus traffic counts
 bodies, callers, certificates and error messages are never included. The answers cannot be
 trusted either: anyone may answer ``$SRV`` requests, so they serve operators' tools, never the
 mesh's own decisions (the signed directory does that). To hide them, deny ``$SRV.>`` to
-untrusted NATS users, or turn the responder off: the runtime calls ``serve_services`` for every
-agent it serves (a switch such as ``MeshConfig.services: bool = True`` is meant to control it).
+untrusted NATS users, or turn the responder off with ``MeshConfig(services=False)`` (the
+runtime calls ``serve_services`` for every agent it serves unless told not to).
 """
 
 from __future__ import annotations
