@@ -123,7 +123,7 @@ _REQUIRED: dict[int, tuple[str, ...]] = {
 
 
 _KEYS = tuple(key for key, _typ in _FIELDS.values())
-_TYPES = tuple(typ for _key, typ in _FIELDS.values())
+_TYPE_OF = dict(_FIELDS.values())
 _ORDER = list(_FIELDS)
 _REQUIRED_AT = {kind: tuple(_ORDER.index(a) for a in attrs) for kind, attrs in _REQUIRED.items()}
 
@@ -217,11 +217,11 @@ def decode_frame(frame: bytes) -> tuple[Header, int]:
     if type(raw) is not dict:
         raise DecodeError("header must be a msgpack map")
     # Known keys only: unknown ones are ignored, so later minor versions can add fields.
-    get = raw.get
-    values = [get(key) for key in _KEYS]
-    for value, key, typ in zip(values, _KEYS, _TYPES, strict=True):
-        if value is not None and type(value) is not typ:
+    for key, value in raw.items():
+        typ = _TYPE_OF.get(key)
+        if typ is not None and type(value) is not typ and value is not None:
             raise DecodeError(f"header field {key!r} must be {typ.__name__}")
+    values = list(map(raw.get, _KEYS))
     required = _REQUIRED_AT.get(values[0])  # type: ignore[arg-type]
     if required is None:
         raise DecodeError(f"unknown frame kind {values[0]!r}")
