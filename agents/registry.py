@@ -349,14 +349,7 @@ async def renew(_: RenewRequest, ctx: Context) -> CertificateReply:
     if old is None:
         raise Unauthenticated("no certificate to renew")
     life = min(float(old.not_after - old.not_before - 60), DEFAULT_CERT_TTL)
-    cert = mesh.trust_root.issue(
-        old.agent,
-        sign_pk=old.sign_pk,
-        box_pk=old.box_pk,
-        instance=old.instance,
-        roles=old.roles,
-        ttl=max(life, 60.0),
-    )
+    cert = mesh.trust_root.reissue(old, ttl=life)
     await _record_issue(mesh, cert.raw, "renewal", _actor(ctx), previous=old.serial)
     return CertificateReply.of(cert)
 

@@ -23,7 +23,7 @@ from .agent import Peer
 from .control import ControlStore
 from .errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
 from .identity import Certificate, Identity
-from .policy import EndpointPolicy, PolicyEngine, parse_policy
+from .policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_policy
 from .ratelimit import RateLimiter, TokenBucket
 
 if TYPE_CHECKING:
@@ -273,15 +273,7 @@ class Governance:
         Raises:
             ResourceExhausted: with ``retry_after``.
         """
-        settings = self.engine.endpoint_settings(self._mesh.name, endpoint)
-        if settings is None or settings.rate_limit is None:
-            return
-        wait = self.limiter.check(caller, self._mesh.name, endpoint, settings.rate_limit)
-        if wait is not None:
-            raise ResourceExhausted(
-                f"rate limit of {self._mesh.name}.{endpoint} exceeded for {caller}",
-                retry_after=wait,
-            )
+        self._rate(caller, endpoint, self.limiter.check)
 
     def rate_take(self, caller: str, endpoint: str) -> None:
         """Consume a token once the request is authenticated.
@@ -289,10 +281,18 @@ class Governance:
         Raises:
             ResourceExhausted: with ``retry_after``.
         """
+        self._rate(caller, endpoint, self.limiter.take)
+
+    def _rate(
+        self,
+        caller: str,
+        endpoint: str,
+        step: Callable[[str, str, str, RateLimitSpec | None], float | None],
+    ) -> None:
         settings = self.engine.endpoint_settings(self._mesh.name, endpoint)
         if settings is None or settings.rate_limit is None:
             return
-        wait = self.limiter.take(caller, self._mesh.name, endpoint, settings.rate_limit)
+        wait = step(caller, self._mesh.name, endpoint, settings.rate_limit)
         if wait is not None:
             raise ResourceExhausted(
                 f"rate limit of {self._mesh.name}.{endpoint} exceeded for {caller}",
@@ -331,14 +331,7 @@ class Governance:
         mesh = self._mesh
         old = mesh.identity.certificate
         if mesh.trust_root.can_sign:
-            new = mesh.trust_root.issue(
-                old.agent,
-                sign_pk=old.sign_pk,
-                box_pk=old.box_pk,
-                instance=old.instance,
-                roles=old.roles,
-                ttl=old.not_after - old.not_before - 60,
-            )
+            new = mesh.trust_root.reissue(old)
         else:
             reply = await mesh.request(REGISTRY, "renew", RenewRequest(), CertificateReply)
             new = mesh.verifier.verify(reply.raw())

@@ -302,6 +302,23 @@ class TrustRoot:
         raw = msgpack.packb([body, self.sign(body)], use_bin_type=True)
         return Certificate.decode(raw)[0]
 
+    def reissue(self, cert: Certificate, ttl: float | None = None) -> Certificate:
+        """A fresh certificate (new serial) for the same agent, instance, roles and keys.
+
+        Args:
+            cert: the certificate to renew.
+            ttl: the new lifetime (default: the old one's).
+        """
+        life = cert.not_after - cert.not_before - 60 if ttl is None else ttl
+        return self.issue(
+            cert.agent,
+            sign_pk=cert.sign_pk,
+            box_pk=cert.box_pk,
+            instance=cert.instance,
+            roles=cert.roles,
+            ttl=max(life, 60.0),
+        )
+
     def issue_identity(
         self,
         agent: str,
