@@ -431,3 +431,30 @@ async def test_audit_log_records_and_detects_tampering(world: World) -> None:
     text = "\n".join(problems)
     assert "missing (removed)" in text
     assert "not signed by this mesh's trust root" in text
+
+
+async def test_agents_keep_serving_while_jetstream_is_away_and_catch_up(world: World) -> None:
+    """The NATS server (and JetStream) restarts: agents serve on the last good policy meanwhile,
+    re-create their watches after reconnecting, and pick up the next revision."""
+    calls: Counter[str] = Counter()
+    bob = await world.join("bob", make_bob(calls))
+    alice = await world.join("alice")
+    rev = await world.apply(POLICY)
+    await wait_until(lambda: bob.governance.revision == rev and alice.governance.revision == rev)
+    await world.registry.drain()
+
+    await world.server.kill()
+    with pytest.raises(mesh.MeshError):  # the broker is gone: the call fails, nothing hangs
+        await alice.request("bob", "echo", Msg(text="x"), Msg, timeout=0.5)
+    assert bob.governance.revision == rev  # fail static: the last good policy stays
+    await world.server.restart()
+
+    await wait_until(lambda: alice.transport.connected and bob.transport.connected, timeout=20)
+    await alice.wait_for("bob", timeout=20)
+    assert (await alice.request("bob", "echo", Msg(text="back"), Msg, timeout=5)).text == "back"
+    world.registry = await world.start_registry()
+    newer = await world.apply(POLICY.replace("name: test", "name: test-after-restart"))
+    await wait_until(
+        lambda: bob.governance.revision == newer and alice.governance.revision == newer,
+        timeout=20,
+    )
