@@ -273,6 +273,9 @@ class NatsServer:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=log,
+                    # Its own session: a Ctrl-C in the terminal reaches the program, which
+                    # drains its agents first and then stops the server; not the server first.
+                    start_new_session=True,
                 )
             assert self._workdir is not None
             self._finalizer = weakref.finalize(self, _abandon, self._proc.pid, self._workdir)
