@@ -48,6 +48,7 @@ from mesh import (
     Unauthenticated,
     canonical_policy_bytes,
     diff_policies,
+    parse_canonical,
     parse_policy,
     serve_enrolment,
 )
@@ -177,11 +178,9 @@ async def _install(
     """Sign and store ``policy_json`` as the next revision (compare-and-set)."""
     mesh = ctx.mesh
     _require_root(mesh)
-    new = parse_policy(policy_json.decode(), source=source)
+    new = parse_canonical(policy_json, source=source)
     current = await mesh.control.current_policy()
-    old = (
-        parse_policy(current[0].policy_json.decode(), source=current[0].source) if current else None
-    )
+    old = parse_canonical(current[0].policy_json, source=current[0].source) if current else None
     if current is not None and current[0].policy_json == policy_json and rollback_of is None:
         return ApplyReply(revision=current[0].revision, changes=[], unchanged=True)
     revision = current[0].revision + 1 if current else 1

@@ -51,6 +51,7 @@ from .policy import (
     canonical_policy_bytes,
     diff_policies,
     load_policy,
+    parse_canonical,
     parse_policy,
 )
 from .runtime import EndpointStats, Mesh, connect
@@ -115,6 +116,7 @@ __all__ = [
     "load_identity",
     "load_policy",
     "load_trust_root",
+    "parse_canonical",
     "parse_policy",
     "save_identity",
     "save_trust_root",

@@ -23,7 +23,7 @@ from .agent import Peer
 from .control import ControlStore
 from .errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
 from .identity import Certificate, Identity
-from .policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_policy
+from .policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_canonical
 from .ratelimit import RateLimiter, TokenBucket
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class Governance:
         assert self._store is not None and isinstance(raw, bytes)
         try:
             rev = self._store.decode_policy(raw)
-            policy = parse_policy(rev.policy_json.decode(), source=rev.source)
+            policy = parse_canonical(rev.policy_json, source=rev.source)
         except Exception as exc:
             # NACK: keep serving on the last good policy and say why in the directory.
             self.error = exc.message if isinstance(exc, MeshError) else type(exc).__name__

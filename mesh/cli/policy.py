@@ -36,7 +36,7 @@ from ..identity import (
     save_identity,
     save_trust_root,
 )
-from ..policy import PolicyEngine, diff_policies, load_policy, parse_policy
+from ..policy import PolicyEngine, diff_policies, load_policy, parse_canonical, parse_policy
 from ..runtime import Mesh
 from . import observe
 from ._common import configure_logging, env_default, parse_duration, run_command
@@ -200,7 +200,7 @@ async def cmd_diff(args: argparse.Namespace) -> int:
     new = load_policy(args.path)
     async with _admin(args) as mesh:
         current = await mesh.control.current_policy()
-    old = parse_policy(current[0].policy_json.decode(), current[0].source) if current else None
+    old = parse_canonical(current[0].policy_json, current[0].source) if current else None
     lines = diff_policies(old, new)
     base = f"revision {current[0].revision}" if current else "no policy"
     out.print(f"{args.path} against {base}:")
@@ -286,7 +286,7 @@ async def cmd_explain(args: argparse.Namespace) -> int:
         else:
             rev = current[0]
             engine = PolicyEngine(
-                parse_policy(rev.policy_json.decode(), rev.source),
+                parse_canonical(rev.policy_json, rev.source),
                 revision=rev.revision,
                 source=rev.source,
             )

@@ -1020,3 +1020,16 @@ def test_decide_equals_reference(
             assert (d.allowed, d.rule, d.effect, d.audit_only) == reference_decide(
                 spec, caller, roles, callee, endpoint
             )
+
+
+def test_parse_canonical_round_trips_and_reports_like_parse_policy() -> None:
+    """The distributed (canonical JSON) form parses to the same policy; a bad one still
+    yields a PolicyError naming the source."""
+    from mesh.policy import canonical_policy_bytes, parse_canonical
+
+    text = (POLICIES / "research.yaml").read_text()
+    policy = parse_policy(text, source="research.yaml")
+    assert parse_canonical(canonical_policy_bytes(policy)) == policy
+    with pytest.raises(PolicyError) as info:
+        parse_canonical(b'{"apiVersion": "mesh/v1", "kind": "Policy"}', source="rev-9")
+    assert info.value.source == "rev-9"
