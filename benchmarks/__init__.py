@@ -10,6 +10,8 @@ Modules, one idea each:
 - ``loads``: the measurement loops (sequential, N in flight, events).
 - ``footprint``: mesh-only scalars (start-to-ready, resident memory); ``python -m
   benchmarks.footprint`` is the child process whose memory is measured.
+- ``propagation``: mesh-only policy propagation; ``python -m benchmarks.propagation`` is the
+  child process running the registry, an admin client and N agents.
 - ``stats``: percentiles and medians of rounds.
 - ``machine``: what ran the benchmark (CPU, versions, date).
 - ``report``: the JSON file, the markdown table and the PNG chart.
@@ -22,7 +24,5 @@ SYSTEMS = ("raw-nats", "faststream", "mesh")
 NOT_MEASURED = {
     "mesh-nosign": "the mesh has no mode without signing/sealing: every request is sealed "
     "and carries its certificate, every event is signed",
-    "policy-propagation-10": "not measured: needs the policy registry (issue 3)",
-    "policy-propagation-100": "not measured: needs the policy registry (issue 3)",
 }
 """Scenarios or systems the spec names but the mesh cannot be measured on yet, with why."""

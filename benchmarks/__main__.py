@@ -20,8 +20,8 @@ from . import NOT_MEASURED, SYSTEMS
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
-FULL = {"rounds": 3, "seconds": 3.0, "warmup": 0.5, "extra_agents": 10}
-QUICK = {"rounds": 1, "seconds": 0.6, "warmup": 0.2, "extra_agents": 10}
+FULL = {"rounds": 3, "seconds": 3.0, "warmup": 0.5, "extra_agents": 10, "applies": 10}
+QUICK = {"rounds": 1, "seconds": 0.6, "warmup": 0.2, "extra_agents": 10, "applies": 3}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--seconds", type=float, help="override the seconds per measurement")
+    p.add_argument(
+        "--applies", type=int, help="override the policy revisions applied per round (policy-*)"
+    )
     p.add_argument(
         "--from-json",
         type=Path,
@@ -95,11 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         preset["rounds"] = args.rounds
     if args.seconds is not None:
         preset["seconds"] = args.seconds
+    if args.applies is not None:
+        preset["applies"] = args.applies
+    if preset["applies"] < 1:
+        print("--applies must be at least 1", file=sys.stderr)
+        return 2
     settings = Settings(
         rounds=int(preset["rounds"]),
         seconds=float(preset["seconds"]),
         warmup=float(preset["warmup"]),
         extra_agents=int(preset["extra_agents"]),
+        applies=int(preset["applies"]),
     )
 
     started = time.perf_counter()
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": settings.seconds,
             "warmup": settings.warmup,
             "extra_agents": settings.extra_agents,
+            "applies": settings.applies,
             "systems": systems,
             "elapsed_s": round(elapsed, 1),
         },

@@ -10,6 +10,13 @@ from typing import Any
 __all__ = ["render_chart", "render_markdown", "targets", "write_json"]
 
 BASELINES = ("raw-nats", "faststream")
+POLICY_P99_TARGET_MS = 250.0
+"""The issue's target: a policy revision reaches 100 agents with p99 under this."""
+
+
+def _mesh_only(scenario: str) -> bool:
+    """Scenarios measured on the mesh alone (no baseline to compare with)."""
+    return scenario.startswith(("mesh-", "policy-"))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -50,11 +57,15 @@ def _get(idx: dict[tuple[str, str], dict[str, Any]], sc: str, system: str, key: 
     return idx.get((sc, system), {}).get(key)
 
 
+POLICY_TARGET = f"policy propagation to 100 agents p99 < {POLICY_P99_TARGET_MS:g} ms"
+
+
 def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, each evaluated on every scenario it applies to.
 
     - 64 in flight: mesh throughput >= 0.6x raw nats, and >= 3x FastStream.
     - sequential: mesh p50 at most 0.1 ms above raw nats, and p99 at most 1.5x raw nats.
+    - policy propagation to 100 agents: p99 under 250 ms.
     """
     idx = _index(results)
     out: list[dict[str, Any]] = []
@@ -101,11 +112,21 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "{:.2f}x",
                 None if ratio is None else ratio <= 1.5,
             )
+        if sc == "policy-propagation-100":
+            p99 = _get(idx, sc, "mesh", "p99_ms")
+            add(
+                POLICY_TARGET,
+                sc,
+                p99,
+                "{:.1f} ms",
+                None if p99 is None else p99 < POLICY_P99_TARGET_MS,
+            )
     order = [
         "64-in-flight throughput >= 0.6x raw-nats",
         "64-in-flight throughput >= 3x faststream",
         "sequential p50 <= raw-nats p50 + 0.1 ms",
         "sequential p99 <= 1.5x raw-nats p99",
+        POLICY_TARGET,
     ]
     return sorted(out, key=lambda t: order.index(t["target"]))
 
@@ -143,10 +164,56 @@ METHOD = """\
   starts one agent (its own connection, one endpoint; `mesh-start-to-ready` times `Mesh(...)`
   to `start()` returning, directory bucket already present), reads VmRSS after 0.5 s, starts
   more agents in the same process, reads VmRSS again. MB = MiB.
+- **Policy propagation** (`policy-propagation-N`, `policy-ack-N`, N = 10 and 100): one
+  helper process, `python -m benchmarks.propagation`, started by the benchmark for each N and
+  round, runs everything on one asyncio event loop (one core): the policy registry
+  (`mesh_agents.registry`, holding the trust root), an admin client (role `admin`, no agent)
+  and N agents, each its own `Mesh` and NATS connection serving one endpoint, all started at
+  once (their start-up time is in the run's log and the table's notes). A subject prefix of
+  its own keeps its buckets apart from the other scenarios. Every `Mesh` in it watches the
+  directory and verifies every record it receives (Ed25519), so each round of heartbeats
+  costs N x N verifications on that one core: to keep the measurement about propagation the
+  agents use a 5 s heartbeat (TTL 15 s), send no golden-signal reports (`signals_interval=0`)
+  and do not answer the NATS services protocol (`services=False`). After one unmeasured
+  warm-up revision, the admin applies `policies/research.yaml` with a new `metadata.name`
+  each time (so a new revision), each once the previous one is acknowledged everywhere, plus
+  0.25 s. Per apply, from just before `request(registry, apply)`: *propagation* ends at the
+  latest of the moments each agent's governance switched to the new revision (noted
+  in-process when governance calls `Mesh.policy_changed`; every agent's
+  `governance.wait_for_revision` confirms it); *ack* ends when the admin's `directory.all()`
+  shows every agent's record with the new `policy_revision` (polled every 1 ms): the
+  acknowledgement `mesh-policy agents` shows. p50 and p99 are over the applies of a round
+  (p99 of a few applies is close to their maximum). In a deployment each agent has its own
+  process; here all N share one core and do their policy parsing and directory verification
+  one after another, so the N-agent numbers are an upper bound, and the ack (N re-registered
+  records, each verified by all N + 2 `Mesh`es here) is inflated most.
 - **Rounds**: systems are interleaved within each scenario (their order rotated each round),
   the whole set is repeated for the configured rounds, and each number is the median of its
   rounds (per metric). Percentiles within a round are over every call of that round.
 """
+
+
+def _policy_table(policy: list[dict[str, Any]], descriptions: dict[str, str]) -> list[str]:
+    lines = [
+        "Policy propagation (mesh only; milliseconds from sending `apply` to the registry):",
+        "",
+        "| Scenario | Agents | p50 ms | p99 ms | Applies per round | Notes |",
+        "|---|--:|--:|--:|--:|---|",
+    ]
+    for r in policy:
+        note = descriptions.get(r["scenario"], "")
+        if "agents_start_s" in r:
+            note += f"; the {r['agents']} agents started in {r['agents_start_s']:.2f} s"
+        if r["scenario"].startswith("policy-ack-") and "apply_reply_p50_ms" in r:
+            note += f"; the registry's reply took {r['apply_reply_p50_ms']:.1f} ms (p50)"
+        if "errors" in r and "p99_ms" not in r:
+            note = f"failed: {r['errors'][0]}"
+        lines.append(
+            f"| {r['scenario']} | {r.get('agents', '-')} | {_num(r.get('p50_ms'), 1)} | "
+            f"{_num(r.get('p99_ms'), 1)} | {r.get('applies_per_round', '-')} | {note} |"
+        )
+    lines.append("")
+    return lines
 
 
 def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
@@ -159,7 +226,8 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
         "Generated by `python -m benchmarks` (the `benchmarks/` package); do not edit by hand,",
         "rerun it. Options: `--quick` (under a minute), `--json PATH`, `--out PATH`,",
         "`--systems raw-nats,faststream,mesh`, `--scenarios 'reqreply-*'`, `--rounds N`,",
-        "`--from-json PATH` (re-render this page from a JSON file without measuring).",
+        "`--applies N` (policy revisions per round), `--from-json PATH` (re-render this page",
+        "from a JSON file without measuring).",
         "",
     ]
     if data.get("mode") == "quick":
@@ -186,9 +254,13 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
         "|---|---|--:|--:|--:|--:|",
     ]
     scalar: list[dict[str, Any]] = []
+    policy: list[dict[str, Any]] = []
     for r in results:
         if r["system"] == "mesh" and r["scenario"].startswith("mesh-"):
             scalar.append(r)
+            continue
+        if r["system"] == "mesh" and r["scenario"].startswith("policy-"):
+            policy.append(r)
             continue
         if "errors" in r and "throughput_per_s" not in r:
             lines.append(f"| {r['scenario']} | {r['system']} | failed: {r['errors'][0]} | | | |")
@@ -211,6 +283,8 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
             value = r.get("value")
             lines.append(f"| {r['scenario']} | {_num(value, 3)} | {r.get('unit', '')} | {note} |")
         lines.append("")
+    if policy:
+        lines += _policy_table(policy, descriptions)
 
     systems = _systems(results)
     if "mesh" in systems and any(b in systems for b in BASELINES):
@@ -225,7 +299,7 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
             "|---|--:|--:|--:|--:|--:|",
         ]
         for sc in _scenario_names(results):
-            if (sc, "mesh") not in idx or sc.startswith("mesh-"):
+            if (sc, "mesh") not in idx or _mesh_only(sc):
                 continue
 
             def g(system: str, key: str, sc: str = sc) -> float | None:
@@ -250,7 +324,9 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
         "## Targets",
         "",
         "From the issue: mesh throughput with 64 in flight >= 0.6x raw NATS and >= 3x FastStream;",
-        "sequential p50 at most 0.1 ms above raw NATS; sequential p99 at most 1.5x raw NATS.",
+        "sequential p50 at most 0.1 ms above raw NATS; sequential p99 at most 1.5x raw NATS;",
+        "a policy revision applied in all of 100 agents with p99 under "
+        f"{POLICY_P99_TARGET_MS:g} ms.",
         "",
         "| Target | Scenario | Measured | Result |",
         "|---|---|--:|---|",
@@ -292,7 +368,7 @@ def render_chart(data: dict[str, Any], path: Path) -> None:
     results: list[dict[str, Any]] = data["results"]
     idx = _index(results)
     systems = _systems(results)
-    names = [s for s in _scenario_names(results) if not s.startswith("mesh-")]
+    names = [s for s in _scenario_names(results) if not _mesh_only(s)]
     panels = [
         ("throughput_per_s", "throughput (per s, log)", names),
         ("p50_ms", "p50 latency (ms, log)", [s for s in names if s.startswith("reqreply-")]),

@@ -19,7 +19,8 @@ from . import loads
 from .callee import RemoteCallee
 from .footprint import footprint_in_child
 from .payload import SIZES, body_of
-from .stats import median_of_rounds
+from .propagation import HEARTBEAT, STOP_LIMIT, TTL, propagation_in_child
+from .stats import median_of_rounds, percentile
 from .systems import SYSTEM_CLASSES, System
 
 __all__ = ["SCENARIOS", "Scenario", "Settings", "run", "select_scenarios"]
@@ -27,7 +28,8 @@ __all__ = ["SCENARIOS", "Scenario", "Settings", "run", "select_scenarios"]
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One measured situation. ``kind``: ``requests``, ``events`` or ``footprint`` (mesh only)."""
+    """One measured situation. ``kind``: ``requests``, ``events``, or (mesh only) ``footprint``
+    or ``policy`` (``agents``: how many receive each policy revision)."""
 
     name: str
     kind: str
@@ -36,10 +38,11 @@ class Scenario:
     in_flight: int = 1
     remote: bool = False
     unit: str = ""
+    agents: int = 0
 
     @property
     def mesh_only(self) -> bool:
-        return self.kind == "footprint"
+        return self.kind in ("footprint", "policy")
 
 
 def _scenarios() -> list[Scenario]:
@@ -110,9 +113,29 @@ def _scenarios() -> list[Scenario]:
             unit="MB",
         ),
     ]
+    for n in POLICY_AGENTS:
+        out += [
+            Scenario(
+                f"policy-propagation-{n}",
+                "policy",
+                f"apply a policy revision at the registry -> every one of {n} agents runs it "
+                "(checked in each agent's process)",
+                unit="ms",
+                agents=n,
+            ),
+            Scenario(
+                f"policy-ack-{n}",
+                "policy",
+                f"apply a policy revision at the registry -> every one of {n} agents' directory "
+                "records acknowledges it, as the admin's directory (`mesh-policy agents`) shows",
+                unit="ms",
+                agents=n,
+            ),
+        ]
     return out
 
 
+POLICY_AGENTS = (10, 100)
 SCENARIOS = _scenarios()
 
 
@@ -129,6 +152,8 @@ class Settings:
     seconds: float
     warmup: float
     extra_agents: int
+    applies: int = 10
+    """Measured policy revisions per round and agent count (after one warm-up revision)."""
 
 
 def _say(msg: str) -> None:
@@ -174,7 +199,8 @@ async def run(
     samples: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     errors: dict[tuple[str, str], list[str]] = defaultdict(list)
     shared = [s for s in scenarios if not s.mesh_only]
-    footprint = [s for s in scenarios if s.mesh_only and "mesh" in systems]
+    footprint = [s for s in scenarios if s.kind == "footprint" and "mesh" in systems]
+    policy = [s for s in scenarios if s.kind == "policy" and "mesh" in systems]
     async with contextlib.AsyncExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-bench-")))
         srv = await stack.enter_async_context(NatsServer())
@@ -227,7 +253,66 @@ async def run(
                         if more_key is not None:
                             m["value_more_agents"] = fp[more_key]
                         samples[(sc.name, "mesh")].append(m)
-    return _results(systems, shared + footprint, samples, errors, settings)
+            for n in sorted({s.agents for s in policy}):
+                await _policy_round(
+                    [s for s in policy if s.agents == n], n, srv.url, rnd, settings, samples, errors
+                )
+    return _results(systems, shared + footprint + policy, samples, errors, settings)
+
+
+POLICY_KEYS = {"policy-propagation": "applied_ms", "policy-ack": "acked_ms"}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    ms = sorted(values)
+    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "samples": len(ms)}
+
+
+async def _policy_round(
+    scenarios: list[Scenario],
+    n: int,
+    url: str,
+    rnd: int,
+    settings: Settings,
+    samples: dict[tuple[str, str], list[dict[str, float]]],
+    errors: dict[tuple[str, str], list[str]],
+) -> None:
+    """One ``benchmarks.propagation`` child with ``n`` agents: its applies feed both the
+    propagation and the acknowledgement scenario of ``n``."""
+    tag = f"[{rnd + 1}/{settings.rounds}] policy {n} agents"
+    try:
+        got = await propagation_in_child(url, n, settings.applies, f"bench-prop-{n}-{rnd}")
+    except Exception as exc:
+        for sc in scenarios:
+            errors[(sc.name, "mesh")].append(f"{type(exc).__name__}: {exc}")
+        _say(f"{tag} FAILED {exc!r}")
+        return
+    applied, seen, acked, reply = (
+        _spread(got[k]) for k in ("applied_ms", "applied_seen_ms", "acked_ms", "reply_ms")
+    )
+    stop, stuck = got["stop_s"], got.get("stuck_drains")
+    if stop is not None:
+        stopped = f"stopped in {stop:.2f} s"
+    elif stuck is not None:
+        stopped = f"{stuck} agents' drain did not finish in {STOP_LIMIT:g} s"
+    else:
+        stopped = "did not stop in time: killed"
+    _say(
+        f"{tag}: {n} agents started in {got['start_s']:.2f} s (all in the directory after "
+        f"{got['ready_s']:.2f} s; heartbeat {HEARTBEAT:g} s, TTL {TTL:g} s), {stopped}"
+    )
+    _say(
+        f"{tag}: {settings.applies} applies: all applied p50 {applied['p50_ms']:.1f} ms "
+        f"p99 {applied['p99_ms']:.1f} ms (seen by waiting tasks: p50 {seen['p50_ms']:.1f} ms "
+        f"p99 {seen['p99_ms']:.1f} ms); all acknowledged p50 {acked['p50_ms']:.1f} ms "
+        f"p99 {acked['p99_ms']:.1f} ms; registry reply p50 {reply['p50_ms']:.1f} ms "
+        f"p99 {reply['p99_ms']:.1f} ms"
+    )
+    for sc in scenarios:
+        spread = _spread(got[POLICY_KEYS[sc.name.rpartition("-")[0]]])
+        samples[(sc.name, "mesh")].append(
+            {**spread, "agents_start_s": got["start_s"], "apply_reply_p50_ms": reply["p50_ms"]}
+        )
 
 
 def _results(
@@ -244,7 +329,14 @@ def _results(
             res: dict[str, Any] = {"scenario": sc.name, "system": name, "rounds": len(rounds)}
             if rounds:
                 med = median_of_rounds(rounds)
-                if sc.kind == "footprint":
+                if sc.kind == "policy":
+                    res["p50_ms"], res["p99_ms"] = med["p50_ms"], med["p99_ms"]
+                    res["unit"] = sc.unit
+                    res["agents"] = sc.agents
+                    res["applies_per_round"] = int(med["samples"])
+                    res["agents_start_s"] = med["agents_start_s"]
+                    res["apply_reply_p50_ms"] = med["apply_reply_p50_ms"]
+                elif sc.kind == "footprint":
                     res["value"] = med["value"]
                     res["unit"] = sc.unit
                     if "value_more_agents" in med:
