@@ -6,11 +6,12 @@ starts, in this one process and event loop, the policy registry (``mesh_agents.r
 holding the trust root), an admin client (role ``admin``, no agent) and ``N`` agents (each its
 own ``Mesh`` and NATS connection, serving one endpoint). It times the agents' start, waits until
 the admin's directory lists them all, applies one unmeasured warm-up revision, then ``K``
-measured ones. Each revision is ``policies/research.yaml`` with another ``metadata.name``.
-Before stopping its agents it prints one JSON line (or an ``error``, naming the agents that
-lag) with ``start_s`` (the N agents' concurrent start), ``ready_s`` (until the admin's
-directory lists them all) and, per apply (milliseconds from just before
-``admin.request(registry, apply)``):
+measured ones, each once every ``Mesh`` in the process has seen the previous one acknowledged
+by every agent (its directory work done) and 0.25 s more. Each revision is
+``policies/research.yaml`` with another ``metadata.name``. Before stopping its agents it
+prints one JSON line (or an ``error``, naming the agents that lag) with ``start_s`` (the N
+agents' concurrent start), ``ready_s`` (until the admin's directory lists them all) and, per
+apply (milliseconds from just before ``admin.request(registry, apply)``):
 
 - ``applied_ms``: until every agent's ``governance`` runs the new revision: the latest of the
   moments each agent switched to it (``TimedMesh``); ``Governance.wait_for_revision`` in every
@@ -56,10 +57,12 @@ HEARTBEAT = 5.0
 TTL = 15.0
 POLL = 0.001
 GAP = 0.25
-"""Seconds between one revision being acknowledged everywhere and the next apply."""
+"""Seconds between every ``Mesh`` having seen one revision acknowledged everywhere and the
+next apply."""
+SETTLE_POLL = 0.01
 WAIT = 30.0
 """Seconds any one step may take (an agent's start, one revision's propagation...)."""
-STOP_LIMIT = 10.0
+STOP_LIMIT = 6.0
 """Seconds the child waits for its agents to drain before it gives up and exits."""
 STOP_GRACE = 30.0
 """Seconds the parent waits for the child to stop, after its result, before killing it."""
@@ -260,7 +263,7 @@ async def _run(
 
     async def drain_all() -> None:
         # All at once (one by one takes N x drain_grace), and bounded: Mesh.drain awaits its
-        # cancelled heartbeat task, which was seen (1 run in ~10 of 100 agents) to go on
+        # cancelled heartbeat task, which was seen (in about 1 run of 100 agents in 15) to go on
         # beating: on Python 3.11 asyncio.wait_for (in nats-py's request, under kv.put) can
         # swallow a cancellation that arrives as the reply does.
         drains = [asyncio.create_task(m.drain()) for m in meshes if m.ready]
@@ -341,11 +344,35 @@ async def _run(
         times = {"applied_ms": done, "applied_seen_ms": seen, "acked_ms": ack}
         return {k: (t - start) * 1e3 for k, t in {**times, "reply_ms": replied}.items()}
 
+    everyone = [registry, admin, *meshes]
+
+    async def settle(expected: int) -> None:
+        """Wait until every ``Mesh`` here has seen every agent acknowledge ``expected``: the
+        next apply starts once the directory work of this one is done, not in its wake."""
+        end = time.perf_counter() + WAIT
+        while True:
+            late = 0
+            for m in everyone:
+                acks = 0
+                for r in m.directory.all():
+                    if r.agent in wanted and (r.policy_revision or 0) >= expected:
+                        acks += 1
+                late += acks < n
+            if not late:
+                return
+            if time.perf_counter() > end:
+                raise RuntimeError(
+                    f"{late} of {len(everyone)} meshes did not see revision {expected} "
+                    f"acknowledged by every agent within {WAIT:g} s"
+                )
+            await asyncio.sleep(SETTLE_POLL)
+
     for i in range(applies + 1):  # the first one warms up; revisions count from 1
         got = await apply(i, i + 1)
         if i > 0:
             for k in KEYS:
                 out[k].append(got[k])
+        await settle(i + 1)
         await asyncio.sleep(GAP)
 
 

@@ -176,17 +176,19 @@ METHOD = """\
   agents use a 5 s heartbeat (TTL 15 s), send no golden-signal reports (`signals_interval=0`)
   and do not answer the NATS services protocol (`services=False`). After one unmeasured
   warm-up revision, the admin applies `policies/research.yaml` with a new `metadata.name`
-  each time (so a new revision), each once the previous one is acknowledged everywhere, plus
-  0.25 s. Per apply, from just before `request(registry, apply)`: *propagation* ends at the
-  latest of the moments each agent's governance switched to the new revision (noted
-  in-process when governance calls `Mesh.policy_changed`; every agent's
-  `governance.wait_for_revision` confirms it); *ack* ends when the admin's `directory.all()`
-  shows every agent's record with the new `policy_revision` (polled every 1 ms): the
-  acknowledgement `mesh-policy agents` shows. p50 and p99 are over the applies of a round
-  (p99 of a few applies is close to their maximum). In a deployment each agent has its own
-  process; here all N share one core and do their policy parsing and directory verification
-  one after another, so the N-agent numbers are an upper bound, and the ack (N re-registered
-  records, each verified by all N + 2 `Mesh`es here) is inflated most.
+  each time (so a new revision); each apply waits until every `Mesh` in the process has seen
+  the previous revision acknowledged by every agent (its directory work done), plus 0.25 s.
+  Per apply, from just before `request(registry, apply)`: *propagation* ends at the latest
+  of the moments each agent's governance switched to the new revision (noted in-process when
+  governance calls `Mesh.policy_changed`; every agent's `governance.wait_for_revision`
+  confirms it, and the run's log shows when those waits returned, later by the backlog of
+  the shared event loop); *ack* ends when the admin's `directory.all()` shows every agent's
+  record with the new `policy_revision` (polled every 1 ms): the acknowledgement
+  `mesh-policy agents` shows. p50 and p99 are over the applies of a round (p99 of a few
+  applies is close to their maximum). In a deployment each agent has its own process; here
+  all N share one core and do their policy parsing and directory verification one after
+  another, so the N-agent numbers are an upper bound, and the ack (N re-registered records,
+  each verified by all N + 2 `Mesh`es here) is inflated most.
 - **Rounds**: systems are interleaved within each scenario (their order rotated each round),
   the whole set is repeated for the configured rounds, and each number is the median of its
   rounds (per metric). Percentiles within a round are over every call of that round.

@@ -21,6 +21,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from .errors import DecodeError, MeshError, Unauthenticated, Unavailable
 from .identity import Certificate, CertificateVerifier
+from .resilience import cancel_and_wait
 
 __all__ = ["Directory", "EndpointInfo", "InstanceRecord", "decode_record", "encode_record"]
 
@@ -209,11 +210,7 @@ class Directory:
         self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
 
     async def close(self) -> None:
-        for task in (self._task, self._sweeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await task
+        await cancel_and_wait((self._task, self._sweeper))
 
     async def _run(self) -> None:
         while True:

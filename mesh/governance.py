@@ -25,6 +25,7 @@ from .errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
 from .identity import Certificate, Identity
 from .policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_canonical
 from .ratelimit import RateLimiter, TokenBucket
+from .resilience import cancel_and_wait
 
 if TYPE_CHECKING:
     from .runtime import Mesh
@@ -113,11 +114,7 @@ class Governance:
             self._tasks[name] = asyncio.create_task(run(), name=f"mesh-watch-{name}")
 
     async def close(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks.values())
         self._tasks.clear()
 
     async def _watch(

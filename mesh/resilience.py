@@ -9,12 +9,19 @@ import asyncio
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
 from .errors import InvalidArgument
 
-__all__ = ["Backoff", "ConcurrencyLimit", "LeastLoadedPicker", "ReplyCache", "RetryBudget"]
+__all__ = [
+    "Backoff",
+    "ConcurrencyLimit",
+    "LeastLoadedPicker",
+    "ReplyCache",
+    "RetryBudget",
+    "cancel_and_wait",
+]
 
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -145,6 +152,29 @@ class LeastLoadedPicker(Generic[T]):
     def penalize(self, key: T, seconds: float) -> None:
         """Make ``key`` look heavily loaded for ``seconds``."""
         self._penalty_until[key] = self._clock() + seconds
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None], timeout: float = 2.0) -> None:
+    """Cancel background tasks and wait for them to end, within ``timeout``.
+
+    A cancel can be lost on Python 3.11 when it races an ``asyncio.wait_for`` that completes at
+    the same moment (nats-py's requests use one), leaving the task running: so cancel again
+    until they end or the bound passes, rather than await them forever.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    pending = {t for t in tasks if t is not None and not t.done()}
+    everything = set(pending)
+    while pending:
+        left = end - loop.time()
+        if left <= 0:
+            break
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=min(left, 0.2))
+    for task in everything:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failed background task must not warn at exit
 
 
 class ConcurrencyLimit:

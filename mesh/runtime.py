@@ -86,7 +86,14 @@ from .errors import (
 from .governance import Governance
 from .identity import Certificate, CertificateVerifier, Identity, TrustRoot, validate_name
 from .policy import EndpointPolicy
-from .resilience import Backoff, ConcurrencyLimit, LeastLoadedPicker, ReplyCache, RetryBudget
+from .resilience import (
+    Backoff,
+    ConcurrencyLimit,
+    LeastLoadedPicker,
+    ReplyCache,
+    RetryBudget,
+    cancel_and_wait,
+)
 from .services import serve_services
 from .signals import SIGNALS_TOPIC, EdgeKey, EdgeStats
 from .telemetry import Telemetry
@@ -350,11 +357,7 @@ class Mesh:
             return
         was_serving = self._state == "ready" and self.agent is not None
         self._state = "draining"
-        for background in (self._heartbeat, self._reporter):
-            if background is not None:
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
+        await cancel_and_wait((self._heartbeat, self._reporter))
         key = f"{self.name}.{self.instance}"
         if was_serving:
             # A signed announcement: callers stop picking this instance for new calls. In-flight
@@ -433,7 +436,7 @@ class Mesh:
 
     async def _report_signals(self) -> None:
         """Send this instance's golden signals per edge to the registry, periodically."""
-        while True:
+        while self._state == "ready" or self._state == "starting":
             await asyncio.sleep(self.config.signals_interval)
             try:
                 report = self.signals.snapshot_and_reset(time.time())
@@ -474,7 +477,7 @@ class Mesh:
         await self._kv.put(f"{self.name}.{self.instance}", self._record())
 
     async def _beat(self) -> None:
-        while True:
+        while self._state == "ready":
             await asyncio.sleep(self.config.directory.heartbeat)
             await self._register_quietly()
 
