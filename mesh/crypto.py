@@ -78,13 +78,9 @@ _memmove = _sodium.ffi.memmove
 
 
 def seal_body(key: bytes, aad: bytes, plaintext: bytes) -> bytes:
-    """Encrypt and authenticate ``plaintext`` bound to ``aad``; returns ``nonce || ciphertext``."""
-    nonce = os.urandom(NONCE_LEN)
-    n = len(plaintext) + TAG_LEN
-    out = _new("unsigned char[]", n)
-    _encrypt(out, _NULL, plaintext, len(plaintext), aad, len(aad), _NULL, nonce, key)
-    sealed: bytes = nonce + _buffer(out, n)[:]
-    return sealed
+    """Encrypt and authenticate ``plaintext`` bound to ``aad``; returns ``nonce || ciphertext``
+    (``seal_frame`` without the header in front)."""
+    return seal_frame(key, aad, plaintext)[len(aad) :]
 
 
 def seal_frame(key: bytes, aad: bytes, plaintext: bytes) -> bytes:
@@ -120,31 +116,12 @@ def open_frame(key: bytes, frame: bytes, header_end: int) -> bytes:
 
 
 def open_body(key: bytes, aad: bytes | memoryview, sealed: bytes | memoryview) -> bytes:
-    """Decrypt ``nonce || ciphertext`` bound to ``aad``.
+    """Decrypt ``nonce || ciphertext`` bound to ``aad`` (``open_frame`` on a separate body).
 
     Raises:
         Unauthenticated: the body or the associated data was changed, or the key is wrong.
     """
-    n = len(sealed) - NONCE_LEN
-    if n < TAG_LEN or len(key) != 32:
-        raise Unauthenticated("sealed body too short")
-    view = memoryview(sealed)
-    out = _new("unsigned char[]", n - TAG_LEN + 1)
-    rc = _decrypt(
-        out,
-        _NULL,
-        _NULL,
-        _from_buffer(view[NONCE_LEN:]),
-        n,
-        _from_buffer(aad),
-        len(aad),
-        _from_buffer(view[:NONCE_LEN]),
-        key,
-    )
-    if rc != 0:
-        raise Unauthenticated("seal does not verify: body or header was altered")
-    plaintext: bytes = _buffer(out, n - TAG_LEN)[:]
-    return plaintext
+    return open_frame(key, bytes(aad) + bytes(sealed), len(aad))
 
 
 def sign_frame(signing: SigningKey, signed: bytes) -> bytes:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from .agent import Peer
 from .control import ControlStore
 from .errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
-from .identity import Certificate, Identity
+from .identity import Certificate
 from .policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_canonical
 from .ratelimit import RateLimiter, TokenBucket
 from .resilience import cancel_and_wait
@@ -342,8 +342,3 @@ class Governance:
         await mesh.replace_certificate(new)
         log.info("mesh.certificate_renewed", serial=new.serial, not_after=new.not_after)
         return new
-
-
-def identity_with(identity: Identity, cert: Certificate) -> Identity:
-    """The same keys with a new certificate."""
-    return Identity(keys=identity.keys, certificate=cert, root_public_key=identity.root_public_key)
