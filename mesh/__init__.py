@@ -3,9 +3,33 @@
 Users import from here; every implementation module is private to the package.
 """
 
-from .agent import Agent, Context, Peer
-from .config import DirectoryConfig, Limits, MeshConfig, RetryPolicy, Timeouts
-from .control import (
+from mesh._core.config import DirectoryConfig, Limits, MeshConfig, RetryPolicy, Timeouts
+from mesh._core.identity import (
+    Certificate,
+    CertificateVerifier,
+    Identity,
+    InstanceKeys,
+    TrustRoot,
+    load_identity,
+    load_trust_root,
+    save_identity,
+    save_trust_root,
+)
+from mesh._core.policy import (
+    Decision,
+    EndpointPolicy,
+    Policy,
+    PolicyEngine,
+    PolicyError,
+    canonical_policy_bytes,
+    diff_policies,
+    load_policy,
+    parse_canonical,
+    parse_policy,
+)
+from mesh._core.signals import EdgeReport, EdgeStats, GraphEdge, SignalRow, SignalTable
+from mesh._runtime.agent import Agent, Context, Peer
+from mesh._runtime.control import (
     AuditRecord,
     ControlStore,
     IssuedCertificate,
@@ -14,8 +38,10 @@ from .control import (
     Revocation,
     verify_audit_chain,
 )
-from .enrol import EnrolmentRequest, enrol, serve_enrolment
-from .errors import (
+from mesh._runtime.enrol import EnrolmentRequest, enrol, serve_enrolment
+from mesh._runtime.mesh import EndpointStats, Mesh, connect
+from mesh._runtime.registry_api import CertificateReply, DenialReport, RenewRequest
+from mesh.errors import (
     CertificateError,
     DeadlineExceeded,
     DecodeError,
@@ -30,32 +56,6 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .governance import CertificateReply, DenialReport, RenewRequest
-from .identity import (
-    Certificate,
-    CertificateVerifier,
-    Identity,
-    InstanceKeys,
-    TrustRoot,
-    load_identity,
-    load_trust_root,
-    save_identity,
-    save_trust_root,
-)
-from .policy import (
-    Decision,
-    EndpointPolicy,
-    Policy,
-    PolicyEngine,
-    PolicyError,
-    canonical_policy_bytes,
-    diff_policies,
-    load_policy,
-    parse_canonical,
-    parse_policy,
-)
-from .runtime import EndpointStats, Mesh, connect
-from .signals import EdgeReport, EdgeStats, GraphEdge, SignalRow, SignalTable
 
 __version__ = "0.1.0"
 

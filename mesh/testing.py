@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from .config import DirectoryConfig, MeshConfig, RetryPolicy, Timeouts
-from .embedded import NatsCluster, NatsServer, NatsServerError, find_nats_server
-from .errors import FailedPrecondition
-from .identity import Identity, TrustRoot
+from mesh._core.config import DirectoryConfig, MeshConfig, RetryPolicy, Timeouts
+from mesh._core.identity import Identity, TrustRoot
+from mesh.embedded import NatsCluster, NatsServer, NatsServerError, find_nats_server
+from mesh.errors import FailedPrecondition
 
 __all__ = [
     "ContainerServer",

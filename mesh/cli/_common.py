@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import structlog
 
-from ..errors import InvalidArgument, MeshError
+from mesh.errors import InvalidArgument, MeshError
 
 T = TypeVar("T")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

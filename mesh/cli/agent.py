@@ -33,13 +33,20 @@ from pathlib import Path
 
 import structlog
 
-from ..agent import Agent
-from ..config import MeshConfig, Timeouts
-from ..enrol import enrol
-from ..errors import InvalidArgument
-from ..identity import IDENTITY_KEY_FILE, Identity, load_identity, load_trust_root, save_identity
-from ..runtime import Mesh
-from ..telemetry import install_tracing, serve_prometheus
+from mesh._core.config import MeshConfig, Timeouts
+from mesh._core.identity import (
+    IDENTITY_KEY_FILE,
+    Identity,
+    load_identity,
+    load_trust_root,
+    save_identity,
+)
+from mesh._observability.telemetry import install_tracing, serve_prometheus
+from mesh._runtime.agent import Agent
+from mesh._runtime.enrol import enrol
+from mesh._runtime.mesh import Mesh
+from mesh.errors import InvalidArgument
+
 from ._common import configure_logging, env_default, parse_duration, run_command
 
 log = structlog.get_logger("mesh.runner")

@@ -26,14 +26,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from rich.console import Console
 
-from ..config import DirectoryConfig, MeshConfig
-from ..embedded import NatsServer
-from ..envelope import decode_frame, encode_header
-from ..errors import DeadlineExceeded, MeshError, PermissionDenied
-from ..identity import TrustRoot, save_identity, save_trust_root
-from ..policy import PolicyEngine
-from ..runtime import Mesh
-from ..transport import NatsTransport
+from mesh._core.config import DirectoryConfig, MeshConfig
+from mesh._core.envelope import decode_frame, encode_header
+from mesh._core.identity import TrustRoot, save_identity, save_trust_root
+from mesh._core.policy import PolicyEngine
+from mesh._runtime.mesh import Mesh
+from mesh._transport.nats import NatsTransport
+from mesh.embedded import NatsServer
+from mesh.errors import DeadlineExceeded, MeshError, PermissionDenied
+
 from .observe import fetch_signals, render_graph, render_top
 
 QUESTIONS = ["How do NATS subjects work?", "What does a service mesh give me?"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..graph import to_dot, to_mermaid, to_png, to_svg, to_text, top_table
+from mesh.cli.graph import to_dot, to_mermaid, to_png, to_svg, to_text, top_table
 
 
 async def fetch_signals(mesh: Any, reporter: str, by_caller: bool) -> Any:

@@ -24,10 +24,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..config import MeshConfig
-from ..control import AuditRecord, verify_audit_chain
-from ..errors import FailedPrecondition, InvalidArgument, MeshError
-from ..identity import (
+from mesh._core.config import MeshConfig
+from mesh._core.identity import (
     ROOT_KEY_FILE,
     Certificate,
     TrustRoot,
@@ -36,8 +34,17 @@ from ..identity import (
     save_identity,
     save_trust_root,
 )
-from ..policy import PolicyEngine, diff_policies, load_policy, parse_canonical, parse_policy
-from ..runtime import Mesh
+from mesh._core.policy import (
+    PolicyEngine,
+    diff_policies,
+    load_policy,
+    parse_canonical,
+    parse_policy,
+)
+from mesh._runtime.control import AuditRecord, verify_audit_chain
+from mesh._runtime.mesh import Mesh
+from mesh.errors import FailedPrecondition, InvalidArgument, MeshError
+
 from . import observe
 from ._common import configure_logging, env_default, parse_duration, run_command
 

@@ -7,8 +7,8 @@ import asyncio
 from pydantic import BaseModel
 
 import mesh
+from mesh._transport.nats import NatsTransport
 from mesh.testing import NatsCluster, Trust, test_config, wait_until
-from mesh.transport import NatsTransport
 
 
 class Num(BaseModel):

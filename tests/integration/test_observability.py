@@ -24,8 +24,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
 import mesh
-from mesh.crypto import PairKeys, seal_body
-from mesh.envelope import HDR_DEADLINE, HDR_TRACEPARENT, MAGIC, PREFIX, Kind
+from mesh._core.crypto import PairKeys, seal_body
+from mesh._core.envelope import HDR_DEADLINE, HDR_TRACEPARENT, MAGIC, PREFIX, Kind
 from mesh.testing import NatsServer, Trust, test_config
 
 REPO = Path(__file__).resolve().parents[2]

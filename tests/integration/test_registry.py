@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 import mesh
-from mesh.control import PolicyRevision, sign_document
+from mesh._runtime.control import PolicyRevision, sign_document
 from mesh.testing import NatsServer, test_config, wait_until
 from mesh_agents import registry as reg
 

@@ -20,7 +20,7 @@ from nats.micro.service import EndpointStats, ServiceInfo, ServicePing, ServiceS
 from pydantic import BaseModel
 
 import mesh
-from mesh.services import semver
+from mesh._runtime.services import semver
 from mesh.testing import NatsServer, Trust, test_config, wait_until
 
 SCHEMAS = Path(__file__).parent / "schemas"

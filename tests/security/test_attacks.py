@@ -34,9 +34,8 @@ from pydantic import BaseModel
 
 import mesh
 from mesh import Agent, Context, Identity, Limits
-from mesh.crypto import derive_pair_key, open_body, seal_body
-from mesh.directory import EndpointInfo, encode_record
-from mesh.envelope import (
+from mesh._core.crypto import derive_pair_key, open_body, seal_body
+from mesh._core.envelope import (
     HDR_DEADLINE,
     HDR_TRACEPARENT,
     HDR_TRACESTATE,
@@ -47,6 +46,7 @@ from mesh.envelope import (
     decode_frame,
     encode_frame,
 )
+from mesh._runtime.directory import EndpointInfo, encode_record
 from mesh.testing import Trust, test_config, wait_until
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mesh import Certificate, CertificateVerifier, DecodeError, MeshError
-from mesh.crypto import derive_pair_key, open_body, seal_body, verify_frame
-from mesh.directory import EndpointInfo, decode_record, encode_record
-from mesh.envelope import MAGIC, PREFIX, Header, Kind, decode_frame, encode_frame
+from mesh._core.crypto import derive_pair_key, open_body, seal_body, verify_frame
+from mesh._core.envelope import MAGIC, PREFIX, Header, Kind, decode_frame, encode_frame
+from mesh._runtime.directory import EndpointInfo, decode_record, encode_record
 from mesh.testing import Trust
 
 # byte-level inputs are cheap to generate: many examples; structured ones cost more: fewer

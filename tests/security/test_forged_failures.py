@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 import mesh
-from mesh.envelope import Header, Kind, decode_frame, encode_frame
+from mesh._core.envelope import Header, Kind, decode_frame, encode_frame
 from mesh.testing import NatsServer, Trust, test_config, wait_until
 
 

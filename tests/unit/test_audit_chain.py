@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from mesh import AuditRecord, TrustRoot, verify_audit_chain
-from mesh.control import sign_document
+from mesh._runtime.control import sign_document
 
 ROOT = TrustRoot.generate()
 

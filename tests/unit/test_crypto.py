@@ -6,7 +6,7 @@ import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from mesh.crypto import (
+from mesh._core.crypto import (
     NONCE_LEN,
     TAG_LEN,
     PairKeys,

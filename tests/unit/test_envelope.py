@@ -7,7 +7,7 @@ import struct
 import msgpack
 import pytest
 
-from mesh.envelope import (
+from mesh._core.envelope import (
     _FIELDS,
     _REQUIRED,
     MAGIC,

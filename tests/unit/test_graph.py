@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import FailedPrecondition
-from mesh.graph import (
+from mesh._core.signals import GraphEdge, SignalRow
+from mesh.cli.graph import (
     NODE_H,
     TOP_HEADER,
     edge_label,
@@ -22,7 +22,7 @@ from mesh.graph import (
     to_text,
     top_table,
 )
-from mesh.signals import GraphEdge, SignalRow
+from mesh.errors import FailedPrecondition
 
 SVG = "{http://www.w3.org/2000/svg}"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

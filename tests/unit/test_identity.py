@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey, VerifyKey
 
-import mesh.identity as identity_mod
-from mesh.errors import CertificateError, DecodeError, InvalidArgument
-from mesh.identity import (
+import mesh._core.identity as identity_mod
+from mesh._core.identity import (
     IDENTITY_CERT_FILE,
     IDENTITY_KEY_FILE,
     ROOT_KEY_FILE,
@@ -25,6 +24,7 @@ from mesh.identity import (
     save_trust_root,
     validate_name,
 )
+from mesh.errors import CertificateError, DecodeError, InvalidArgument
 
 NOW = 1_700_000_000.0
 

@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import mesh.policy as policy_mod
-from mesh.errors import InvalidArgument
-from mesh.policy import (
+import mesh._core.policy as policy_mod
+from mesh._core.policy import (
     Decision,
     Policy,
     PolicyEngine,
@@ -27,6 +26,7 @@ from mesh.policy import (
     parse_rate,
     policy_schema,
 )
+from mesh.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -1025,7 +1025,7 @@ def test_decide_equals_reference(
 def test_parse_canonical_round_trips_and_reports_like_parse_policy() -> None:
     """The distributed (canonical JSON) form parses to the same policy; a bad one still
     yields a PolicyError naming the source."""
-    from mesh.policy import canonical_policy_bytes, parse_canonical
+    from mesh._core.policy import canonical_policy_bytes, parse_canonical
 
     text = (POLICIES / "research.yaml").read_text()
     policy = parse_policy(text, source="research.yaml")

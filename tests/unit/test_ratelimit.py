@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh._core.policy import RateLimitSpec
+from mesh._core.ratelimit import RateLimiter, TokenBucket
 from mesh.errors import InvalidArgument
-from mesh.policy import RateLimitSpec
-from mesh.ratelimit import RateLimiter, TokenBucket
 
 
 class FakeClock:

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from mesh import InvalidArgument
-from mesh.resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
+from mesh._core.resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
 
 
 class FakeClock:

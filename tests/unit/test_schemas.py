@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mesh.policy import policy_schema
+from mesh._core.policy import policy_schema
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -45,7 +45,7 @@ def test_schema_file_matches_model(
 
 def test_policy_schema_is_what_the_module_writes() -> None:
     """``python -m mesh.policy --export-schema`` writes exactly ``render(policy_schema())``."""
-    from mesh.policy import render_schema
+    from mesh._core.policy import render_schema
 
     assert render_schema() == render(policy_schema())
 

@@ -9,7 +9,7 @@ from itertools import pairwise
 import pytest
 from pydantic import ValidationError
 
-from mesh.signals import (
+from mesh._core.signals import (
     BUCKET_BOUNDS_MS,
     BUCKET_BOUNDS_S,
     EdgeKey,

@@ -8,7 +8,6 @@ away; the watches are re-created after a reconnect and catch up.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import random
 import time
@@ -17,55 +16,28 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import structlog
-from pydantic import BaseModel
 
-from .agent import Peer
-from .control import ControlStore
-from .errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
-from .identity import Certificate
-from .policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_canonical
-from .ratelimit import RateLimiter, TokenBucket
-from .resilience import cancel_and_wait
+from mesh._core.identity import Certificate
+from mesh._core.policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_canonical
+from mesh._core.ratelimit import RateLimiter, TokenBucket
+from mesh._core.resilience import cancel_and_wait
+from mesh._runtime.agent import Peer
+from mesh._runtime.control import ControlStore
+from mesh._runtime.registry_api import (
+    DENIAL_TOPIC,
+    REGISTRY,
+    CertificateReply,
+    DenialReport,
+    RenewRequest,
+)
+from mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
 
 if TYPE_CHECKING:
-    from .runtime import Mesh
+    from mesh._runtime.mesh import Mesh
 
-__all__ = ["CertificateReply", "DenialReport", "Governance", "RenewRequest"]
+__all__ = ["Governance"]
 
 log = structlog.get_logger("mesh.governance")
-DENIAL_TOPIC = "mesh-denied"
-REGISTRY = "registry"
-
-
-class DenialReport(BaseModel):
-    """What a callee tells the registry about a request policy denied (for the audit log)."""
-
-    caller: str
-    caller_instance: str
-    caller_serial: str
-    agent: str
-    endpoint: str
-    rule: str
-    revision: int | None
-    audit_only: bool = False
-    suppressed: int = 0
-
-
-class RenewRequest(BaseModel):
-    """Ask the registry for a fresh certificate for the caller's own keys."""
-
-
-class CertificateReply(BaseModel):
-    """A certificate, base64 of its wire bytes."""
-
-    certificate: str
-
-    @classmethod
-    def of(cls, cert: Certificate) -> CertificateReply:
-        return cls(certificate=base64.b64encode(cert.raw).decode())
-
-    def raw(self) -> bytes:
-        return base64.b64decode(self.certificate)
 
 
 class Governance:

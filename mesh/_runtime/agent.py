@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
-from .errors import InvalidArgument
-from .identity import Certificate, validate_name
+from mesh._core.identity import Certificate, validate_name
+from mesh.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from .runtime import Mesh
+    from mesh._runtime.mesh import Mesh
 
 __all__ = ["Agent", "Context", "EndpointSpec", "EventSpec", "Peer"]
 

@@ -33,11 +33,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArgument, MeshError
-from .transport import InboundMessage
+from mesh._transport.base import InboundMessage
+from mesh.errors import InvalidArgument, MeshError
 
 if TYPE_CHECKING:
-    from .runtime import Mesh
+    from mesh._runtime.mesh import Mesh
 
 __all__ = [
     "API_PREFIX",

@@ -28,7 +28,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
-    from .runtime import Mesh
+    from mesh._runtime.mesh import Mesh
 
 __all__ = ["Telemetry", "install_tracing", "serve_prometheus"]
 
@@ -392,7 +392,7 @@ def install_tracing(exporter: str, service_name: str) -> trace.TracerProvider | 
         SimpleSpanProcessor,
     )
 
-    from .errors import FailedPrecondition, InvalidArgument
+    from mesh.errors import FailedPrecondition, InvalidArgument
 
     if exporter == "none":
         return None

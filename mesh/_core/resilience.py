@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
-from .errors import InvalidArgument
+from mesh.errors import InvalidArgument
 
 __all__ = [
     "Backoff",

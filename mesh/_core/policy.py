@@ -55,8 +55,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .errors import InvalidArgument
-from .identity import validate_name
+from mesh._core.identity import validate_name
+from mesh.errors import InvalidArgument
 
 __all__ = [
     "API_VERSION",

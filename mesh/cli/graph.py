@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from xml.sax.saxutils import escape, quoteattr
 
-from .errors import FailedPrecondition
-from .signals import ALL_CALLERS, GraphEdge, SignalRow
+from mesh._core.signals import ALL_CALLERS, GraphEdge, SignalRow
+from mesh.errors import FailedPrecondition
 
 __all__ = [
     "TOP_HEADER",

@@ -1,8 +1,7 @@
-"""Transport: the only module that imports ``nats``. Maps nats-py errors to mesh errors here.
+"""``Transport`` over nats-py: the only module that imports ``nats``.
 
-The runtime sees a narrow interface (``Transport``): publish, subscribe, inboxes, and JetStream
-key-value buckets with watches. ``mesh.testing.MemoryTransport`` implements the same interface
-in memory for unit tests.
+nats-py's errors become mesh errors here (``Unavailable`` for anything the broker or the
+connection failed at, ``FailedPrecondition`` for a compare-and-set that lost).
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import nats
 import nats.errors
@@ -20,125 +19,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamCon
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue as NatsKeyValue
 
-from .errors import FailedPrecondition, Unavailable
+from mesh._transport.base import Handler, KeyValueBucket, Stream, Subscription
+from mesh.errors import FailedPrecondition, Unavailable
 
-__all__ = [
-    "InboundMessage",
-    "KeyValueBucket",
-    "NatsTransport",
-    "Stream",
-    "Subscription",
-    "Transport",
-    "is_no_responders",
-]
-
-STATUS_HEADER = "Status"
-NO_RESPONDERS = "503"
-
-
-class InboundMessage(Protocol):
-    """What a subscription handler receives (nats-py's ``Msg`` satisfies it)."""
-
-    subject: str
-    data: bytes
-    reply: str
-    headers: dict[str, str] | None
-
-
-Handler = Callable[[Any], Awaitable[None]]
-
-
-class Subscription(Protocol):
-    async def unsubscribe(self) -> None: ...
-
-    async def drain(self) -> None:
-        """Stop interest but handle the messages already delivered."""
-
-
-class KeyValueBucket(Protocol):
-    """A key-value bucket with per-key revisions.
-
-    ``watch`` yields ``(key, value)`` pairs, ``value`` being ``None`` for a deletion, and one
-    bare ``None`` once the values present when the watch started have all been delivered.
-    ``create`` and ``update`` are compare-and-set: they raise ``FailedPrecondition`` when the
-    key exists, or when its revision is not ``last``.
-    """
-
-    async def put(self, key: str, value: bytes) -> int: ...
-
-    async def create(self, key: str, value: bytes) -> int: ...
-
-    async def update(self, key: str, value: bytes, last: int) -> int: ...
-
-    async def delete(self, key: str) -> None: ...
-
-    async def get(self, key: str) -> bytes | None: ...
-
-    async def entry(self, key: str) -> tuple[bytes, int] | None: ...
-
-    async def history(self, key: str) -> list[tuple[bytes | None, int]]: ...
-
-    async def items(self) -> list[tuple[str, bytes]]: ...
-
-    def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]: ...
-
-
-class Stream(Protocol):
-    """An append-only JetStream stream (the audit log)."""
-
-    async def append(self, data: bytes, *, expect_last: int | None = None) -> int:
-        """Append; with ``expect_last`` only if the last sequence is that (else
-        ``FailedPrecondition``). Returns the new sequence."""
-
-    async def last(self) -> tuple[int, bytes] | None: ...
-
-    async def read(self, start: int = 1) -> list[tuple[int, bytes]]:
-        """Every stored message from ``start`` on, as ``(sequence, data)``."""
-
-    def follow(self, start: int = 1) -> AsyncIterator[tuple[int, bytes]]: ...
-
-
-class Transport(Protocol):
-    """The runtime's view of the broker."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    async def connect(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        *,
-        reply: str = "",
-        headers: dict[str, str] | None = None,
-    ) -> None: ...
-
-    async def subscribe(
-        self, subject: str, handler: Handler, *, queue: str = ""
-    ) -> Subscription: ...
-
-    def new_inbox(self) -> str: ...
-
-    async def flush(self, timeout: float = 5.0) -> None: ...
-
-    async def key_value(
-        self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
-    ) -> KeyValueBucket: ...
-
-    async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream: ...
-
-    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None: ...
-
-
-def is_no_responders(msg: InboundMessage) -> bool:
-    """Whether ``msg`` is the server's "no responders" status for a request."""
-    headers = msg.headers
-    return bool(headers) and not msg.data and headers.get(STATUS_HEADER) == NO_RESPONDERS  # type: ignore[union-attr]
-
+__all__ = ["NatsTransport"]
 
 _JS_ERRORS = (TimeoutError, nats.errors.Error, nats.js.errors.Error)
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream API errors: wrong last sequence

@@ -19,9 +19,9 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from .errors import DecodeError, MeshError, Unauthenticated, Unavailable
-from .identity import Certificate, CertificateVerifier
-from .resilience import cancel_and_wait
+from mesh._core.identity import Certificate, CertificateVerifier
+from mesh._core.resilience import cancel_and_wait
+from mesh.errors import DecodeError, MeshError, Unauthenticated, Unavailable
 
 __all__ = ["Directory", "EndpointInfo", "InstanceRecord", "decode_record", "encode_record"]
 

@@ -28,9 +28,9 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from .errors import DecodeError, FailedPrecondition, MeshError, Unauthenticated
-from .identity import TrustRoot
-from .transport import KeyValueBucket, Stream, Transport
+from mesh._core.identity import TrustRoot
+from mesh._transport.base import KeyValueBucket, Stream, Transport
+from mesh.errors import DecodeError, FailedPrecondition, MeshError, Unauthenticated
 
 __all__ = [
     "AuditRecord",

@@ -27,7 +27,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 
-from .errors import CertificateError, DecodeError, InvalidArgument
+from mesh.errors import CertificateError, DecodeError, InvalidArgument
 
 __all__ = [
     "Certificate",

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import DecodeError, InvalidArgument
+from mesh.errors import DecodeError, InvalidArgument
 
 __all__ = [
     "HDR_DEADLINE",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgument
-from .identity import validate_name
+from mesh._core.identity import validate_name
+from mesh.errors import InvalidArgument
 
 __all__ = ["DirectoryConfig", "Limits", "MeshConfig", "RetryPolicy", "Timeouts"]
 

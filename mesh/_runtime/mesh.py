@@ -34,10 +34,8 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, TracerProvider
 from pydantic import BaseModel, ValidationError
 
-from .agent import Agent, Context, EndpointSpec, EventSpec, Peer
-from .config import MeshConfig
-from .control import ControlStore
-from .crypto import (
+from mesh._core.config import MeshConfig
+from mesh._core.crypto import (
     NONCE_LEN,
     SIG_LEN,
     TAG_LEN,
@@ -48,15 +46,7 @@ from .crypto import (
     sign_frame,
     verify_frame,
 )
-from .directory import (
-    STATE_DRAINING,
-    STATE_SERVING,
-    Directory,
-    EndpointInfo,
-    InstanceRecord,
-    encode_record,
-)
-from .envelope import (
+from mesh._core.envelope import (
     HDR_DEADLINE,
     HDR_TRACEPARENT,
     HDR_TRACESTATE,
@@ -69,7 +59,33 @@ from .envelope import (
     decode_frame,
     encode_frame,
 )
-from .errors import (
+from mesh._core.identity import Certificate, CertificateVerifier, Identity, TrustRoot, validate_name
+from mesh._core.policy import EndpointPolicy
+from mesh._core.resilience import (
+    Backoff,
+    ConcurrencyLimit,
+    LeastLoadedPicker,
+    ReplyCache,
+    RetryBudget,
+    cancel_and_wait,
+)
+from mesh._core.signals import SIGNALS_TOPIC, EdgeKey, EdgeStats
+from mesh._observability.telemetry import Telemetry
+from mesh._runtime.agent import Agent, Context, EndpointSpec, EventSpec, Peer
+from mesh._runtime.control import ControlStore
+from mesh._runtime.directory import (
+    STATE_DRAINING,
+    STATE_SERVING,
+    Directory,
+    EndpointInfo,
+    InstanceRecord,
+    encode_record,
+)
+from mesh._runtime.governance import Governance
+from mesh._runtime.services import serve_services
+from mesh._transport.base import InboundMessage, Subscription, Transport, is_no_responders
+from mesh._transport.nats import NatsTransport
+from mesh.errors import (
     DeadlineExceeded,
     DecodeError,
     FailedPrecondition,
@@ -83,21 +99,6 @@ from .errors import (
     Unavailable,
     error_from_code,
 )
-from .governance import Governance
-from .identity import Certificate, CertificateVerifier, Identity, TrustRoot, validate_name
-from .policy import EndpointPolicy
-from .resilience import (
-    Backoff,
-    ConcurrencyLimit,
-    LeastLoadedPicker,
-    ReplyCache,
-    RetryBudget,
-    cancel_and_wait,
-)
-from .services import serve_services
-from .signals import SIGNALS_TOPIC, EdgeKey, EdgeStats
-from .telemetry import Telemetry
-from .transport import InboundMessage, NatsTransport, Subscription, Transport, is_no_responders
 
 __all__ = ["EndpointStats", "Mesh", "connect"]
 

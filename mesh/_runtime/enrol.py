@@ -23,9 +23,13 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import PublicKey, SealedBox
 from nacl.signing import VerifyKey
 
-from .config import MeshConfig
-from .directory import Directory
-from .errors import (
+from mesh._core.config import MeshConfig
+from mesh._core.identity import CertificateVerifier, Identity, InstanceKeys, validate_name
+from mesh._core.ratelimit import TokenBucket
+from mesh._runtime.directory import Directory
+from mesh._transport.base import InboundMessage, Transport, is_no_responders
+from mesh._transport.nats import NatsTransport
+from mesh.errors import (
     DecodeError,
     Internal,
     MeshError,
@@ -34,9 +38,6 @@ from .errors import (
     Unavailable,
     error_from_code,
 )
-from .identity import CertificateVerifier, Identity, InstanceKeys, validate_name
-from .ratelimit import TokenBucket
-from .transport import InboundMessage, NatsTransport, Transport, is_no_responders
 
 __all__ = ["EnrolmentRequest", "enrol", "serve_enrolment"]
 

@@ -20,7 +20,7 @@ from nacl.hash import blake2b
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 
-from .errors import Unauthenticated
+from mesh.errors import Unauthenticated
 
 __all__ = ["NONCE_LEN", "TAG_LEN", "PairKeys", "ReplayGuard", "open_body", "seal_body"]
 

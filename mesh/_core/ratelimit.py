@@ -10,8 +10,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .errors import InvalidArgument
-from .policy import RateLimitSpec
+from mesh._core.policy import RateLimitSpec
+from mesh.errors import InvalidArgument
 
 __all__ = ["RateLimiter", "TokenBucket"]
 
