@@ -1,9 +1,10 @@
-"""The policy registry: the mesh's control plane, written only against the public SDK.
+"""The policy registry: the mesh's control plane, written only against the public SDK (``mesh``
+and ``mesh.control_plane``).
 
 It holds the trust root's key (pass ``--root-key`` to ``mesh-agent run``) and keeps all of its
-state in JetStream through ``mesh.ControlStore``: policy revisions, issued certificates, join
-tokens (hashed), revocations and the hash-chained audit log. Restarting it loses nothing, and
-several instances can run at once (writes are compare-and-set).
+state in JetStream through ``mesh.control_plane.ControlStore``: policy revisions, issued
+certificates, join tokens (hashed), revocations and the hash-chained audit log. Restarting it
+loses nothing, and several instances can run at once (writes are compare-and-set).
 
 Run it::
 
@@ -14,127 +15,72 @@ Every endpoint but ``renew`` requires the caller to hold the ``admin`` role.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
-from typing import Any, Literal
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import structlog
-from pydantic import BaseModel, Field
 
 from mesh import (
     Agent,
-    AuditRecord,
-    CertificateReply,
     Context,
-    DenialReport,
-    EdgeReport,
-    EnrolmentRequest,
     FailedPrecondition,
-    GraphEdge,
-    IssuedCertificate,
-    JoinToken,
-    Mesh,
     MeshError,
+    MeshHandle,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
+    parse_policy,
+)
+from mesh.control_plane import (
+    ADMIN_ROLE,
+    DEFAULT_CERT_TTL,
+    DENIAL_TOPIC,
+    REGISTRY,
+    SIGNALS_TOPIC,
+    ApplyReply,
+    ApplyRequest,
+    AuditRecord,
+    CertificateReply,
+    DenialReport,
+    EdgeReport,
+    Empty,
+    EnrolmentRequest,
+    HistoryReply,
+    IdentityInfo,
+    IdentityList,
+    IssuedCertificate,
+    JoinToken,
     PolicyRevision,
     RenewRequest,
+    RevisionInfo,
     Revocation,
-    SignalRow,
+    RevokeReply,
+    RevokeRequest,
+    RollbackRequest,
+    SignalsReply,
+    SignalsRequest,
     SignalTable,
-    Unauthenticated,
+    TokenReply,
+    TokenRequest,
     canonical_policy_bytes,
     diff_policies,
     parse_canonical,
-    parse_policy,
     serve_enrolment,
 )
 
-ADMIN_ROLE = "admin"
 SERIAL = re.compile(r"[0-9a-f]{32}")
 MAX_CERT_TTL = 30 * 24 * 3600.0
 ROOT_WARNING_S = 90 * 24 * 3600
 log = structlog.get_logger("mesh.registry")
-DEFAULT_CERT_TTL = 24 * 3600.0
 
 registry = Agent(
-    "registry",
+    REGISTRY,
     version="0.1.0",
     description="Policy registry: identities, policy revisions, audit log.",
 )
-
-
-class Empty(BaseModel):
-    """No fields."""
-
-
-class ApplyRequest(BaseModel):
-    policy: str = Field(description="the policy file's YAML text")
-    source: str = Field(default="<cli>", description="where it came from, for errors and audit")
-
-
-class ApplyReply(BaseModel):
-    revision: int
-    changes: list[str]
-    unchanged: bool = False
-
-
-class RevisionInfo(BaseModel):
-    revision: int
-    source: str
-    applied_by: str
-    applied_at: float
-    sha256: str
-    rollback_of: int | None = None
-    policy: dict[str, Any]
-
-
-class HistoryReply(BaseModel):
-    revisions: list[RevisionInfo]
-
-
-class RollbackRequest(BaseModel):
-    revision: int
-
-
-class TokenRequest(BaseModel):
-    agent: str
-    roles: list[str] = []
-    ttl: float = Field(default=3600.0, gt=0, description="how long the token may be used")
-    cert_ttl: float = Field(default=DEFAULT_CERT_TTL, gt=60)
-
-
-class TokenReply(BaseModel):
-    token: str
-    expires_at: float
-
-
-class RevokeRequest(BaseModel):
-    target: str = Field(description="a certificate serial, or an agent name (all its serials)")
-
-
-class RevokeReply(BaseModel):
-    revoked: list[str]
-
-
-class IdentityInfo(BaseModel):
-    serial: str
-    agent: str
-    instance: str
-    roles: list[str]
-    not_after: int
-    issued_at: float
-    via: str
-    revoked: bool
-
-
-class IdentityList(BaseModel):
-    identities: list[IdentityInfo]
-    root_key_id: str = ""
-    root_not_after: float | None = None
 
 
 def _require_admin(ctx: Context) -> None:
@@ -145,7 +91,7 @@ def _require_admin(ctx: Context) -> None:
         )
 
 
-def _require_root(mesh: Mesh) -> None:
+def _require_root(mesh: MeshHandle) -> None:
     if not mesh.trust_root.can_sign:
         raise FailedPrecondition("this registry was started without the trust root key")
 
@@ -154,21 +100,9 @@ def _actor(ctx: Context) -> str:
     return f"{ctx.caller.agent}/{ctx.caller.instance}"
 
 
-async def _audit(mesh: Mesh, kind: str, actor: str, subject: str, **details: Any) -> None:
+async def _audit(mesh: MeshHandle, kind: str, actor: str, subject: str, **details: Any) -> None:
     await mesh.control.append_audit(
         AuditRecord(kind=kind, actor=actor, subject=subject, details=details)
-    )
-
-
-def _info(rev: PolicyRevision) -> RevisionInfo:
-    return RevisionInfo(
-        revision=rev.revision,
-        source=rev.source,
-        applied_by=rev.applied_by,
-        applied_at=rev.applied_at,
-        sha256=rev.sha256,
-        rollback_of=rev.rollback_of,
-        policy=json.loads(rev.policy_json),
     )
 
 
@@ -227,14 +161,15 @@ async def get(_: Empty, ctx: Context) -> RevisionInfo:
     current = await ctx.mesh.control.current_policy()
     if current is None:
         raise NotFound("no policy has been applied yet")
-    return _info(current[0])
+    return RevisionInfo.of(current[0])
 
 
 @registry.endpoint(name="history", idempotent=True)
 async def history(_: Empty, ctx: Context) -> HistoryReply:
     """Every kept revision, oldest first."""
     _require_admin(ctx)
-    return HistoryReply(revisions=[_info(r) for r in await ctx.mesh.control.policy_history()])
+    revisions = await ctx.mesh.control.policy_history()
+    return HistoryReply(revisions=[RevisionInfo.of(r) for r in revisions])
 
 
 @registry.endpoint(name="rollback")
@@ -282,16 +217,7 @@ async def identities(_: Empty, ctx: Context) -> IdentityList:
         root_key_id=ctx.mesh.trust_root.key_id,
         root_not_after=ctx.mesh.trust_root.not_after,
         identities=[
-            IdentityInfo(
-                serial=c.serial,
-                agent=c.agent,
-                instance=c.instance,
-                roles=c.roles,
-                not_after=c.not_after,
-                issued_at=c.issued_at,
-                via=c.via,
-                revoked=c.serial in revoked,
-            )
+            IdentityInfo.of(c, revoked=c.serial in revoked)
             for c in sorted(await ctx.mesh.control.certificates(), key=lambda c: c.issued_at)
         ],
     )
@@ -353,7 +279,7 @@ async def renew(_: RenewRequest, ctx: Context) -> CertificateReply:
     return CertificateReply.of(cert)
 
 
-async def _record_issue(mesh: Mesh, raw: bytes, via: str, actor: str, **details: Any) -> None:
+async def _record_issue(mesh: MeshHandle, raw: bytes, via: str, actor: str, **details: Any) -> None:
     cert = mesh.verifier.verify(raw)
     await mesh.control.record_certificate(
         IssuedCertificate(
@@ -382,30 +308,18 @@ async def _record_issue(mesh: Mesh, raw: bytes, via: str, actor: str, **details:
     )
 
 
-class SignalsRequest(BaseModel):
-    reporter: Literal["server", "client"] = "server"
-    by_caller: bool = True
-
-
-class SignalsReply(BaseModel):
-    window_s: float
-    rows: list[SignalRow]
-    edges: list[GraphEdge]
-    nodes: list[str]
-
-
 SIGNAL_WINDOW_S = 60.0
-_signals: WeakKeyDictionary[Mesh, SignalTable] = WeakKeyDictionary()
+_signals: WeakKeyDictionary[MeshHandle, SignalTable] = WeakKeyDictionary()
 
 
-def _table(mesh: Mesh) -> SignalTable:
+def _table(mesh: MeshHandle) -> SignalTable:
     table = _signals.get(mesh)
     if table is None:
         table = _signals[mesh] = SignalTable(window=SIGNAL_WINDOW_S)
     return table
 
 
-@registry.on_event("*", "mesh-signals")
+@registry.on_event("*", SIGNALS_TOPIC)
 async def collect(report: EdgeReport, ctx: Context) -> None:
     """Keep agents' golden-signal reports for `mesh-policy top` and `graph` (in memory, for a
     minute: every registry instance receives every report)."""
@@ -428,7 +342,7 @@ async def signals(req: SignalsRequest, ctx: Context) -> SignalsReply:
     )
 
 
-@registry.on_event("*", "mesh-denied")
+@registry.on_event("*", DENIAL_TOPIC)
 async def denied(report: DenialReport, ctx: Context) -> None:
     """Write a callee's (signed) denial report into the audit log."""
     if report.agent != ctx.caller.agent:
@@ -443,7 +357,7 @@ async def denied(report: DenialReport, ctx: Context) -> None:
 
 
 @registry.on_start
-async def started(mesh: Mesh) -> None:
+async def started(mesh: MeshHandle) -> None:
     """Answer enrolments, and note the start in the audit log."""
 
     async def issue(req: EnrolmentRequest) -> bytes:

@@ -75,10 +75,11 @@ async def footprint_in_child(url: str, extra: int, timeout: float = 120.0) -> di
 
 async def _measure(url: str, extra: int) -> dict[str, float]:
     import mesh
+    from mesh.control_plane import TrustRoot
 
     from .meshecho import echo_agent, mesh_config
 
-    root = mesh.TrustRoot.generate()
+    root = TrustRoot.generate()
     cfg = mesh_config(url)
 
     async def settled_rss() -> float:

@@ -48,6 +48,7 @@ import yaml
 from pydantic import BaseModel
 
 import mesh
+from mesh.control_plane import ApplyReply, ApplyRequest, TrustRoot
 
 __all__ = ["HEARTBEAT", "STOP_LIMIT", "TTL", "propagation_in_child"]
 
@@ -205,7 +206,7 @@ def _emit(mark: str, text: str) -> None:
 async def _measure(url: str, n: int, applies: int, prefix: str) -> None:
     """Measure, print the result (or the error), then stop everything and print how long
     stopping took."""
-    root = mesh.TrustRoot.generate()
+    root = TrustRoot.generate()
     cfg = mesh.MeshConfig(
         servers=(url,),
         prefix=prefix,
@@ -238,7 +239,7 @@ class _StuckDrains(Exception):
 
 async def _run(
     stack: contextlib.AsyncExitStack,
-    root: mesh.TrustRoot,
+    root: TrustRoot,
     cfg: mesh.MeshConfig,
     n: int,
     applies: int,
@@ -324,8 +325,8 @@ async def _run(
             reply = await admin.request(
                 "registry",
                 "apply",
-                reg.ApplyRequest(policy=text, source=f"bench-{i}.yaml"),
-                reg.ApplyReply,
+                ApplyRequest(policy=text, source=f"bench-{i}.yaml"),
+                ApplyReply,
             )
             replied = time.perf_counter()
             if reply.revision != expected or reply.unchanged:

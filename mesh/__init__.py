@@ -1,46 +1,19 @@
 """natsmesh: a service mesh for autonomous agents over NATS.
 
-Users import from here; every implementation module is private to the package.
+Users import from here: what it takes to write an agent, call one, configure the mesh and
+handle its errors. Control-plane code (the registry agent, operator tools) imports the rest
+from ``mesh.control_plane``; every implementation module is private to the package.
 """
 
+import inspect as _inspect
+
+from mesh._connect import Mesh, connect, enrol
 from mesh._core.config import DirectoryConfig, Limits, MeshConfig, RetryPolicy, Timeouts
-from mesh._core.identity import (
-    Certificate,
-    CertificateVerifier,
-    Identity,
-    InstanceKeys,
-    TrustRoot,
-    load_identity,
-    load_trust_root,
-    save_identity,
-    save_trust_root,
-)
-from mesh._core.policy import (
-    Decision,
-    EndpointPolicy,
-    Policy,
-    PolicyEngine,
-    PolicyError,
-    canonical_policy_bytes,
-    diff_policies,
-    load_policy,
-    parse_canonical,
-    parse_policy,
-)
-from mesh._core.signals import EdgeReport, EdgeStats, GraphEdge, SignalRow, SignalTable
+from mesh._core.identity import Certificate, Identity, InstanceKeys, load_identity, save_identity
+from mesh._core.policy import Policy, PolicyError, load_policy, parse_policy
+from mesh._public import publish as _publish
 from mesh._runtime.agent import Agent, Context, Peer
-from mesh._runtime.control import (
-    AuditRecord,
-    ControlStore,
-    IssuedCertificate,
-    JoinToken,
-    PolicyRevision,
-    Revocation,
-    verify_audit_chain,
-)
-from mesh._runtime.enrol import EnrolmentRequest, enrol, serve_enrolment
-from mesh._runtime.mesh import EndpointStats, Mesh, connect
-from mesh._runtime.registry_api import CertificateReply, DenialReport, RenewRequest
+from mesh._runtime.ports import EndpointStats, MeshHandle
 from mesh.errors import (
     CertificateError,
     DeadlineExceeded,
@@ -61,65 +34,46 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
-    "AuditRecord",
     "Certificate",
     "CertificateError",
-    "CertificateReply",
-    "CertificateVerifier",
     "Context",
-    "ControlStore",
     "DeadlineExceeded",
-    "Decision",
     "DecodeError",
-    "DenialReport",
     "DirectoryConfig",
-    "EdgeReport",
-    "EdgeStats",
-    "EndpointPolicy",
     "EndpointStats",
-    "EnrolmentRequest",
     "FailedPrecondition",
-    "GraphEdge",
     "Identity",
     "InstanceKeys",
     "Internal",
     "InvalidArgument",
-    "IssuedCertificate",
-    "JoinToken",
     "Limits",
     "Mesh",
     "MeshConfig",
     "MeshError",
+    "MeshHandle",
     "MessageTooLarge",
     "NotFound",
     "Peer",
     "PermissionDenied",
     "Policy",
-    "PolicyEngine",
     "PolicyError",
-    "PolicyRevision",
-    "RenewRequest",
     "ResourceExhausted",
     "RetryPolicy",
-    "Revocation",
-    "SignalRow",
-    "SignalTable",
     "Timeouts",
-    "TrustRoot",
     "Unauthenticated",
     "Unavailable",
     "__version__",
-    "canonical_policy_bytes",
     "connect",
-    "diff_policies",
     "enrol",
     "load_identity",
     "load_policy",
-    "load_trust_root",
-    "parse_canonical",
     "parse_policy",
     "save_identity",
-    "save_trust_root",
-    "serve_enrolment",
-    "verify_audit_chain",
 ]
+
+# Classes and functions name this module, where users import them from (reprs, help, pickles).
+for _name in __all__:
+    _member = globals()[_name]
+    if _inspect.isclass(_member) or _inspect.isfunction(_member):
+        _publish(_member, __name__)
+del _name, _member

@@ -6,10 +6,13 @@
 - ``MemoryTransport``: the ``Transport`` interface in memory, for unit tests of agents and the
   pipelines with no server at all (it models subjects, wildcards, queue groups, "no responders"
   and key-value watches, not JetStream persistence or clustering).
+- ``FakeClock``: a clock a test sets and advances, for everything that takes ``clock=``.
 - pytest fixtures ``nats_server``, ``nats_cluster`` and ``trust``: add
   ``pytest_plugins = ["mesh.testing"]`` to your ``conftest.py``. Set ``MESH_TEST_SERVER=container``
   to take the server from testcontainers instead (needs a Docker engine; skipped with the
-  reason when none is reachable).
+  reason when none is reachable). Tests using ``nats_server`` or ``nats_cluster``, directly or
+  through other fixtures, are marked ``integration``: ``pytest -m "not integration"`` needs no
+  server.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from mesh.errors import FailedPrecondition
 
 __all__ = [
     "ContainerServer",
+    "FakeClock",
     "MemoryTransport",
     "NatsCluster",
     "NatsServer",
@@ -40,6 +44,32 @@ __all__ = [
     "find_nats_server",
     "test_config",
 ]
+
+
+class FakeClock:
+    """A clock that moves only when a test moves it, for code that takes ``clock=`` (any
+    callable returning seconds, such as ``time.time`` or ``time.monotonic``)::
+
+        clock = FakeClock()
+        bucket = TokenBucket(2.0, 3, clock=clock)
+        clock.advance(0.5)  # or set it: clock.now = cert.not_after
+
+    Args:
+        now: the starting time in seconds: monotonic-like by default, or a unix time for code
+            that compares with certificate or message times. It stays a plain attribute, so a
+            test may also set it directly.
+    """
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        """The current time in seconds."""
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock by ``seconds`` (negative steps it back, as a wall clock may)."""
+        self.now += seconds
 
 
 class Trust:
@@ -404,6 +434,25 @@ else:
     def trust() -> Trust:
         """A throwaway trust root."""
         return Trust()
+
+    # The fixtures above that start nats-server processes. The fixtures of this project's tests
+    # that need a server take it from these, so a test's fixture closure names one of them.
+    _SERVER_FIXTURES = frozenset({"nats_server", "nats_cluster"})
+
+    def pytest_configure(config: pytest.Config) -> None:
+        """Declare the ``integration`` marker, for projects that use the plugin with
+        ``--strict-markers`` and do not declare it themselves."""
+        config.addinivalue_line(
+            "markers", "integration: needs a real nats-server (started by the fixtures)"
+        )
+
+    @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+    def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+        """Mark ``integration`` every test that uses ``nats_server`` or ``nats_cluster``,
+        directly or through other fixtures, so ``-m "not integration"`` needs no server."""
+        for item in items:
+            if _SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+                item.add_marker(pytest.mark.integration)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Awaitable[None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh._core.identity import validate_name
+from mesh._core.names import validate_name
 from mesh.errors import InvalidArgument
 
 __all__ = ["DirectoryConfig", "Limits", "MeshConfig", "RetryPolicy", "Timeouts"]

@@ -19,23 +19,35 @@ from typing import Any
 
 import msgpack
 
+from mesh._core.crypto import NONCE_LEN, SIG_LEN, TAG_LEN
 from mesh.errors import DecodeError, InvalidArgument
 
 __all__ = [
+    "FRAME_OVERHEAD",
     "HDR_DEADLINE",
     "HDR_TRACEPARENT",
     "HDR_TRACESTATE",
     "MAGIC",
+    "MAX_HEADER",
+    "PREFIX",
+    "PREFIX_LEN",
     "Header",
     "Kind",
+    "check_trace_context",
     "decode_frame",
     "encode_frame",
+    "encode_header",
+    "reply_header",
+    "request_header",
 ]
 
 MAGIC = b"\x4d\x01"
 PREFIX = struct.Struct(">2sH")
 PREFIX_LEN = PREFIX.size
 MAX_HEADER = 16 * 1024
+FRAME_OVERHEAD = PREFIX_LEN + MAX_HEADER + max(NONCE_LEN + TAG_LEN, SIG_LEN)
+"""The most a frame adds to its body: prefix, largest header, and a seal's nonce and tag or an
+event's signature."""
 
 # Readable copies of sealed header fields, for standard tooling; a receiver refuses a message
 # whose NATS header differs from the sealed value.
@@ -174,14 +186,96 @@ def encode_frame(header: Header, body: bytes = b"") -> tuple[bytes, int]:
     Returns:
         ``(frame, header_end)``: the frame bytes and the offset where the body starts.
     """
-    hb = msgpack.packb(header.to_map(), use_bin_type=True)
+    hb = _pack(header.to_map())
     return PREFIX.pack(MAGIC, len(hb)) + hb + body, PREFIX_LEN + len(hb)
 
 
 def encode_header(header: Header) -> bytes:
     """The prefix and header bytes alone: the associated data of a seal."""
-    hb = msgpack.packb(header.to_map(), use_bin_type=True)
+    hb = _pack(header.to_map())
     return PREFIX.pack(MAGIC, len(hb)) + hb
+
+
+# The request and reply headers are built as wire maps directly: they are on every call's path,
+# and ``Header.to_map`` walks all 21 fields. The keys are the ones in ``_FIELDS``.
+
+
+def request_header(
+    id: bytes,
+    ts: int,
+    from_agent: str,
+    from_instance: str,
+    to_agent: str,
+    to_instance: str,
+    endpoint: str,
+    deadline: int,
+    attempt: int,
+    cert: bytes,
+    idempotency_key: str | None,
+    traceparent: str | None,
+    tracestate: str | None,
+) -> bytes:
+    """The prefix and header of a request: the associated data of its seal.
+
+    Raises:
+        InvalidArgument: the header would exceed ``MAX_HEADER``.
+    """
+    hdr: dict[str, Any] = {
+        "k": 1,  # Kind.REQUEST
+        "id": id,
+        "ts": ts,
+        "fa": from_agent,
+        "fi": from_instance,
+        "ta": to_agent,
+        "ti": to_instance,
+        "ep": endpoint,
+        "dl": deadline,
+        "at": attempt,
+        "ct": cert,
+    }
+    if idempotency_key is not None:
+        hdr["ik"] = idempotency_key
+    if traceparent is not None:
+        hdr["tp"] = traceparent
+    if tracestate is not None:
+        hdr["tst"] = tracestate
+    hb = _pack(hdr)
+    if len(hb) > MAX_HEADER:
+        raise InvalidArgument(f"request header of {len(hb)} bytes exceeds {MAX_HEADER}")
+    return PREFIX.pack(MAGIC, len(hb)) + hb
+
+
+def reply_header(
+    id: bytes,
+    ts: int,
+    from_agent: str,
+    from_instance: str,
+    to_agent: str | None,
+    to_instance: str | None,
+    reply_to: bytes,
+    status: str,
+) -> bytes:
+    """The prefix and header of a (whole, unstreamed) reply: the associated data of its seal."""
+    hb = _pack(
+        {
+            "k": 2,  # Kind.REPLY
+            "id": id,
+            "ts": ts,
+            "fa": from_agent,
+            "fi": from_instance,
+            "ta": to_agent,
+            "ti": to_instance,
+            "re": reply_to,
+            "st": status,
+            "sq": 0,
+            "end": True,
+        }
+    )
+    return PREFIX.pack(MAGIC, len(hb)) + hb
+
+
+def _pack(hdr: dict[str, Any]) -> bytes:
+    return msgpack.packb(hdr, use_bin_type=True)
 
 
 def decode_frame(frame: bytes) -> tuple[Header, int]:

@@ -13,20 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 
+from mesh._core.names import RESERVED_INSTANCES, validate_name
+from mesh._core.signed import open_document, typed_field
 from mesh.errors import CertificateError, DecodeError, InvalidArgument
 
 __all__ = [
@@ -40,30 +40,11 @@ __all__ = [
     "new_instance_id",
     "save_identity",
     "save_trust_root",
-    "validate_name",
 ]
 
 CERT_VERSION = 1
 DEFAULT_CERT_TTL = 24 * 3600.0
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-RESERVED_INSTANCES = frozenset({"any"})  # mesh.rpc.<agent>.any.<endpoint> is reserved
 Clock = Callable[[], float]
-
-
-def validate_name(kind: str, value: str) -> str:
-    """Check an agent, instance, endpoint or topic name: lower-case letters, digits, ``-``, ``_``.
-
-    Names become NATS subject tokens, so dots, spaces and wildcards are refused.
-
-    Raises:
-        InvalidArgument: naming the kind of name and the offending value.
-    """
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise InvalidArgument(
-            f"invalid {kind} name {value!r}: use 1-63 of a-z, 0-9, '-', '_', starting with a "
-            "letter or digit"
-        )
-    return value
 
 
 def new_instance_id() -> str:
@@ -97,10 +78,6 @@ class Certificate:
         """Hex BLAKE2b-128 of the certificate's wire bytes."""
         return hashlib.blake2b(self.raw, digest_size=16).hexdigest()
 
-    def valid_at(self, now: float) -> bool:
-        """Whether ``now`` (unix seconds) lies within the validity period."""
-        return self.not_before <= now < self.not_after
-
     @classmethod
     def decode(cls, raw: bytes) -> tuple[Certificate, bytes, bytes]:
         """Parse wire bytes without verifying them.
@@ -111,56 +88,28 @@ class Certificate:
         Raises:
             DecodeError: when the bytes are not a well-formed certificate.
         """
-        try:
-            outer = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-            if not (isinstance(outer, list) and len(outer) == 2):
-                raise DecodeError("certificate must be a 2-element array [body, signature]")
-            body, sig = outer
-            if not isinstance(body, bytes) or not isinstance(sig, bytes) or len(sig) != 64:
-                raise DecodeError("certificate body and 64-byte signature must be binary")
-            m = msgpack.unpackb(body, raw=False, strict_map_key=True)
-            if not isinstance(m, dict):
-                raise DecodeError("certificate body must be a map")
-            roles = m["roles"]
-            if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-                raise DecodeError("certificate roles must be a list of strings")
-            cert = cls(
-                version=_typed(m, "version", int),
-                serial=_typed(m, "serial", str),
-                agent=_typed(m, "agent", str),
-                instance=_typed(m, "instance", str),
-                roles=tuple(roles),
-                sign_pk=_typed(m, "sign_pk", bytes),
-                box_pk=_typed(m, "box_pk", bytes),
-                not_before=_typed(m, "not_before", int),
-                not_after=_typed(m, "not_after", int),
-                issuer=_typed(m, "issuer", str),
-                raw=raw,
-            )
-        except DecodeError:
-            raise
-        except (
-            KeyError,
-            ValueError,
-            TypeError,
-            msgpack.ExtraData,
-            msgpack.FormatError,
-            msgpack.StackError,
-            RecursionError,
-        ) as exc:
-            raise DecodeError(f"malformed certificate: {type(exc).__name__}") from exc
+        m, body, sig = open_document(raw, "certificate")
+        roles = typed_field(m, "roles", list, "certificate")
+        if not all(isinstance(r, str) for r in roles):
+            raise DecodeError("certificate roles must be a list of strings")
+        cert = cls(
+            version=typed_field(m, "version", int, "certificate"),
+            serial=typed_field(m, "serial", str, "certificate"),
+            agent=typed_field(m, "agent", str, "certificate"),
+            instance=typed_field(m, "instance", str, "certificate"),
+            roles=tuple(roles),
+            sign_pk=typed_field(m, "sign_pk", bytes, "certificate"),
+            box_pk=typed_field(m, "box_pk", bytes, "certificate"),
+            not_before=typed_field(m, "not_before", int, "certificate"),
+            not_after=typed_field(m, "not_after", int, "certificate"),
+            issuer=typed_field(m, "issuer", str, "certificate"),
+            raw=raw,
+        )
         if cert.version != CERT_VERSION:
             raise DecodeError(f"unsupported certificate version {cert.version}")
         if len(cert.sign_pk) != 32 or len(cert.box_pk) != 32:
             raise DecodeError("certificate keys must be 32 bytes")
         return cert, body, sig
-
-
-def _typed(m: dict[str, Any], key: str, typ: type) -> Any:
-    value = m[key]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise DecodeError(f"certificate field {key!r} must be {typ.__name__}")
-    return value
 
 
 def _encode_cert_body(

@@ -15,17 +15,18 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
-from mesh._core.identity import Certificate, validate_name
+from mesh._core.identity import Certificate
+from mesh._core.names import validate_name
 from mesh.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from mesh._runtime.mesh import Mesh
+    from mesh._runtime.ports import MeshHandle
 
 __all__ = ["Agent", "Context", "EndpointSpec", "EventSpec", "Peer"]
 
 M = TypeVar("M", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-H = TypeVar("H", bound=Callable[["Mesh"], Awaitable[None]])
+H = TypeVar("H", bound=Callable[["MeshHandle"], Awaitable[None]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,7 @@ class Context:
         traceparent / tracestate: W3C trace context received.
     """
 
-    mesh: Mesh
+    mesh: MeshHandle
     caller: Peer
     endpoint: str
     deadline: float | None = None
@@ -160,8 +161,8 @@ class Agent:
     description: str = ""
     endpoints: dict[str, EndpointSpec] = field(default_factory=dict)
     events: list[EventSpec] = field(default_factory=list)
-    startup: list[Callable[[Mesh], Awaitable[None]]] = field(default_factory=list)
-    shutdown: list[Callable[[Mesh], Awaitable[None]]] = field(default_factory=list)
+    startup: list[Callable[[MeshHandle], Awaitable[None]]] = field(default_factory=list)
+    shutdown: list[Callable[[MeshHandle], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         validate_name("agent", self.name)

@@ -24,11 +24,9 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import msgpack
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
-
+from mesh._core import signed
 from mesh._core.identity import TrustRoot
+from mesh._core.names import audit_stream, audit_subject, store_bucket
 from mesh._transport.base import KeyValueBucket, Stream, Transport
 from mesh.errors import DecodeError, FailedPrecondition, MeshError, Unauthenticated
 
@@ -50,8 +48,7 @@ POLICY_HISTORY = 64
 
 def sign_document(root: TrustRoot, body: dict[str, Any]) -> bytes:
     """Sign ``body`` with the trust root: ``msgpack([packed body, signature])``."""
-    packed = msgpack.packb(body, use_bin_type=True)
-    return msgpack.packb([packed, root.sign(packed)], use_bin_type=True)
+    return signed.sign_document(body, root.sign)
 
 
 def open_document(raw: bytes, root_public_key: bytes) -> dict[str, Any]:
@@ -61,17 +58,10 @@ def open_document(raw: bytes, root_public_key: bytes) -> dict[str, Any]:
         DecodeError: malformed bytes.
         Unauthenticated: not signed by the trust root.
     """
-    try:
-        packed, sig = msgpack.unpackb(raw, raw=False)
-        body = msgpack.unpackb(packed, raw=False)
-    except Exception as exc:  # msgpack raises many types on junk
-        raise DecodeError(f"malformed signed document ({type(exc).__name__})") from None
-    if not isinstance(body, dict) or not isinstance(sig, bytes):
-        raise DecodeError("malformed signed document")
-    try:
-        VerifyKey(root_public_key).verify(packed, sig)
-    except (BadSignatureError, ValueError):
-        raise Unauthenticated("document is not signed by this mesh's trust root") from None
+    body, packed, sig = signed.open_document(raw, "signed document")
+    signed.verify_document(
+        packed, sig, root_public_key, "document is not signed by this mesh's trust root"
+    )
     return body
 
 
@@ -224,7 +214,7 @@ class ControlStore:
         kv = self._kv.get(name)
         if kv is None:
             kv = await self.transport.key_value(
-                f"{self.prefix}-{name}", replicas=self.replicas, history=history
+                store_bucket(self.prefix, name), replicas=self.replicas, history=history
             )
             self._kv[name] = kv
         return kv
@@ -386,7 +376,7 @@ class ControlStore:
     async def audit_stream(self) -> Stream:
         if self._audit is None:
             self._audit = await self.transport.stream(
-                f"{self.prefix}-audit", f"{self.prefix}.audit", replicas=self.replicas
+                audit_stream(self.prefix), audit_subject(self.prefix), replicas=self.replicas
             )
         return self._audit
 

@@ -12,138 +12,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-import msgpack
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from mesh._core.identity import CertificateVerifier
+from mesh._core.records import STATE_SERVING, InstanceRecord, decode_record
+from mesh._runtime.concurrency import cancel_and_wait
+from mesh.errors import MeshError, Unavailable
 
-from mesh._core.identity import Certificate, CertificateVerifier
-from mesh._core.resilience import cancel_and_wait
-from mesh.errors import DecodeError, MeshError, Unauthenticated, Unavailable
-
-__all__ = ["Directory", "EndpointInfo", "InstanceRecord", "decode_record", "encode_record"]
+__all__ = ["Directory"]
 
 Clock = Callable[[], float]
-STATE_SERVING = "serving"
-STATE_DRAINING = "draining"
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointInfo:
-    """What callers need to know about an endpoint before calling it."""
-
-    name: str
-    idempotent: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceRecord:
-    """A verified directory record."""
-
-    certificate: Certificate
-    endpoints: dict[str, EndpointInfo]
-    version: str
-    labels: dict[str, str]
-    ts: float
-    state: str = STATE_SERVING
-    policy_revision: int | None = None
-    policy_error: str | None = None
-    topics: tuple[str, ...] = field(default=())
-
-    @property
-    def agent(self) -> str:
-        return self.certificate.agent
-
-    @property
-    def instance(self) -> str:
-        return self.certificate.instance
-
-    @property
-    def key(self) -> str:
-        return f"{self.agent}.{self.instance}"
-
-
-def encode_record(
-    signing: SigningKey,
-    cert: Certificate,
-    *,
-    endpoints: list[EndpointInfo],
-    version: str,
-    labels: dict[str, str],
-    ts: float,
-    state: str = STATE_SERVING,
-    policy_revision: int | None = None,
-    policy_error: str | None = None,
-    topics: tuple[str, ...] = (),
-) -> bytes:
-    """Sign a record with the instance's key: ``msgpack([body, signature])``."""
-    body: dict[str, Any] = {
-        "cert": cert.raw,
-        "endpoints": [{"name": e.name, "idempotent": e.idempotent} for e in endpoints],
-        "version": version,
-        "labels": labels,
-        "ts": int(ts * 1000),
-        "state": state,
-        "topics": list(topics),
-    }
-    if policy_revision is not None:
-        body["policy_revision"] = policy_revision
-    if policy_error is not None:
-        body["policy_error"] = policy_error
-    packed = msgpack.packb(body, use_bin_type=True)
-    return msgpack.packb([packed, signing.sign(packed).signature], use_bin_type=True)
-
-
-def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
-    """Verify and parse a record.
-
-    Raises:
-        DecodeError: malformed bytes.
-        Unauthenticated: bad certificate or bad signature.
-    """
-    try:
-        outer = msgpack.unpackb(raw, raw=False)
-        body_raw, sig = outer
-        body = msgpack.unpackb(body_raw, raw=False)
-        cert_raw = body["cert"]
-        endpoints = {
-            e["name"]: EndpointInfo(str(e["name"]), bool(e.get("idempotent", False)))
-            for e in body["endpoints"]
-        }
-        version = str(body["version"])
-        labels = {str(k): str(v) for k, v in dict(body.get("labels") or {}).items()}
-        ts_ms = body["ts"]
-        if type(ts_ms) is not int:
-            raise TypeError("ts must be an integer")
-        ts = ts_ms / 1000.0
-        state = str(body.get("state", STATE_SERVING))
-        rev = body.get("policy_revision")
-        policy_error = body.get("policy_error")
-        topics = tuple(str(t) for t in body.get("topics", ()))
-    except Exception as exc:  # junk raises many types (and deep nesting RecursionError)
-        raise DecodeError(f"malformed directory record ({type(exc).__name__})") from None
-    if not isinstance(cert_raw, bytes) or not isinstance(sig, bytes) or len(sig) != 64:
-        raise DecodeError("malformed directory record (binary fields)")
-    cert = verifier.verify(cert_raw)
-    try:
-        VerifyKey(cert.sign_pk).verify(body_raw, sig)
-    except (BadSignatureError, ValueError):
-        raise Unauthenticated(
-            f"directory record of {cert.agent}.{cert.instance} is forged"
-        ) from None
-    return InstanceRecord(
-        certificate=cert,
-        endpoints=endpoints,
-        version=version,
-        labels=labels,
-        ts=ts,
-        state=state,
-        policy_revision=int(rev) if isinstance(rev, int) else None,
-        policy_error=policy_error if isinstance(policy_error, str) else None,
-        topics=topics,
-    )
 
 
 class Directory:
@@ -188,7 +65,6 @@ class Directory:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self.rejected = 0
 
     async def start(self, timeout: float) -> None:
         """Start watching; return once the initial records are loaded.
@@ -236,12 +112,10 @@ class Directory:
         try:
             record = decode_record(raw, self._verifier)
         except Exception:  # a poisoned entry must never stop the watch
-            self.rejected += 1
             return
         now = self._clock()
         if record.key != key or record.ts > now + self._max_skew:
-            self.rejected += 1  # copied under another instance's key, or dated in the future
-            return
+            return  # copied under another instance's key, or dated in the future
         old = self._last.get(key)
         if old is not None and old.ts >= record.ts:
             return  # an older (or the same) record replayed: no evidence of life

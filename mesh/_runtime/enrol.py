@@ -24,11 +24,12 @@ from nacl.public import PublicKey, SealedBox
 from nacl.signing import VerifyKey
 
 from mesh._core.config import MeshConfig
-from mesh._core.identity import CertificateVerifier, Identity, InstanceKeys, validate_name
+from mesh._core.identity import CertificateVerifier, Identity, InstanceKeys
+from mesh._core.names import directory_bucket, enrol_subject, validate_name
 from mesh._core.ratelimit import TokenBucket
 from mesh._runtime.directory import Directory
+from mesh._runtime.ports import MeshHandle
 from mesh._transport.base import InboundMessage, Transport, is_no_responders
-from mesh._transport.nats import NatsTransport
 from mesh.errors import (
     DecodeError,
     Internal,
@@ -46,10 +47,6 @@ REGISTRY_ROLE = "registry"
 _CONTEXT = b"mesh-enrol-v1"
 MAX_ENROL_FRAME = 4096
 ENROL_RATE, ENROL_BURST = 20.0, 40  # enrolments a registry instance opens per second
-
-
-def enrol_subject(prefix: str, instance: str) -> str:
-    return f"{prefix}.ctl.registry.{instance}.enrol"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +70,8 @@ async def enrol(
     token: str,
     root_public_key: bytes,
     keys: InstanceKeys | None = None,
-    transport: Transport | None = None,
+    transport: Transport,
+    own_transport: bool = False,
     timeout: float = 15.0,
 ) -> Identity:
     """Exchange a join token for a certificate; returns the new identity.
@@ -84,7 +82,8 @@ async def enrol(
         token: the one-time join token.
         root_public_key: the trust root the certificate must chain to.
         keys: keys to certify (fresh ones when omitted).
-        transport: a broker connection (default: nats-py to ``config.servers``).
+        transport: the broker connection.
+        own_transport: connect ``transport`` first and close it after.
         timeout: overall bound in seconds.
 
     Raises:
@@ -93,8 +92,7 @@ async def enrol(
     """
     validate_name("agent", agent)
     keys = keys or InstanceKeys.generate()
-    own = transport is None
-    transport = transport or NatsTransport(config.servers, name=f"{agent}.enrolment")
+    own = own_transport
     verifier = CertificateVerifier(root_public_key)
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -102,7 +100,7 @@ async def enrol(
         await transport.connect()
     try:
         kv = await transport.key_value(
-            f"{config.prefix}-directory",
+            directory_bucket(config.prefix),
             ttl=max(3 * config.directory.ttl, 10.0),
             replicas=config.directory.replicas,
         )
@@ -208,7 +206,9 @@ def open_enrolment(sealed: bytes, box: Any, max_skew: float = 300.0) -> Enrolmen
     return EnrolmentRequest(agent=agent, token=token, sign_pk=sign_pk, box_pk=box_pk)
 
 
-async def serve_enrolment(mesh: Any, issue: Callable[[EnrolmentRequest], Awaitable[bytes]]) -> None:
+async def serve_enrolment(
+    mesh: MeshHandle, issue: Callable[[EnrolmentRequest], Awaitable[bytes]]
+) -> None:
     """Answer enrolment requests addressed to this registry instance.
 
     Args:

@@ -12,17 +12,17 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 
 from mesh._core.identity import Certificate
-from mesh._core.policy import EndpointPolicy, PolicyEngine, RateLimitSpec, parse_canonical
+from mesh._core.policy import PolicyEngine, Route, parse_canonical
 from mesh._core.ratelimit import RateLimiter, TokenBucket
-from mesh._core.resilience import cancel_and_wait
 from mesh._runtime.agent import Peer
+from mesh._runtime.concurrency import cancel_and_wait
 from mesh._runtime.control import ControlStore
+from mesh._runtime.ports import MeshHandle
 from mesh._runtime.registry_api import (
     DENIAL_TOPIC,
     REGISTRY,
@@ -32,19 +32,30 @@ from mesh._runtime.registry_api import (
 )
 from mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
 
-if TYPE_CHECKING:
-    from mesh._runtime.mesh import Mesh
-
 __all__ = ["Governance"]
 
 log = structlog.get_logger("mesh.governance")
 
 
 class Governance:
-    """One per ``Mesh``; the runtime asks it before sending and before serving."""
+    """One per ``Mesh``; the pipelines ask it for routes before sending and before serving.
 
-    def __init__(self, mesh: Mesh) -> None:
+    Args:
+        mesh: the running mesh, through its narrow handle.
+        policy_changed: called when a revision was applied or refused (to acknowledge it).
+        replace_certificate: switches the mesh to a renewed certificate.
+    """
+
+    def __init__(
+        self,
+        mesh: MeshHandle,
+        *,
+        policy_changed: Callable[[], None],
+        replace_certificate: Callable[[Certificate], Awaitable[None]],
+    ) -> None:
         self._mesh = mesh
+        self._policy_changed = policy_changed
+        self._replace_certificate = replace_certificate
         self.engine = PolicyEngine(None)
         self.revision: int | None = None
         self.error: str | None = None
@@ -138,7 +149,7 @@ class Governance:
             log.info("mesh.policy_applied", revision=rev.revision, source=rev.source)
         self._policy_seen.set()
         self._policy_seen = asyncio.Event()
-        self._mesh.policy_changed()
+        self._policy_changed()
 
     async def wait_for_revision(self, revision: int, timeout: float = 10.0) -> None:
         """Wait until this agent runs ``revision`` (or a later one).
@@ -162,55 +173,57 @@ class Governance:
             if serial == self._mesh.identity.certificate.serial:
                 log.error("mesh.own_certificate_revoked", serial=serial)
 
-    def access_log(self, endpoint: str) -> bool:
-        """Whether policy asks for access log lines of this agent's ``endpoint``."""
-        settings = self.engine.endpoint_settings(self._mesh.name, endpoint)
-        if settings is not None and settings.access_log is not None:
-            return settings.access_log
-        policy = self.engine.policy
-        return policy is not None and policy.spec.defaults.access_log
-
-    def endpoint_settings(self, agent: str, endpoint: str) -> EndpointPolicy | None:
-        return self.engine.endpoint_settings(agent, endpoint)
-
-    def check_outgoing(self, agent: str, endpoint: str) -> None:
-        """The caller's own check, to fail fast without a round trip.
+    def outgoing(self, agent: str, endpoint: str) -> Route:
+        """The route of a call this instance makes; the caller's own check fails fast.
 
         Raises:
             PermissionDenied: naming the rule.
         """
-        if agent == REGISTRY:
-            return  # the control plane is always reachable; it enforces its own rules
         me = self._mesh.identity.certificate
-        decision = self.engine.decide(me.agent, me.roles, agent, endpoint)
-        if not decision.allowed:
+        route = self.engine.route(me.agent, me.roles, agent, endpoint)
+        decision = route.decision
+        if not decision.allowed and agent != REGISTRY:
+            # The control plane is always reachable; it enforces its own rules.
             raise PermissionDenied(
                 f"{me.agent} may not call {agent}.{endpoint}: "
                 + decision.explain(self.engine.source, self.engine.revision),
                 rule=decision.rule,
             )
+        return route
 
-    def authorize(self, caller: Peer, endpoint: str) -> None:
-        """The callee's decision, before the handler runs.
+    def incoming(self, caller: Peer, endpoint: str) -> Route:
+        """The route of a request this instance serves, decided before the handler runs:
+        authorization (counted, denials reported) then the rate-limit take.
 
         Raises:
             PermissionDenied: naming the rule that decided.
+            ResourceExhausted: the rate limit is spent, with ``retry_after``.
         """
+        name = self._mesh.name
+        route = self.engine.route(caller.agent, caller.roles, name, endpoint)
         me = self._mesh.identity.certificate
-        if me.agent == REGISTRY and REGISTRY in me.roles:
-            return  # the registry checks roles itself (admin for everything but renew)
-        decision = self.engine.decide(caller.agent, caller.roles, self._mesh.name, endpoint)
-        result = "deny" if not decision.allowed else ("audit" if decision.audit_only else "allow")
-        self.decisions[(result, decision.rule)] += 1
-        if decision.allowed and not decision.audit_only:
-            return
-        self._report(caller, endpoint, decision.rule, decision.audit_only)
-        if not decision.allowed:
-            raise PermissionDenied(
-                f"{caller.agent} may not call {self._mesh.name}.{endpoint}: "
-                + decision.explain(self.engine.source, self.engine.revision),
-                rule=decision.rule,
-            )
+        if not (me.agent == REGISTRY and REGISTRY in me.roles):
+            # (The registry checks roles itself: admin for everything but renew.)
+            decision = route.decision
+            if decision.allowed and not decision.audit_only:
+                self.decisions[("allow", decision.rule)] += 1
+            else:
+                self.decisions[("deny" if not decision.allowed else "audit", decision.rule)] += 1
+                self._report(caller, endpoint, decision.rule, decision.audit_only)
+                if not decision.allowed:
+                    raise PermissionDenied(
+                        f"{caller.agent} may not call {name}.{endpoint}: "
+                        + decision.explain(self.engine.source, self.engine.revision),
+                        rule=decision.rule,
+                    )
+        if route.rate_limit is not None:
+            wait = self.limiter.take(caller.agent, name, endpoint, route.rate_limit)
+            if wait is not None:
+                raise ResourceExhausted(
+                    f"rate limit of {name}.{endpoint} exceeded for {caller.agent}",
+                    retry_after=wait,
+                )
+        return route
 
     def _report(self, caller: Peer, endpoint: str, rule: str, audit_only: bool) -> None:
         if not self._reports.try_take():
@@ -242,30 +255,14 @@ class Governance:
         Raises:
             ResourceExhausted: with ``retry_after``.
         """
-        self._rate(caller, endpoint, self.limiter.check)
-
-    def rate_take(self, caller: str, endpoint: str) -> None:
-        """Consume a token once the request is authenticated.
-
-        Raises:
-            ResourceExhausted: with ``retry_after``.
-        """
-        self._rate(caller, endpoint, self.limiter.take)
-
-    def _rate(
-        self,
-        caller: str,
-        endpoint: str,
-        step: Callable[[str, str, str, RateLimitSpec | None], float | None],
-    ) -> None:
-        settings = self.engine.endpoint_settings(self._mesh.name, endpoint)
+        name = self._mesh.name
+        settings = self.engine.endpoint_settings(name, endpoint)
         if settings is None or settings.rate_limit is None:
             return
-        wait = step(caller, self._mesh.name, endpoint, settings.rate_limit)
+        wait = self.limiter.check(caller, name, endpoint, settings.rate_limit)
         if wait is not None:
             raise ResourceExhausted(
-                f"rate limit of {self._mesh.name}.{endpoint} exceeded for {caller}",
-                retry_after=wait,
+                f"rate limit of {name}.{endpoint} exceeded for {caller}", retry_after=wait
             )
 
     # --- certificate renewal -----------------------------------------------------------------
@@ -311,6 +308,6 @@ class Governance:
                 old.box_pk,
             ):
                 raise PermissionDenied("registry returned a certificate for other keys")
-        await mesh.replace_certificate(new)
+        await self._replace_certificate(new)
         log.info("mesh.certificate_renewed", serial=new.serial, not_after=new.not_after)
         return new

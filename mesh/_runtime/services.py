@@ -31,13 +31,22 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from mesh._core.names import rpc_subject
+from mesh._runtime.ports import EndpointStats, MeshHandle
 from mesh._transport.base import InboundMessage
 from mesh.errors import InvalidArgument, MeshError
 
-if TYPE_CHECKING:
-    from mesh._runtime.mesh import Mesh
+
+class Mesh(MeshHandle, Protocol):
+    """What the responders read of the mesh they describe."""
+
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def endpoint_stats(self) -> dict[str, EndpointStats]: ...
+
 
 __all__ = [
     "API_PREFIX",
@@ -115,7 +124,7 @@ def _identity(mesh: Mesh, kind: str) -> dict[str, Any]:
 
 
 def _subject(mesh: Mesh, endpoint: str) -> str:
-    return f"{mesh.config.prefix}.rpc.{mesh.name}.{mesh.instance}.{endpoint}"
+    return rpc_subject(mesh.config.prefix, mesh.name, mesh.instance, endpoint)
 
 
 def ping_response(mesh: Mesh) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import nats
@@ -22,10 +22,40 @@ from nats.js.kv import KeyValue as NatsKeyValue
 from mesh._transport.base import Handler, KeyValueBucket, Stream, Subscription
 from mesh.errors import FailedPrecondition, Unavailable
 
-__all__ = ["NatsTransport"]
+__all__ = ["NatsTransport", "map_nats_errors"]
 
-_JS_ERRORS = (TimeoutError, nats.errors.Error, nats.js.errors.Error)
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream API errors: wrong last sequence
+
+
+@contextlib.contextmanager
+def map_nats_errors(
+    what: str, *, conflict: str | None = None, subject: str | None = None
+) -> Iterator[None]:
+    """The one place nats-py's errors become mesh errors.
+
+    Args:
+        what: the operation, for the message (``"key-value put 'x'"``).
+        conflict: the message of a lost compare-and-set (a wrong last sequence); without it
+            such an error is ``Unavailable`` like any other.
+        subject: the subject involved, carried by the error.
+
+    Raises:
+        FailedPrecondition: a compare-and-set lost (``conflict`` given).
+        Unavailable: the connection, the server or JetStream failed or timed out.
+    """
+    try:
+        yield
+    except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
+        wrong_last = isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or (
+            exc.err_code in _WRONG_LAST_SEQUENCE
+        )
+        if conflict is not None and wrong_last:
+            raise FailedPrecondition(conflict) from exc
+        raise Unavailable(f"{what} failed: {exc}", subject=subject) from exc
+    except (TimeoutError, OSError, nats.errors.Error, nats.js.errors.Error) as exc:
+        raise Unavailable(
+            f"{what} failed: {str(exc) or type(exc).__name__}", subject=subject
+        ) from exc
 
 
 class _NatsKV:
@@ -33,40 +63,28 @@ class _NatsKV:
         self._kv = kv
 
     async def put(self, key: str, value: bytes) -> int:
-        try:
+        with map_nats_errors(f"key-value put {key!r}"):
             return await self._kv.put(key, value)
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"key-value put {key!r} failed: {exc}") from exc
 
     async def create(self, key: str, value: bytes) -> int:
-        try:
+        with map_nats_errors(f"key-value create {key!r}", conflict=f"key {key!r} already exists"):
             return await self._kv.create(key, value)
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise FailedPrecondition(f"key {key!r} already exists") from exc
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"key-value create {key!r} failed: {exc}") from exc
 
     async def update(self, key: str, value: bytes, last: int) -> int:
-        try:
+        changed = f"key {key!r} changed since revision {last}"
+        with map_nats_errors(f"key-value update {key!r}", conflict=changed):
             return await self._kv.update(key, value, last=last)
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise FailedPrecondition(f"key {key!r} changed since revision {last}") from exc
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"key-value update {key!r} failed: {exc}") from exc
 
     async def delete(self, key: str) -> None:
-        try:
+        with map_nats_errors(f"key-value delete {key!r}"):
             await self._kv.delete(key)
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"key-value delete {key!r} failed: {exc}") from exc
 
     async def entry(self, key: str) -> tuple[bytes, int] | None:
-        try:
-            entry = await self._kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return None
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"key-value get {key!r} failed: {exc}") from exc
+        with map_nats_errors(f"key-value get {key!r}"):
+            try:
+                entry = await self._kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
         return entry.value or b"", entry.revision or 0
 
     async def get(self, key: str) -> bytes | None:
@@ -74,12 +92,11 @@ class _NatsKV:
         return None if found is None else found[0]
 
     async def history(self, key: str) -> list[tuple[bytes | None, int]]:
-        try:
-            entries = await self._kv.history(key)
-        except nats.js.errors.NoKeysError:
-            return []
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"key-value history {key!r} failed: {exc}") from exc
+        with map_nats_errors(f"key-value history {key!r}"):
+            try:
+                entries = await self._kv.history(key)
+            except nats.js.errors.NoKeysError:
+                return []
         return [
             (None if e.operation in ("DEL", "PURGE") else (e.value or b""), e.revision or 0)
             for e in entries
@@ -98,10 +115,8 @@ class _NatsKV:
         return sorted(out.items())
 
     async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
-        try:
+        with map_nats_errors("key-value watch"):
             watcher = await self._kv.watchall()
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"key-value watch failed: {exc}") from exc
         try:
             async for entry in watcher:
                 if entry is None:  # end of the initial values
@@ -122,36 +137,28 @@ class _NatsStream:
 
     async def append(self, data: bytes, *, expect_last: int | None = None) -> int:
         headers = None if expect_last is None else {"Nats-Expected-Last-Sequence": str(expect_last)}
-        try:
+        moved = f"stream {self._name} moved past sequence {expect_last}"
+        with map_nats_errors(f"append to stream {self._name}", conflict=moved):
             ack = await self._js.publish(self._subject, data, stream=self._name, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
-                raise FailedPrecondition(
-                    f"stream {self._name} moved past sequence {expect_last}"
-                ) from exc
-            raise Unavailable(f"append to stream {self._name} failed: {exc}") from exc
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"append to stream {self._name} failed: {exc}") from exc
         return int(ack.seq)
 
     async def last(self) -> tuple[int, bytes] | None:
-        try:
-            info = await self._js.stream_info(self._name)
-            last = info.state.last_seq
-            if not last or not info.state.messages:
-                return None
+        with map_nats_errors(f"reading stream {self._name}"):
             try:
-                msg = await self._js.get_msg(self._name, last)
+                info = await self._js.stream_info(self._name)
+                last = info.state.last_seq
+                if not last or not info.state.messages:
+                    return None
+                try:
+                    msg = await self._js.get_msg(self._name, last)
+                except nats.js.errors.NotFoundError:
+                    return last, b""  # the last record was deleted; the chain will show it
             except nats.js.errors.NotFoundError:
-                return last, b""  # the last record was deleted; the chain will show it
-        except nats.js.errors.NotFoundError:
-            return None
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"reading stream {self._name} failed: {exc}") from exc
+                return None
         return int(msg.seq or last), msg.data or b""
 
     async def read(self, start: int = 1) -> list[tuple[int, bytes]]:
-        try:
+        with map_nats_errors(f"reading stream {self._name}"):
             info = await self._js.stream_info(self._name)
             out = []
             for seq in range(max(start, info.state.first_seq or 1), info.state.last_seq + 1):
@@ -160,12 +167,10 @@ class _NatsStream:
                 except nats.js.errors.NotFoundError:
                     continue  # deleted: the caller sees the gap in sequence numbers
                 out.append((seq, msg.data or b""))
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"reading stream {self._name} failed: {exc}") from exc
         return out
 
     async def follow(self, start: int = 1) -> AsyncIterator[tuple[int, bytes]]:
-        try:
+        with map_nats_errors(f"following stream {self._name}"):
             sub = await self._js.subscribe(
                 self._subject,
                 stream=self._name,
@@ -173,8 +178,6 @@ class _NatsStream:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 config=ConsumerConfig(opt_start_seq=max(1, start)),
             )
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"following stream {self._name} failed: {exc}") from exc
         try:
             async for msg in sub.messages:
                 yield int(msg.metadata.sequence.stream), msg.data
@@ -271,13 +274,11 @@ class NatsTransport:
         reply: str = "",
         headers: dict[str, str] | None = None,
     ) -> None:
-        try:
+        with map_nats_errors(f"publish to {subject}", subject=subject):
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
-        except nats.errors.Error as exc:
-            raise Unavailable(f"publish to {subject} failed: {exc}", subject=subject) from exc
 
     async def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
-        try:
+        with map_nats_errors(f"subscribe to {subject}", subject=subject):
             sub = await self.nc.subscribe(
                 subject,
                 queue=queue,
@@ -285,18 +286,14 @@ class NatsTransport:
                 pending_msgs_limit=65536,
                 pending_bytes_limit=256 * 1024 * 1024,
             )
-        except nats.errors.Error as exc:
-            raise Unavailable(f"subscribe to {subject} failed: {exc}", subject=subject) from exc
         return sub
 
     def new_inbox(self) -> str:
         return self.nc.new_inbox()
 
     async def flush(self, timeout: float = 5.0) -> None:
-        try:
+        with map_nats_errors("flush"):
             await self.nc.flush(timeout=max(1, int(timeout)))
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise Unavailable(f"flush failed: {exc}") from exc
 
     async def key_value(
         self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
@@ -305,29 +302,25 @@ class NatsTransport:
         if kv is not None:
             return kv
         js = self.nc.jetstream(timeout=5.0)
-        try:
+        with map_nats_errors(f"opening the JetStream key-value bucket {bucket!r}"):
             try:
                 raw = await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 raw = await js.create_key_value(
                     KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=replicas)
                 )
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"JetStream key-value bucket {bucket!r} unavailable: {exc}") from exc
         kv = self._kvs[bucket] = _NatsKV(raw)
         return kv
 
     async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream:
         js = self.nc.jetstream(timeout=5.0)
-        try:
+        with map_nats_errors(f"opening the JetStream stream {name!r}"):
             try:
                 await js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 await js.add_stream(
                     StreamConfig(name=name, subjects=[subject], num_replicas=replicas)
                 )
-        except _JS_ERRORS as exc:
-            raise Unavailable(f"JetStream stream {name!r} unavailable: {exc}") from exc
         return _NatsStream(js, name, subject)
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:

@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
 
+from mesh._core.policy import parse_duration as _parse_duration
 from mesh.errors import InvalidArgument, MeshError
 
 T = TypeVar("T")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(text: str) -> float:
-    """``"24h"``, ``"30m"``, ``"1.5s"``, ``"250ms"`` or plain seconds, as seconds.
+    """``"7d"``, ``"24h"``, ``"30m"``, ``"1.5s"`` or ``"250ms"``, as seconds: the policy
+    language's grammar (``mesh._core.policy.parse_duration``), so a number needs its unit.
 
     Raises:
-        InvalidArgument: for anything else.
+        InvalidArgument: for anything else (``run_command`` prints it and exits 2).
     """
-    m = _DURATION.match(text)
-    if m is None:
-        raise InvalidArgument(f"invalid duration {text!r}: use e.g. 250ms, 10s, 30m, 24h, 7d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return _parse_duration(text, bare_seconds=False)
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.message) from None
 
 
 def env_default(name: str, default: str | None = None) -> str | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from mesh._connect import Mesh, enrol
 from mesh._core.config import MeshConfig, Timeouts
 from mesh._core.identity import (
     IDENTITY_KEY_FILE,
@@ -41,10 +42,9 @@ from mesh._core.identity import (
     load_trust_root,
     save_identity,
 )
-from mesh._observability.telemetry import install_tracing, serve_prometheus
+from mesh._observability.metrics import serve_prometheus
+from mesh._observability.tracing import install_tracing
 from mesh._runtime.agent import Agent
-from mesh._runtime.enrol import enrol
-from mesh._runtime.mesh import Mesh
 from mesh.errors import InvalidArgument
 
 from ._common import configure_logging, env_default, parse_duration, run_command

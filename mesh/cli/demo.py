@@ -26,12 +26,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from rich.console import Console
 
+from mesh._connect import Mesh
 from mesh._core.config import DirectoryConfig, MeshConfig
 from mesh._core.envelope import decode_frame, encode_header
 from mesh._core.identity import TrustRoot, save_identity, save_trust_root
 from mesh._core.policy import PolicyEngine
-from mesh._runtime.mesh import Mesh
 from mesh._transport.nats import NatsTransport
+from mesh.control_plane import ApplyReply, ApplyRequest
 from mesh.embedded import NatsServer
 from mesh.errors import DeadlineExceeded, MeshError, PermissionDenied
 
@@ -132,7 +133,7 @@ async def _intruder(config: MeshConfig, root: TrustRoot, res: Mesh) -> None:
 
 async def run_demo(*, keep: bool = False) -> int:
     """Run the demo; returns the process exit code."""
-    from mesh_agents.registry import ApplyReply, ApplyRequest, registry
+    from mesh_agents.registry import registry
     from mesh_examples import research
     from mesh_examples.research import Answer, Question, librarian, planner, researcher
 

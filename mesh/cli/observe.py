@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from rich.table import Table
 
-from mesh.cli.graph import to_dot, to_mermaid, to_png, to_svg, to_text, top_table
+from mesh import Mesh
+from mesh.control_plane import REGISTRY, SignalsReply, SignalsRequest
+
+from .graph import to_dot, to_mermaid, to_png, to_svg, to_text, top_table
 
 
-async def fetch_signals(mesh: Any, reporter: str, by_caller: bool) -> Any:
+async def fetch_signals(
+    mesh: Mesh, reporter: Literal["server", "client"], by_caller: bool
+) -> SignalsReply:
     """Ask the registry for its signal table."""
-    from mesh_agents.registry import SignalsReply, SignalsRequest
-
-    await mesh.wait_for("registry", timeout=5)
+    await mesh.wait_for(REGISTRY, timeout=5)
     return await mesh.request(
-        "registry",
+        REGISTRY,
         "signals",
         SignalsRequest(reporter=reporter, by_caller=by_caller),
         SignalsReply,
@@ -26,7 +29,7 @@ async def fetch_signals(mesh: Any, reporter: str, by_caller: bool) -> Any:
     )
 
 
-def render_top(reply: Any) -> Table:
+def render_top(reply: SignalsReply) -> Table:
     """The `top` table: per agent and endpoint, rps, success rate, p50, p99, in flight."""
     cells = top_table(reply.rows)
     table = Table(*cells[0], title=f"golden signals, last {reply.window_s:.0f} s (server side)")
@@ -35,7 +38,7 @@ def render_top(reply: Any) -> Table:
     return table
 
 
-def render_graph(reply: Any, fmt: str, out: str | None) -> str:
+def render_graph(reply: SignalsReply, fmt: str, out: str | None) -> str:
     """The call graph as text, DOT, Mermaid, SVG or PNG (PNG and SVG go to ``out``)."""
     edges, nodes = reply.edges, reply.nodes
     if fmt == "png":

@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mesh
+from mesh.control_plane import CertificateVerifier, TrustRoot, save_trust_root
 from mesh.testing import NatsServer, test_config, wait_until
 
 from .workers import Done, Job
@@ -72,7 +75,7 @@ def test_identity_issue_writes_a_loadable_identity(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     ident = mesh.load_identity(out)
-    cert = mesh.CertificateVerifier(ident.root_public_key).verify(ident.certificate.raw)
+    cert = CertificateVerifier(ident.root_public_key).verify(ident.certificate.raw)
     assert (cert.agent, cert.roles) == ("planner", ("coordinator", "ops"))
     assert 7100 < cert.not_after - cert.not_before - 60 <= 7200
     assert mode(out / "identity.key") == 0o600
@@ -110,6 +113,7 @@ def test_identity_issue_refuses_bad_agent_name(tmp_path: Path) -> None:
     assert result.returncode == 2 and "invalid agent name" in result.stderr
 
 
+@pytest.mark.integration  # the demo starts its own nats-server
 def test_demo_runs_a_secure_conversation_and_exits_zero() -> None:
     """`mesh-agent demo` needs no server, shows sealed calls, signed events and refusals."""
     result = run("mesh-agent", "demo", timeout=120)
@@ -149,8 +153,8 @@ def test_run_without_identity_explains() -> None:
 
 async def test_run_serves_then_drains_on_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
     """A runner-started agent serves calls, and on SIGTERM deregisters and exits 0."""
-    root = mesh.TrustRoot.generate()
-    mesh.save_trust_root(root, tmp_path / "root")
+    root = TrustRoot.generate()
+    save_trust_root(root, tmp_path / "root")
     mesh.save_identity(root.issue_identity("worker"), tmp_path / "worker")
     env = {
         **os.environ,

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 import mesh
 from mesh._core.crypto import PairKeys, seal_body
 from mesh._core.envelope import HDR_DEADLINE, HDR_TRACEPARENT, MAGIC, PREFIX, Kind
+from mesh.control_plane import PolicyEngine, SignalsReply, SignalsRequest, TrustRoot
 from mesh.testing import NatsServer, Trust, test_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +215,7 @@ async def test_metrics_count_successes_denials_and_rate_limits(
     meters = MeterProvider(metric_readers=[reader])
     cfg = test_config([nats_server.url], retry=mesh.RetryPolicy(attempts=1))
     _front, back = three_hops(Counter())
-    engine = mesh.PolicyEngine(mesh.parse_policy(POLICY), revision=1)
+    engine = PolicyEngine(mesh.parse_policy(POLICY), revision=1)
     async with (
         mesh.Mesh(trust.identity("back"), cfg, agent=back, meter_provider=meters) as b,
         mesh.Mesh(trust.identity("alice"), cfg, meter_provider=meters) as alice,
@@ -263,7 +264,7 @@ async def test_prometheus_endpoint_and_access_log_from_the_runner(
 ) -> None:
     """`mesh-agent run --metrics-port --access-log` serves metrics over HTTP and writes one
     JSON access line per request, with no payload in it."""
-    root = mesh.TrustRoot.generate()
+    root = TrustRoot.generate()
     mesh.save_identity(root.issue_identity("worker"), tmp_path / "worker")
     port = free_port()
     env = {**os.environ, "MESH_SERVERS": nats_server.url, "MESH_IDENTITY": str(tmp_path / "worker")}
@@ -312,7 +313,7 @@ async def test_golden_signals_reach_the_registry(nats_server: NatsServer) -> Non
     """Agents report per-edge signals; the registry's table gives rps, success and latency."""
     from mesh_agents import registry as reg
 
-    root = mesh.TrustRoot.generate()
+    root = TrustRoot.generate()
     cfg = test_config([nats_server.url], signals_interval=0.2)
     _front, back = three_hops(Counter())
     async with (
@@ -331,10 +332,8 @@ async def test_golden_signals_reach_the_registry(nats_server: NatsServer) -> Non
         with pytest.raises(mesh.NotFound):
             await admin.request("back", "leaf", Text(text="fail"), Text)
 
-        async def table() -> reg.SignalsReply:
-            return await admin.request(
-                "registry", "signals", reg.SignalsRequest(), reg.SignalsReply
-            )
+        async def table() -> SignalsReply:
+            return await admin.request("registry", "signals", SignalsRequest(), SignalsReply)
 
         end = asyncio.get_running_loop().time() + 5
         reply = await table()

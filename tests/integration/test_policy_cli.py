@@ -20,6 +20,19 @@ import pytest
 
 import mesh
 from mesh.cli import policy as policy_cli
+from mesh.control_plane import (
+    ApplyReply,
+    ApplyRequest,
+    CertificateVerifier,
+    RollbackRequest,
+    SignalsReply,
+    SignalsRequest,
+    TokenReply,
+    TokenRequest,
+    TrustRoot,
+    canonical_policy_bytes,
+    load_trust_root,
+)
 from mesh.testing import NatsServer, test_config, wait_until
 from mesh_agents import registry as reg
 from mesh_examples import research
@@ -72,7 +85,7 @@ class World:
 
     url: str
     keys: Path
-    root: mesh.TrustRoot
+    root: TrustRoot
     cfg: mesh.MeshConfig
     stack: AsyncExitStack
     registry: mesh.Mesh
@@ -92,20 +105,20 @@ class World:
         reply = await self.ops.request(
             "registry",
             "apply",
-            reg.ApplyRequest(policy=(REPO / path).read_text(), source=path),
-            reg.ApplyReply,
+            ApplyRequest(policy=(REPO / path).read_text(), source=path),
+            ApplyReply,
         )
         return reply.revision
 
     async def rollback(self, revision: int) -> int:
         reply = await self.ops.request(
-            "registry", "rollback", reg.RollbackRequest(revision=revision), reg.ApplyReply
+            "registry", "rollback", RollbackRequest(revision=revision), ApplyReply
         )
         return reply.revision
 
     async def token(self, agent: str, roles: list[str]) -> str:
         reply = await self.ops.request(
-            "registry", "token", reg.TokenRequest(agent=agent, roles=roles), reg.TokenReply
+            "registry", "token", TokenRequest(agent=agent, roles=roles), TokenReply
         )
         return reply.token
 
@@ -123,7 +136,7 @@ class World:
 
 @pytest.fixture
 async def world(nats_server: NatsServer, keys: Path) -> AsyncIterator[World]:
-    root = mesh.load_trust_root(keys)
+    root = load_trust_root(keys)
     cfg = test_config([nats_server.url], signals_interval=0.2)
     async with AsyncExitStack() as stack:
         registry = await stack.enter_async_context(
@@ -140,7 +153,7 @@ async def world(nats_server: NatsServer, keys: Path) -> AsyncIterator[World]:
 
 def world_less_admin(tmp_path: Path) -> Path:
     """An admin identity for commands that need one but have no mesh to talk to."""
-    root = mesh.TrustRoot.generate()
+    root = TrustRoot.generate()
     return mesh.save_identity(root.issue_identity("admin", roles=["admin"]), tmp_path / "admin")
 
 
@@ -289,7 +302,7 @@ async def test_get_prints_the_revision_and_its_yaml(world: World) -> None:
     printed = mesh.parse_policy(text, source="get")
     assert printed.metadata.name == "research-team"
     expected = mesh.parse_policy((REPO / RESEARCH).read_text())
-    assert mesh.canonical_policy_bytes(printed) == mesh.canonical_policy_bytes(expected)
+    assert canonical_policy_bytes(printed) == canonical_policy_bytes(expected)
 
 
 async def test_get_json_prints_only_json(world: World) -> None:
@@ -485,7 +498,7 @@ async def registry_process(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log,
     )
-    root = mesh.load_trust_root(keys)
+    root = load_trust_root(keys)
     try:
         async with mesh.Mesh(
             root.issue_identity("ops", roles=["admin"]), test_config([nats_server.url])
@@ -543,9 +556,7 @@ async def test_join_token_enrols_a_runner_agent_exactly_once(
         assert done.key == "first"
         assert mode(enrolled / "identity.key") == 0o600
         ident = mesh.load_identity(enrolled)
-        cert = mesh.CertificateVerifier(mesh.load_trust_root(keys).public_key).verify(
-            ident.certificate.raw
-        )
+        cert = CertificateVerifier(load_trust_root(keys).public_key).verify(ident.certificate.raw)
         assert (cert.agent, cert.roles) == ("worker", ("batch",))
         assert done.instance == cert.instance
 
@@ -681,9 +692,7 @@ async def make_traffic(world: World) -> None:
         )
 
     async def edges() -> set[tuple[str, str]]:
-        reply = await world.ops.request(
-            "registry", "signals", reg.SignalsRequest(), reg.SignalsReply
-        )
+        reply = await world.ops.request("registry", "signals", SignalsRequest(), SignalsReply)
         return {(e.caller, e.callee) for e in reply.edges}
 
     want = {("planner", "researcher"), ("researcher", "librarian")}

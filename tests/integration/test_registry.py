@@ -4,6 +4,7 @@ identity lifecycle, rate limits, fail-static behaviour and the audit log."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,7 +17,26 @@ import pytest
 from pydantic import BaseModel
 
 import mesh
-from mesh._runtime.control import PolicyRevision, sign_document
+from mesh._runtime.control import sign_document
+from mesh.control_plane import (
+    ApplyReply,
+    ApplyRequest,
+    AuditRecord,
+    CertificateVerifier,
+    Empty,
+    HistoryReply,
+    IdentityList,
+    PolicyEngine,
+    PolicyRevision,
+    RevisionInfo,
+    RevokeReply,
+    RevokeRequest,
+    RollbackRequest,
+    TokenReply,
+    TokenRequest,
+    TrustRoot,
+    canonical_policy_bytes,
+)
 from mesh.testing import NatsServer, test_config, wait_until
 from mesh_agents import registry as reg
 
@@ -62,15 +82,18 @@ def make_bob(calls: Counter[str]) -> mesh.Agent:
 @dataclass
 class World:
     server: NatsServer
-    root: mesh.TrustRoot
+    root: TrustRoot
     cfg: mesh.MeshConfig
     stack: AsyncExitStack
     admin: mesh.Mesh
     registry: mesh.Mesh
 
-    async def join(self, name: str, agent: mesh.Agent | None = None, roles=()) -> mesh.Mesh:
+    async def join(
+        self, name: str, agent: mesh.Agent | None = None, roles=(), config=None
+    ) -> mesh.Mesh:
         ident = self.root.issue_identity(name, roles=roles)
-        return await self.stack.enter_async_context(mesh.Mesh(ident, self.cfg, agent=agent))
+        cfg = config or self.cfg
+        return await self.stack.enter_async_context(mesh.Mesh(ident, cfg, agent=agent))
 
     async def start_registry(self) -> mesh.Mesh:
         ident = self.root.issue_identity("registry", roles=["registry"])
@@ -81,14 +104,14 @@ class World:
     async def apply(self, text: str, source: str = "test.yaml") -> int:
         await self.admin.wait_for("registry")
         reply = await self.admin.request(
-            "registry", "apply", reg.ApplyRequest(policy=text, source=source), reg.ApplyReply
+            "registry", "apply", ApplyRequest(policy=text, source=source), ApplyReply
         )
         return reply.revision
 
 
 @pytest.fixture
 async def world(nats_server: NatsServer) -> AsyncIterator[World]:
-    root = mesh.TrustRoot.generate()
+    root = TrustRoot.generate()
     cfg = test_config([nats_server.url])
     async with AsyncExitStack() as stack:
         admin_id = root.issue_identity("admin", roles=["admin"])
@@ -137,7 +160,7 @@ async def test_unauthorized_call_is_refused_naming_the_rule(world: World) -> Non
         await alice.request("bob", "drop-all", Msg(text="x"), Msg)
     assert deny_rule.value.rule == "nobody-drops"
     # Skip mallory's own check: the callee still refuses, and says why.
-    mallory.governance.engine = mesh.PolicyEngine(None)
+    mallory.governance.engine = PolicyEngine(None)
     with pytest.raises(mesh.PermissionDenied) as remote:
         await mallory.request("bob", "echo", Msg(text="x"), Msg)
     assert remote.value.rule == "default deny"
@@ -164,10 +187,8 @@ async def test_forged_policy_is_refused_and_reported(world: World) -> None:
     bob = await world.join("bob", make_bob(calls))
     rev = await world.apply(POLICY)
     await wait_until(lambda: bob.governance.revision == rev)
-    forger = mesh.TrustRoot.generate()
-    open_policy = mesh.canonical_policy_bytes(
-        mesh.parse_policy((POLICIES / "open.yaml").read_text())
-    )
+    forger = TrustRoot.generate()
+    open_policy = canonical_policy_bytes(mesh.parse_policy((POLICIES / "open.yaml").read_text()))
     forged = PolicyRevision(rev + 1, open_policy, "forged", "mallory", time.time())
     nc = await nats.connect(world.server.url)
     try:
@@ -188,7 +209,7 @@ async def test_only_admins_may_apply(world: World) -> None:
     eve = await world.join("eve")
     await eve.wait_for("registry")
     with pytest.raises(mesh.PermissionDenied) as info:
-        await eve.request("registry", "apply", reg.ApplyRequest(policy=POLICY), reg.ApplyReply)
+        await eve.request("registry", "apply", ApplyRequest(policy=POLICY), ApplyReply)
     assert info.value.rule == "registry: admin role required"
 
 
@@ -207,7 +228,10 @@ async def test_rate_limited_caller_gets_retry_after_while_others_pass(world: Wor
     caller under its own limit is unaffected."""
     calls: Counter[str] = Counter()
     bob = await world.join("bob", make_bob(calls))
-    alice = await world.join("alice")
+    # Retries would wait out the limit; show the error instead.
+    alice = await world.join(
+        "alice", config=dataclasses.replace(world.cfg, retry=mesh.RetryPolicy(attempts=1))
+    )
     carol = await world.join("carol", roles=["ops"])
     rev = await world.apply(POLICY)
     for m in (bob, alice, carol):
@@ -215,9 +239,6 @@ async def test_rate_limited_caller_gets_retry_after_while_others_pass(world: Wor
     no_retry = dict(timeout=5)
     for _ in range(5):
         await alice.request("bob", "echo", Msg(text="a"), Msg, **no_retry)
-    alice.config = mesh.MeshConfig(  # retries would wait out the limit; show the error instead
-        servers=alice.config.servers, retry=mesh.RetryPolicy(attempts=1)
-    )
     with pytest.raises(mesh.ResourceExhausted) as info:
         await alice.request("bob", "echo", Msg(text="a"), Msg, **no_retry)
     assert info.value.retry_after is not None and 0 < info.value.retry_after <= 0.25
@@ -243,25 +264,23 @@ async def test_rate_limited_retry_honours_retry_after(world: World) -> None:
 async def test_enrolment_with_token_then_refusals(world: World, tmp_path: Path) -> None:
     """A join token enrols once; a used, expired or forged token is refused."""
     token = await world.admin.request(
-        "registry", "token", reg.TokenRequest(agent="worker", roles=["batch"]), reg.TokenReply
+        "registry", "token", TokenRequest(agent="worker", roles=["batch"]), TokenReply
     )
     root_pk = world.root.public_key
     ident = await mesh.enrol(world.cfg, agent="worker", token=token.token, root_public_key=root_pk)
     assert ident.certificate.roles == ("batch",)
-    assert mesh.CertificateVerifier(root_pk).verify(ident.certificate.raw)
+    assert CertificateVerifier(root_pk).verify(ident.certificate.raw)
     with pytest.raises(mesh.Unauthenticated, match="already used"):
         await mesh.enrol(world.cfg, agent="worker", token=token.token, root_public_key=root_pk)
     with pytest.raises(mesh.Unauthenticated, match="unknown join token"):
         await mesh.enrol(world.cfg, agent="worker", token="mjt_forged", root_public_key=root_pk)
     short = await world.admin.request(
-        "registry", "token", reg.TokenRequest(agent="worker", ttl=0.2), reg.TokenReply
+        "registry", "token", TokenRequest(agent="worker", ttl=0.2), TokenReply
     )
     await asyncio.sleep(0.3)
     with pytest.raises(mesh.Unauthenticated, match="expired"):
         await mesh.enrol(world.cfg, agent="worker", token=short.token, root_public_key=root_pk)
-    other = await world.admin.request(
-        "registry", "token", reg.TokenRequest(agent="worker"), reg.TokenReply
-    )
+    other = await world.admin.request("registry", "token", TokenRequest(agent="worker"), TokenReply)
     with pytest.raises(mesh.Unauthenticated, match="another agent"):
         await mesh.enrol(world.cfg, agent="spy", token=other.token, root_public_key=root_pk)
     # The enrolled identity works in the mesh.
@@ -296,7 +315,7 @@ async def test_renewal_under_load_drops_no_request(world: World) -> None:
     after = (alice.identity.certificate.serial, bob.identity.certificate.serial)
     assert before[0] != after[0] and before[1] != after[1]
     assert alice.stats.fates.get("failed", 0) == 0
-    listed = await world.admin.request("registry", "identities", reg.Empty(), reg.IdentityList)
+    listed = await world.admin.request("registry", "identities", Empty(), IdentityList)
     assert {i.via for i in listed.identities if i.serial in after} == {"renewal"}
 
 
@@ -304,9 +323,7 @@ async def test_revocation_takes_effect_within_seconds(world: World) -> None:
     """After `revoke AGENT`, every agent refuses the revoked certificates."""
     calls: Counter[str] = Counter()
     await world.join("bob", make_bob(calls))
-    token = await world.admin.request(
-        "registry", "token", reg.TokenRequest(agent="alice"), reg.TokenReply
-    )
+    token = await world.admin.request("registry", "token", TokenRequest(agent="alice"), TokenReply)
     ident = await mesh.enrol(
         world.cfg, agent="alice", token=token.token, root_public_key=world.root.public_key
     )
@@ -314,7 +331,7 @@ async def test_revocation_takes_effect_within_seconds(world: World) -> None:
     await alice.wait_for("bob")
     await alice.request("bob", "echo", Msg(text="before"), Msg)
     reply = await world.admin.request(
-        "registry", "revoke", reg.RevokeRequest(target="alice"), reg.RevokeReply
+        "registry", "revoke", RevokeRequest(target="alice"), RevokeReply
     )
     assert ident.certificate.serial in reply.revoked
     started = time.monotonic()
@@ -333,21 +350,19 @@ async def test_registry_restart_loses_nothing_and_agents_fail_static(world: Worl
     alice = await world.join("alice")
     mallory = await world.join("mallory")
     rev = await world.apply(POLICY)
-    token = await world.admin.request(
-        "registry", "token", reg.TokenRequest(agent="late"), reg.TokenReply
-    )
+    token = await world.admin.request("registry", "token", TokenRequest(agent="late"), TokenReply)
     await wait_until(lambda: bob.governance.revision == rev)
     records_before, _ = await world.admin.control.read_audit()
 
     await world.registry.drain()
     await wait_until(lambda: not world.admin.directory.instances("registry"))
     assert (await alice.request("bob", "echo", Msg(text="still"), Msg)).text == "still"
-    mallory.governance.engine = mesh.PolicyEngine(None)
+    mallory.governance.engine = PolicyEngine(None)
     with pytest.raises(mesh.PermissionDenied):
         await mallory.request("bob", "echo", Msg(text="x"), Msg)
 
     world.registry = await world.start_registry()
-    info = await world.admin.request("registry", "get", reg.Empty(), reg.RevisionInfo)
+    info = await world.admin.request("registry", "get", Empty(), RevisionInfo)
     assert info.revision == rev
     ident = await mesh.enrol(
         world.cfg, agent="late", token=token.token, root_public_key=world.root.public_key
@@ -383,11 +398,11 @@ async def test_rollback_applies_an_old_revision_again(world: World) -> None:
     first = await world.apply(POLICY)
     second = await world.apply((POLICIES / "open.yaml").read_text(), source="open.yaml")
     reply = await world.admin.request(
-        "registry", "rollback", reg.RollbackRequest(revision=first), reg.ApplyReply
+        "registry", "rollback", RollbackRequest(revision=first), ApplyReply
     )
     assert reply.revision == second + 1
     await wait_until(lambda: bob.governance.revision == reply.revision)
-    history = await world.admin.request("registry", "history", reg.Empty(), reg.HistoryReply)
+    history = await world.admin.request("registry", "history", Empty(), HistoryReply)
     assert [h.revision for h in history.revisions] == [first, second, reply.revision]
     assert history.revisions[-1].rollback_of == first
     assert history.revisions[-1].sha256 == history.revisions[0].sha256
@@ -400,7 +415,7 @@ async def test_audit_log_records_and_detects_tampering(world: World) -> None:
     mallory = await world.join("mallory")
     rev = await world.apply(POLICY)
     await wait_until(lambda: bob.governance.revision == rev)
-    mallory.governance.engine = mesh.PolicyEngine(None)
+    mallory.governance.engine = PolicyEngine(None)
     with pytest.raises(mesh.PermissionDenied):
         await mallory.request("bob", "echo", Msg(text="x"), Msg)
 
@@ -419,8 +434,8 @@ async def test_audit_log_records_and_detects_tampering(world: World) -> None:
     nc = await nats.connect(world.server.url)
     try:
         js = nc.jetstream()
-        forger = mesh.TrustRoot.generate()
-        fake = mesh.AuditRecord(kind="policy.applied", actor="admin/x", subject="revision 99")
+        forger = TrustRoot.generate()
+        fake = AuditRecord(kind="policy.applied", actor="admin/x", subject="revision 99")
         body = asdict(fake)
         body.pop("seq")
         await js.publish("mesh.audit", sign_document(forger, body))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import nats
+import pytest
 
 import mesh
 from mesh.testing import NatsServer, Trust, container_server, test_config
+
+pytestmark = pytest.mark.integration  # container_server starts one without a fixture
 
 
 async def test_server_from_testcontainers_when_docker_exists() -> None:

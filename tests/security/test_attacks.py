@@ -46,7 +46,7 @@ from mesh._core.envelope import (
     decode_frame,
     encode_frame,
 )
-from mesh._runtime.directory import EndpointInfo, encode_record
+from mesh._core.records import EndpointInfo, encode_record
 from mesh.testing import Trust, test_config, wait_until
 
 pytestmark = pytest.mark.integration

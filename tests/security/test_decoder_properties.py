@@ -17,10 +17,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mesh import Certificate, CertificateVerifier, DecodeError, MeshError
+from mesh import Certificate, DecodeError, MeshError
 from mesh._core.crypto import derive_pair_key, open_body, seal_body, verify_frame
 from mesh._core.envelope import MAGIC, PREFIX, Header, Kind, decode_frame, encode_frame
-from mesh._runtime.directory import EndpointInfo, decode_record, encode_record
+from mesh._core.records import EndpointInfo, decode_record, encode_record
+from mesh.control_plane import CertificateVerifier
 from mesh.testing import Trust
 
 # byte-level inputs are cheap to generate: many examples; structured ones cost more: fewer

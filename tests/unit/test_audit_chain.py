@@ -7,8 +7,8 @@ from dataclasses import asdict
 
 import pytest
 
-from mesh import AuditRecord, TrustRoot, verify_audit_chain
 from mesh._runtime.control import sign_document
+from mesh.control_plane import AuditRecord, TrustRoot, verify_audit_chain
 
 ROOT = TrustRoot.generate()
 

@@ -18,19 +18,10 @@ from mesh._core.crypto import (
     verify_frame,
 )
 from mesh.errors import Unauthenticated
+from mesh.testing import FakeClock
 
 NOW = 1_700_000_000.0
 NOW_MS = int(NOW * 1000)
-
-
-class FakeClock:
-    """A settable clock in unix seconds."""
-
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _id(n: int) -> bytes:
@@ -163,13 +154,13 @@ class TestEventSignature:
 class TestReplayGuard:
     def test_fresh_message_accepted(self) -> None:
         """A new id with a current timestamp passes check."""
-        guard = ReplayGuard(60, clock=FakeClock())
+        guard = ReplayGuard(60, clock=FakeClock(NOW))
 
         guard.check(_id(1), NOW_MS)
 
     def test_replay_refused(self) -> None:
         """A recorded id is refused when seen again."""
-        guard = ReplayGuard(60, clock=FakeClock())
+        guard = ReplayGuard(60, clock=FakeClock(NOW))
         guard.record(_id(1), NOW_MS)
 
         with pytest.raises(Unauthenticated, match="replayed"):
@@ -177,7 +168,7 @@ class TestReplayGuard:
 
     def test_check_records_nothing(self) -> None:
         """check alone does not remember the id."""
-        guard = ReplayGuard(60, clock=FakeClock())
+        guard = ReplayGuard(60, clock=FakeClock(NOW))
 
         guard.check(_id(1), NOW_MS)
         guard.check(_id(1), NOW_MS)
@@ -186,28 +177,28 @@ class TestReplayGuard:
 
     def test_stale_refused(self) -> None:
         """A timestamp older than the window is refused."""
-        guard = ReplayGuard(60, clock=FakeClock())
+        guard = ReplayGuard(60, clock=FakeClock(NOW))
 
         with pytest.raises(Unauthenticated, match="older than the replay window"):
             guard.check(_id(1), NOW_MS - 60_001)
 
     def test_edge_of_window_accepted(self) -> None:
         """Timestamps exactly one window old or ahead are still accepted."""
-        guard = ReplayGuard(60, clock=FakeClock())
+        guard = ReplayGuard(60, clock=FakeClock(NOW))
 
         guard.check(_id(1), NOW_MS - 60_000)
         guard.check(_id(2), NOW_MS + 60_000)
 
     def test_future_beyond_skew_refused(self) -> None:
         """A timestamp further ahead than the window is refused."""
-        guard = ReplayGuard(60, clock=FakeClock())
+        guard = ReplayGuard(60, clock=FakeClock(NOW))
 
         with pytest.raises(Unauthenticated, match="future"):
             guard.check(_id(1), NOW_MS + 60_001)
 
     def test_ids_forgotten_after_window(self) -> None:
         """Ids whose timestamps left the window are dropped at the next record."""
-        clock = FakeClock()
+        clock = FakeClock(NOW)
         guard = ReplayGuard(60, clock=clock)
         guard.record(_id(1), NOW_MS)
         guard.record(_id(2), NOW_MS)
@@ -221,7 +212,7 @@ class TestReplayGuard:
 
     def test_bounded_memory(self) -> None:
         """With max_entries=N, recording N+k ids keeps at most N."""
-        guard = ReplayGuard(60, max_entries=10, clock=FakeClock())
+        guard = ReplayGuard(60, max_entries=10, clock=FakeClock(NOW))
 
         for n in range(25):
             guard.record(_id(n), NOW_MS - 25 + n)
@@ -231,7 +222,7 @@ class TestReplayGuard:
 
     def test_evicted_id_still_refused(self) -> None:
         """An id evicted for space is refused: the window floor rose to its timestamp."""
-        guard = ReplayGuard(60, max_entries=10, clock=FakeClock())
+        guard = ReplayGuard(60, max_entries=10, clock=FakeClock(NOW))
         for n in range(15):
             guard.record(_id(n), NOW_MS - 15 + n)
 
@@ -241,7 +232,7 @@ class TestReplayGuard:
 
     def test_newer_ids_accepted_after_eviction(self) -> None:
         """After eviction a new id newer than the floor is still accepted."""
-        guard = ReplayGuard(60, max_entries=2, clock=FakeClock())
+        guard = ReplayGuard(60, max_entries=2, clock=FakeClock(NOW))
         for n in range(5):
             guard.record(_id(n), NOW_MS - 5 + n)
 

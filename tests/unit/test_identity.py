@@ -25,18 +25,9 @@ from mesh._core.identity import (
     validate_name,
 )
 from mesh.errors import CertificateError, DecodeError, InvalidArgument
+from mesh.testing import FakeClock
 
 NOW = 1_700_000_000.0
-
-
-class FakeClock:
-    """A settable clock in unix seconds."""
-
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -46,7 +37,7 @@ def root() -> TrustRoot:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(NOW)
 
 
 @pytest.fixture

@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import mesh._core.policy as policy_mod
+import mesh._core.policy.engine as engine_mod
 from mesh._core.policy import (
     Decision,
     Policy,
     PolicyEngine,
     PolicyError,
+    Route,
     canonical_policy_bytes,
     diff_policies,
     load_policy,
@@ -26,6 +28,7 @@ from mesh._core.policy import (
     parse_rate,
     policy_schema,
 )
+from mesh.cli._common import parse_duration as cli_parse_duration
 from mesh.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,21 +135,48 @@ class TestParsing:
             ("1.5s", 1.5),
             ("5m", 300.0),
             ("1h", 3600.0),
+            ("1d", 86400.0),
+            ("7d", 604800.0),
             (2, 2.0),
             (0.5, 0.5),
         ],
     )
     def test_durations(self, text: object, seconds: float) -> None:
-        """Durations are ms/s/m/h strings or numbers of seconds."""
+        """Durations are ms/s/m/h/d strings or (the canonical form) numbers of seconds."""
         assert parse_duration(text) == pytest.approx(seconds)
 
     @pytest.mark.parametrize(
-        "text", ["0s", "0ms", 0, -1, "10", "10 seconds", "1d", "s", True, None, float("inf")]
+        "text",
+        ["0s", "0ms", 0, -1, "10", "10 seconds", "10 s", "1w", "s", True, None, float("inf")],
     )
     def test_bad_durations(self, text: object) -> None:
         """Zero, negative, unitless strings, unknown units and non-numbers are refused."""
         with pytest.raises(InvalidArgument, match="invalid duration"):
             parse_duration(text)
+
+    @pytest.mark.parametrize(("text", "fix"), [("30", "30s"), (30, "30s"), (0.5, "0.5s")])
+    def test_bare_number_needs_a_unit(self, text: object, fix: str) -> None:
+        """A number without a unit (a string, or any number with ``bare_seconds=False``) is
+        refused with the fix."""
+        with pytest.raises(InvalidArgument) as info:
+            parse_duration(text, bare_seconds=False)
+
+        assert info.value.message == f"invalid duration {text!r}: add a unit, e.g. {fix}"
+
+    def test_cli_durations_use_the_policy_grammar(self) -> None:
+        """The command-line tools parse ``7d`` like policy files do."""
+        assert cli_parse_duration("7d") == parse_duration("7d") == 604800.0
+
+    @pytest.mark.parametrize("text", ["30", "10 seconds", "0s"])
+    def test_cli_refuses_bad_durations_as_invalid_argument(self, text: str) -> None:
+        """The command-line tools refuse a bare number too, with the same ``InvalidArgument``."""
+        with pytest.raises(InvalidArgument) as info:
+            cli_parse_duration(text)
+
+        assert type(info.value) is InvalidArgument
+        with pytest.raises(InvalidArgument) as core:
+            parse_duration(text)
+        assert info.value.message == core.value.message
 
     @pytest.mark.parametrize(
         ("text", "per_second"),
@@ -283,6 +313,20 @@ class TestErrors:
             "syntax-error.yaml",
             "unknown-field.yaml",
         ]
+
+    def test_bare_number_in_a_policy_file(self, tmp_path: Path) -> None:
+        """A duration without a unit in a file names the file, the line and the fix."""
+        f = tmp_path / "p.yaml"
+        f.write_text(doc("  defaults:\n    timeout: 30\n"))
+
+        with pytest.raises(PolicyError) as info:
+            load_policy(f)
+
+        err = info.value
+        assert (err.source, err.line, err.path) == (str(f), 6, "spec.defaults.timeout")
+        assert (
+            str(err) == f"{f}:6: spec.defaults.timeout: invalid duration 30: add a unit, e.g. 30s"
+        )
 
     def test_missing_file(self, tmp_path: Path) -> None:
         missing = tmp_path / "nope.yaml"
@@ -707,13 +751,14 @@ class TestDecisions:
         assert first == [fresh._evaluate(*i) for i in inputs]
 
     def test_cache_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(policy_mod, "_CACHE_MAX", 8)
+        monkeypatch.setattr(engine_mod, "_CACHE_MAX", 8)
         e = engine_of([{"name": "r", "allow": {"callers": ["a*"]}}])
 
         for i in range(50):
             assert e.decide(f"a{i}", (), "x", "y").rule == "r"
             assert e.endpoint_settings(f"a{i}", "y") is None
-            assert len(e._decisions) <= 8 and len(e._settings) <= 8
+            assert e.route(f"a{i}", (), "x", "y").decision.rule == "r"
+            assert len(e._decisions) <= 8 and len(e._settings) <= 8 and len(e._routes) <= 8
 
 
 class TestExplain:
@@ -838,6 +883,90 @@ class TestEndpointSettings:
 
         assert e.timeout_for("ab", "x") == 1.0
         assert e.timeout_for("ba", "x") == 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# Routes
+# --------------------------------------------------------------------------------------------
+
+
+class TestRoute:
+    @pytest.fixture
+    def engine(self) -> PolicyEngine:
+        return PolicyEngine(
+            parse_policy(
+                doc(
+                    "  defaults: {timeout: 10s, access_log: true}\n"
+                    "  rules:\n"
+                    "    - {name: ask, allow: {callers: [planner], agent: researcher}}\n"
+                    "  endpoints:\n"
+                    "    '*.*': {timeout: 1s}\n"
+                    "    researcher.answer:\n"
+                    "      timeout: 30s\n"
+                    "      retries: {attempts: 3, per_try_timeout: 10s}\n"
+                    "      rate_limit: {per_caller: 20/s}\n"
+                    "      access_log: false\n"
+                    "    librarian.lookup: {retries: {attempts: 2}}\n"
+                )
+            )
+        )
+
+    def test_route_carries_the_decision_and_its_rule(self, engine: PolicyEngine) -> None:
+        """A route's decision is ``decide``'s, naming the rule."""
+        r = engine.route("planner", (), "researcher", "answer")
+
+        assert r.decision == Decision(True, "ask", "allow", False)
+        assert engine.route("intruder", (), "researcher", "answer").decision.rule == "default deny"
+
+    def test_route_carries_the_winning_endpoint_settings(self, engine: PolicyEngine) -> None:
+        """A route holds the most specific endpoint entry and its timeout, retries, rate limit
+        and access-log flag."""
+        r = engine.route("planner", (), "researcher", "answer")
+
+        assert r.settings is engine.endpoint_settings("researcher", "answer")
+        assert r.timeout == 30.0
+        assert r.retries is not None and (r.retries.attempts, r.retries.per_try_timeout) == (
+            3,
+            10.0,
+        )
+        assert r.rate_limit is not None and r.rate_limit.per_caller == 20.0
+        assert r.access_log is False
+
+    def test_route_falls_back_to_the_defaults(self, engine: PolicyEngine) -> None:
+        """An entry without timeout or access_log gets ``defaults.timeout`` and
+        ``defaults.access_log``, as ``timeout_for`` and the access log do."""
+        r = engine.route("planner", (), "librarian", "lookup")
+
+        assert r.timeout == 10.0 == engine.timeout_for("librarian", "lookup")
+        assert r.access_log is True
+        assert r.retries is not None and r.retries.attempts == 2
+        assert r.rate_limit is None
+
+    def test_route_is_cached(self, engine: PolicyEngine) -> None:
+        """A second call returns the identical (cached) route object."""
+        first = engine.route("planner", ("ops",), "researcher", "answer")
+
+        assert engine.route("planner", ("ops",), "researcher", "answer") is first
+
+    def test_route_is_frozen(self, engine: PolicyEngine) -> None:
+        """A route cannot be changed by whoever holds it."""
+        r = engine.route("planner", (), "researcher", "answer")
+
+        with pytest.raises(AttributeError):
+            r.timeout = 1.0  # type: ignore[misc]
+
+    def test_route_without_policy(self) -> None:
+        """No policy: a "no policy" allow and no settings at all."""
+        r = PolicyEngine(None).route("anyone", (), "any", "thing")
+
+        assert r == Route(
+            decision=Decision(True, "no policy", "allow", False),
+            settings=None,
+            timeout=None,
+            retries=None,
+            rate_limit=None,
+            access_log=False,
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,19 +11,7 @@ from hypothesis import strategies as st
 from mesh._core.policy import RateLimitSpec
 from mesh._core.ratelimit import RateLimiter, TokenBucket
 from mesh.errors import InvalidArgument
-
-
-class FakeClock:
-    """A settable monotonic clock in seconds."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from mesh.testing import FakeClock
 
 
 def spec(**fields: Any) -> RateLimitSpec:

@@ -8,17 +8,9 @@ from collections import Counter
 import pytest
 
 from mesh import InvalidArgument
-from mesh._core.resilience import Backoff, LeastLoadedPicker, ReplyCache, RetryBudget
-
-
-class FakeClock:
-    """A settable monotonic clock in seconds."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from mesh._core.resilience import Backoff, LeastLoadedPicker, RetryBudget
+from mesh._runtime.concurrency import ReplyCache
+from mesh.testing import FakeClock
 
 
 class TestBackoff:

@@ -18,7 +18,7 @@ EXPORTED: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
     (
         "policy.schema.json",
         policy_schema,
-        "python -m mesh.policy --export-schema schemas/policy.schema.json",
+        "python -m mesh._core.policy --export-schema schemas/policy.schema.json",
     ),
 ]
 
@@ -44,7 +44,7 @@ def test_schema_file_matches_model(
 
 
 def test_policy_schema_is_what_the_module_writes() -> None:
-    """``python -m mesh.policy --export-schema`` writes exactly ``render(policy_schema())``."""
+    """``python -m mesh._core.policy --export-schema`` writes ``render(policy_schema())``."""
     from mesh._core.policy import render_schema
 
     assert render_schema() == render(policy_schema())

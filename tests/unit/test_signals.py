@@ -21,19 +21,7 @@ from mesh._core.signals import (
     SignalTable,
     quantile_ms,
 )
-
-
-class FakeClock:
-    """A settable clock in seconds."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from mesh.testing import FakeClock
 
 
 def report(

@@ -1,0 +1,128 @@
+"""What changes when one policy replaces another, as lines for people (``mesh-policy diff``,
+``apply`` and the audit record of a change). Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mesh._core.policy.model import Defaults, EndpointPolicy, Policy, Rule
+
+# --------------------------------------------------------------------------------------------
+# Diff
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    if seconds < 1 and (seconds * 1000).is_integer():
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def _fmt_rate(rate: float | None) -> str:
+    if rate is None:
+        return "none"
+    return f"{rate:g}/s"
+
+
+def _rule_summary(rule: Rule) -> str:
+    m = rule.match
+    return (
+        f"{rule.effect} callers=[{', '.join(m.callers)}] agent={m.agent} "
+        f"endpoints=[{', '.join(m.endpoints)}]"
+    )
+
+
+def _endpoint_fields(ep: EndpointPolicy) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if ep.timeout is not None:
+        out["timeout"] = _fmt_duration(ep.timeout)
+    if ep.retries is not None:
+        out["retries.attempts"] = str(ep.retries.attempts)
+        if ep.retries.per_try_timeout is not None:
+            out["retries.per_try_timeout"] = _fmt_duration(ep.retries.per_try_timeout)
+    if ep.rate_limit is not None:
+        rl = ep.rate_limit
+        if rl.per_caller is not None:
+            out["rate_limit.per_caller"] = _fmt_rate(rl.per_caller)
+            out["rate_limit.burst"] = str(rl.caller_burst)
+        if rl.total is not None:
+            out["rate_limit.total"] = _fmt_rate(rl.total)
+            out["rate_limit.total_burst"] = str(rl.total_capacity)
+    if ep.access_log is not None:
+        out["access_log"] = str(ep.access_log).lower()
+    return out
+
+
+def _defaults_fields(d: Defaults) -> dict[str, str]:
+    return {
+        "authorization": d.authorization,
+        "mode": d.mode,
+        "timeout": _fmt_duration(d.timeout),
+        "access_log": str(d.access_log).lower(),
+    }
+
+
+def _changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    out = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key, "none"), new.get(key, "none")
+        if a != b:
+            out.append(f"{key} {a} -> {b}")
+    return out
+
+
+def diff_policies(old: Policy | None, new: Policy) -> list[str]:
+    """What changes when ``new`` replaces ``old``, as human-readable lines (empty: no change).
+
+    Rules are matched by name, endpoint settings by key. ``old=None`` (no policy installed yet)
+    lists everything in ``new`` as added.
+    """
+    lines: list[str] = []
+    if old is None:
+        lines.append(f'policy "{new.metadata.name}" (no policy installed before)')
+        d = _defaults_fields(new.spec.defaults)
+        lines.append("defaults: " + " ".join(f"{k}={v}" for k, v in d.items()))
+        old_rules: dict[str, Rule] = {}
+        old_eps: dict[str, EndpointPolicy] = {}
+    else:
+        if old.metadata.name != new.metadata.name:
+            lines.append(f"metadata.name {old.metadata.name} -> {new.metadata.name}")
+        if old.metadata.description != new.metadata.description:
+            lines.append(
+                f"metadata.description {old.metadata.description!r} -> {new.metadata.description!r}"
+            )
+        lines += [
+            f"defaults.{c}"
+            for c in _changes(
+                _defaults_fields(old.spec.defaults), _defaults_fields(new.spec.defaults)
+            )
+        ]
+        old_rules = {r.name: r for r in old.spec.rules}
+        old_eps = dict(old.spec.endpoints)
+    new_rules = {r.name: r for r in new.spec.rules}
+    for name, rule in new_rules.items():
+        before = old_rules.get(name)
+        if before is None:
+            lines.append(f'rule "{name}" added: {_rule_summary(rule)}')
+        elif before != rule:
+            lines.append(f'rule "{name}" changed: {_rule_summary(before)} -> {_rule_summary(rule)}')
+    lines += [f'rule "{name}" removed' for name in old_rules if name not in new_rules]
+    common_old = [n for n in old_rules if n in new_rules]
+    common_new = [n for n in new_rules if n in old_rules]
+    if common_old != common_new:
+        lines.append(f"rule order changed: {', '.join(common_old)} -> {', '.join(common_new)}")
+    for key, ep in new.spec.endpoints.items():
+        prev = old_eps.get(key)
+        if prev is None:
+            fields = " ".join(f"{k}={v}" for k, v in _endpoint_fields(ep).items())
+            lines.append(f"endpoint {key} added: {fields or '(no settings)'}")
+        elif prev != ep:
+            changes = _changes(_endpoint_fields(prev), _endpoint_fields(ep))
+            lines.append(f"endpoint {key} changed: {'; '.join(changes)}")
+    lines += [f"endpoint {key} removed" for key in old_eps if key not in new.spec.endpoints]
+    return lines

@@ -1,0 +1,65 @@
+"""The access log: one JSON line per served request, never the payload."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["AccessLog"]
+
+
+def _access_logger() -> Any:
+    # JSON lines on stdout whatever the application's structlog setup: an access log is data.
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stdout),
+        processors=[
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+
+
+class AccessLog:
+    """Writes access-log lines for one agent instance (JSON on stdout: an access log is data).
+
+    Args:
+        agent / instance: the callee named in each line.
+    """
+
+    def __init__(self, agent: str, instance: str) -> None:
+        self._agent = agent
+        self._instance = instance
+        self._logger: Any = None
+
+    def write(
+        self,
+        *,
+        caller: str,
+        caller_instance: str,
+        endpoint: str,
+        code: str,
+        seconds: float,
+        request_bytes: int,
+        reply_bytes: int,
+        traceparent: str | None,
+        attempt: int,
+    ) -> None:
+        """One JSON line for a served request; never the payload."""
+        if self._logger is None:
+            self._logger = _access_logger()
+        self._logger.info(
+            "access",
+            caller=caller,
+            caller_instance=caller_instance,
+            callee=self._agent,
+            callee_instance=self._instance,
+            endpoint=endpoint,
+            code=code,
+            duration_ms=round(seconds * 1000, 3),
+            request_bytes=request_bytes,
+            reply_bytes=reply_bytes,
+            trace_id=traceparent.split("-")[1] if traceparent and "-" in traceparent else None,
+            attempt=attempt,
+        )

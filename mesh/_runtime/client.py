@@ -1,0 +1,425 @@
+"""The client pipeline: one call from a caller's ``request`` to its reply, as named stages.
+
+A ``Call`` carries everything one call needs; the stages run in this order::
+
+    prepare    names, trace context, idempotency key          (cheap checks, before anything)
+    route      policy, once: the caller's own authorization, timeout and retries (Route)
+    deadline   the earlier of the caller's timeout and an inherited deadline
+    ---------- per call: signals and the CLIENT span open here
+    retry      attempts until a reply, a final error or the deadline, within the retry budget
+      pick     one live instance serving the endpoint (power of two choices), or the pinned one
+      transmit encode the header, seal, send to the instance's subject, await the sealed reply
+               on the inbox (``mesh._runtime.replies`` opens it)
+
+``retry``, ``pick`` and ``transmit`` are *attempt stages*: each is ``async (call, next)`` and
+calls ``next(call)`` to go on, so a stage can act before and after the rest of the chain
+(circuit breaking, routing, mirroring, fault injection plug in here). The chain is composed
+once when the pipeline is built; a stage that is off is simply not in it and costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from mesh._core.config import MeshConfig
+from mesh._core.crypto import PairKeys, seal_frame
+from mesh._core.envelope import (
+    HDR_DEADLINE,
+    HDR_TRACEPARENT,
+    HDR_TRACESTATE,
+    check_trace_context,
+    request_header,
+)
+from mesh._core.names import rpc_subject, validate_name
+from mesh._core.policy import Route
+from mesh._core.records import InstanceRecord
+from mesh._core.resilience import Backoff, LeastLoadedPicker, RetryBudget
+from mesh._core.signals import EdgeKey, EdgeStats
+from mesh._runtime.directory import Directory
+from mesh._runtime.governance import Governance
+from mesh._runtime.ports import MeshStats, Observer, Span
+from mesh._runtime.replies import Inbox, InstanceDown, NotDelivered
+from mesh._transport.base import Transport
+from mesh.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    MeshError,
+    MessageTooLarge,
+    NotFound,
+    ResourceExhausted,
+)
+
+__all__ = ["MAX_IDEMPOTENCY_KEY", "Call", "ClientPipeline"]
+
+OK = "OK"
+MAX_IDEMPOTENCY_KEY = 256
+
+Next = Callable[["Call"], Awaitable[bytes]]
+AttemptStage = Callable[["Call", Next], Awaitable[bytes]]
+
+
+@dataclass(slots=True)
+class Call:
+    """One call as it travels through the client stages.
+
+    Attributes:
+        agent / endpoint: what is called.
+        body: the encoded request body.
+        deadline: absolute, unix seconds.
+        route: what policy says about this call.
+        idempotency_key: the caller's key, if any.
+        traceparent / tracestate: the trace context sent (the CLIENT span's, once opened).
+        span: the observer's span.
+        attempts / per_try: the retry settings in force.
+        attempt: the number of the current attempt (1 for the first).
+        record: the instance of the current attempt; ``idempotent`` its endpoint's flag.
+        pinned: the instance a keyed call stays on; ``avoid`` instances not to pick again.
+    """
+
+    agent: str
+    endpoint: str
+    body: bytes
+    deadline: float
+    route: Route
+    idempotency_key: str | None
+    traceparent: str | None
+    tracestate: str | None
+    attempts: int
+    per_try: float | None
+    span: Span = None
+    attempt: int = 0
+    record: InstanceRecord | None = None
+    idempotent: bool = False
+    pinned: InstanceRecord | None = None
+    avoid: set[str] | None = None
+
+
+def compose(stages: Sequence[AttemptStage], last: Next) -> Next:
+    """Chain attempt stages so that each one's ``next`` is the one after it."""
+    handler = last
+    for stage in reversed(stages):
+        handler = _bind(stage, handler)
+    return handler
+
+
+def _bind(stage: AttemptStage, after: Next) -> Next:
+    def run(call: Call) -> Awaitable[bytes]:
+        return stage(call, after)
+
+    return run
+
+
+class ClientPipeline:
+    """The caller's side of request/reply for one mesh connection.
+
+    Args:
+        name / instance: this instance.
+        cert_raw: this instance's certificate bytes (updated on renewal).
+        config: timeouts, retry policy and limits.
+        governance: the policy in force (routes).
+        directory: the live view of instances (a getter: it exists once started).
+        inbox: where replies arrive.
+        pair: the pair-key cache.
+        transport: the broker connection.
+        observer / signals / stats: where calls are reported.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        instance: str,
+        cert_raw: bytes,
+        config: MeshConfig,
+        governance: Governance,
+        directory: Callable[[], Directory],
+        inbox: Inbox,
+        pair: PairKeys,
+        transport: Transport,
+        observer: Observer,
+        signals: EdgeStats,
+        stats: MeshStats,
+    ) -> None:
+        self.name = name
+        self.instance = instance
+        self.cert_raw = cert_raw
+        self._config = config
+        self._governance = governance
+        self._directory = directory
+        self._inbox = inbox
+        self._pair = pair
+        self._transport = transport
+        self._observer = observer
+        self._signals = signals
+        self._stats = stats
+        retry = config.retry
+        self._backoff = Backoff(retry.backoff_base, retry.backoff_cap)
+        self.budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, retry.budget_ttl)
+        self.picker: LeastLoadedPicker[str] = LeastLoadedPicker()
+        self._max_body = config.limits.max_body
+        self._checked_names: set[tuple[str, str]] = set()
+        self._rpc_subject = functools.partial(rpc_subject, config.prefix)
+        self.attempt_stages: tuple[AttemptStage, ...] = (self.retry, self.pick)
+        self._run = compose(self.attempt_stages, self.transmit)
+
+    async def call(
+        self,
+        agent: str,
+        endpoint: str,
+        body: bytes,
+        *,
+        timeout: float | None,
+        deadline: float | None,
+        idempotency_key: str | None,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> bytes:
+        """Run one call through the stages; returns the reply body.
+
+        Raises:
+            MeshError: the subclass matching the failure.
+        """
+        self.prepare(agent, endpoint, idempotency_key, traceparent, tracestate)
+        route = self.route(agent, endpoint)
+        dl = self.deadline(agent, endpoint, route, timeout, deadline)
+        if len(body) > self._max_body:
+            raise MessageTooLarge(
+                f"request body is {len(body)} bytes, the limit is {self._max_body}"
+            )
+        attempts, per_try = self._config.retry.attempts, self._config.retry.per_try_timeout
+        retries = route.retries
+        if retries is not None:
+            attempts = retries.attempts
+            per_try = retries.per_try_timeout or per_try
+        self.budget.record_request()
+        edge: EdgeKey = (self.name, agent, endpoint, "client")
+        self._signals.enter(edge)
+        span, traceparent, tracestate = self._observer.start_client(
+            agent, endpoint, traceparent, tracestate
+        )
+        c = Call(
+            agent, endpoint, body, dl, route, idempotency_key, traceparent, tracestate,
+            attempts, per_try, span,
+        )  # fmt: skip
+        started = time.perf_counter()
+        code = OK
+        try:
+            return await self._run(c)
+        except MeshError as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = Internal.code
+            raise
+        finally:
+            self._signals.finish(edge, code, time.perf_counter() - started)
+            self._observer.end(span, code)
+
+    # --- stages before the first attempt -----------------------------------------------------
+
+    def prepare(
+        self,
+        agent: str,
+        endpoint: str,
+        idempotency_key: str | None,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> None:
+        """Names, trace context and idempotency key are well formed.
+
+        Raises:
+            InvalidArgument: naming what is wrong.
+        """
+        if (agent, endpoint) not in self._checked_names:
+            validate_name("agent", agent)
+            validate_name("endpoint", endpoint)
+            self._checked_names.add((agent, endpoint))
+        if traceparent is not None or tracestate is not None:
+            check_trace_context(traceparent, tracestate)
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(
+                f"idempotency keys are 1 to {MAX_IDEMPOTENCY_KEY} characters long"
+            )
+
+    def route(self, agent: str, endpoint: str) -> Route:
+        """What policy says about this call, resolved once; the caller's own check fails fast.
+
+        Raises:
+            PermissionDenied: naming the rule.
+        """
+        return self._governance.outgoing(agent, endpoint)
+
+    def deadline(
+        self,
+        agent: str,
+        endpoint: str,
+        route: Route,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> float:
+        """The call's absolute deadline: the earlier of the timeout and an inherited deadline.
+
+        Raises:
+            DeadlineExceeded: it has already passed.
+        """
+        if timeout is None:
+            timeout = route.timeout or self._config.timeouts.request
+        now = time.time()
+        dl = now + timeout if deadline is None else min(now + timeout, deadline)
+        if dl <= now:
+            self._stats.fate("deadline_exceeded")
+            raise DeadlineExceeded(f"deadline already passed before calling {agent}.{endpoint}")
+        return dl
+
+    # --- attempt stages ----------------------------------------------------------------------
+
+    async def retry(self, call: Call, next: Next) -> bytes:
+        """Attempts until a reply, a final error or the deadline (``docs/protocol.md`` §17).
+
+        Idempotent calls move to another instance; keyed calls stay on theirs and move only on
+        signed evidence that it is gone.
+        """
+        while True:
+            call.attempt += 1
+            call.record = None
+            call.idempotent = False
+            try:
+                if call.attempt > 1 and time.time() >= call.deadline:
+                    raise DeadlineExceeded(f"deadline of {call.agent}.{call.endpoint} passed")
+                payload = await next(call)
+            except MeshError as exc:
+                await self._after_failure(call, exc)
+                continue
+            self._stats.fate("ok" if call.attempt == 1 else "ok_after_retry")
+            return payload
+
+    async def _after_failure(self, call: Call, exc: MeshError) -> None:
+        """Wait before the next attempt, or re-raise ``exc`` when the call is over."""
+        record, idempotent = call.record, call.idempotent
+        may_retry = isinstance(exc, NotDelivered) or idempotent or call.idempotency_key is not None
+        delay, fate = self._retry_delay(exc, may_retry, call.attempt, call.attempts, call.deadline)
+        self._observer.retry(call.span, call.attempt, exc.code, fate, delay or 0.0)
+        if delay is None:
+            self._stats.fate(fate)
+            raise exc
+        if record is not None and idempotent:
+            if call.avoid is None:
+                call.avoid = set()
+            call.avoid.add(record.key)  # any instance will do: prefer another one
+        elif record is not None:
+            # A keyed call may be running there, and failure signals (refusals, "no
+            # responders") are unauthenticated. Its reply cache answers a retry at once, so
+            # stay, and move only on signed evidence that it is gone.
+            call.pinned = record
+            if isinstance(exc, InstanceDown):
+                # Wait (bounded) for signed evidence; without it, ask the same instance again:
+                # if it lives, its reply cache answers.
+                wait = min(self._config.directory.ttl, call.deadline - time.time())
+                await self._directory().wait_gone(record.key, wait)
+        if record is not None and isinstance(exc, ResourceExhausted) and exc.retry_after:
+            self.picker.penalize(record.key, exc.retry_after)
+        await asyncio.sleep(delay)
+
+    def _retry_delay(
+        self, exc: MeshError, may_retry: bool, attempt: int, attempts: int, dl: float
+    ) -> tuple[float | None, str]:
+        """Seconds to wait before retrying (``None`` to give up), and the call's fate."""
+        if not exc.retryable or not may_retry:
+            return None, "deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "failed"
+        if attempt >= attempts:
+            return None, "retries_exhausted"
+        delay = self._backoff.delay(attempt)
+        if exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        if time.time() + delay >= dl:
+            return None, "deadline_exceeded"
+        if not self.budget.try_spend():
+            return None, "retry_skipped_budget"
+        return delay, "retried"
+
+    async def pick(self, call: Call, next: Next) -> bytes:
+        """One live instance that serves the endpoint; a keyed call's pinned one while it lives.
+
+        Raises:
+            NotDelivered: no live instance.
+            NotFound: the instance does not serve the endpoint.
+        """
+        directory = self._directory()
+        pinned = call.pinned
+        if pinned is not None and directory.is_gone(pinned.key):
+            if call.avoid is None:
+                call.avoid = set()
+            call.avoid.add(pinned.key)
+            pinned = call.pinned = None
+        record = pinned or self._choose(directory, call.agent, call.endpoint, call.avoid)
+        call.record = record
+        info = record.endpoints.get(call.endpoint)
+        if info is None:
+            raise NotFound(f"agent {call.agent!r} has no endpoint {call.endpoint!r}")
+        call.idempotent = info.idempotent
+        return await next(call)
+
+    def _choose(
+        self, directory: Directory, agent: str, endpoint: str, avoid: set[str] | None
+    ) -> InstanceRecord:
+        candidates = directory.instances(agent)
+        if not candidates:
+            raise NotDelivered(f"no live instance of agent {agent!r}")
+        if len(candidates) > 1 and any(endpoint not in r.endpoints for r in candidates):
+            # During a rolling upgrade some instances may not serve the endpoint yet.
+            candidates = [r for r in candidates if endpoint in r.endpoints] or candidates
+        if avoid:
+            candidates = [r for r in candidates if r.key not in avoid] or candidates
+        return self.picker.pick(candidates, _record_key)
+
+    async def transmit(self, call: Call) -> bytes:
+        """Seal the request to the picked instance, send it, and await its reply."""
+        record = call.record
+        assert record is not None
+        rid = os.urandom(16)
+        dl_ms = int(call.deadline * 1000)
+        traceparent, tracestate = call.traceparent, call.tracestate
+        aad = request_header(
+            rid, int(time.time() * 1000), self.name, self.instance, record.agent,
+            record.instance, call.endpoint, dl_ms, call.attempt, self.cert_raw,
+            call.idempotency_key, traceparent, tracestate,
+        )  # fmt: skip
+        headers = {HDR_DEADLINE: str(dl_ms)}
+        if traceparent is not None:
+            headers[HDR_TRACEPARENT] = traceparent
+        if tracestate is not None:
+            headers[HDR_TRACESTATE] = tracestate
+        key = self._pair.get(record.certificate.box_pk)
+        frame = seal_frame(key, aad, call.body)
+        wait = call.deadline - time.time()
+        per_try = call.per_try
+        by_deadline = per_try is None or per_try >= wait
+        if not by_deadline and per_try is not None:
+            wait = per_try
+        token, pending, timer = self._inbox.add(rid, record, key, wait, by_deadline)
+        picker_key = record.key
+        self.picker.acquire(picker_key)
+        subject = self._rpc_subject(record.agent, record.instance, call.endpoint)
+        if call.span is not None:
+            self._observer.attempt(call.span, call.attempt, subject, rid)
+        try:
+            await self._transport.publish(
+                subject, frame, reply=self._inbox.reply_subject(token), headers=headers
+            )
+            return await pending.fut
+        finally:
+            self._inbox.remove(token, timer)
+            self.picker.release(picker_key)
+
+
+def _record_key(record: InstanceRecord) -> str:
+    return record.key

@@ -1,0 +1,246 @@
+"""Ports: the narrow interfaces between the runtime's parts and the layers around it.
+
+- ``Observer``: what the pipelines tell observability (spans, access log, metrics). The runtime
+  never imports OpenTelemetry; ``mesh._observability.Telemetry`` implements this port, and
+  ``NoObserver`` is the default that costs nothing.
+- ``MeshHandle``: what handlers (through ``Context``), lifecycle hooks, governance, the
+  ``$SRV`` responders, enrolment and the registry agent may use of a running mesh. ``Mesh``
+  satisfies it; nothing below ``Mesh`` holds the ``Mesh`` itself.
+- ``StatsSource``: what metrics read at collection time.
+
+Counters shared by the pipelines (``MeshStats``, ``EndpointStats``) live here too, since both
+sides of the port read them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from mesh._core.config import MeshConfig
+    from mesh._core.identity import CertificateVerifier, Identity, TrustRoot
+    from mesh._core.signals import EdgeStats
+    from mesh._runtime.agent import Agent
+    from mesh._runtime.control import ControlStore
+    from mesh._runtime.directory import Directory
+    from mesh._transport.base import InboundMessage, Transport
+
+__all__ = [
+    "EndpointStats",
+    "MeshHandle",
+    "MeshStats",
+    "NoObserver",
+    "Observer",
+    "Span",
+    "StatsSource",
+]
+
+M = TypeVar("M", bound=BaseModel)
+Span = Any
+"""An observer's span handle; opaque to the runtime (``None`` when no span is made)."""
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters of one served endpoint (the NATS services protocol reports them)."""
+
+    requests: int = 0
+    errors: int = 0
+    processing_ns: int = 0
+    replayed_from_cache: int = 0
+    last_error: str = ""
+
+
+@dataclass(slots=True)
+class MeshStats:
+    """What one mesh connection counts besides the per-edge signals.
+
+    Attributes:
+        refused: requests and events refused before a handler, by code.
+        dropped_replies: inbox messages dropped (malformed, misaddressed, forged, too large).
+        fates: client calls by fate (``ok``, ``ok_after_retry``, ``retries_exhausted``, ...).
+    """
+
+    refused: dict[str, int] = field(default_factory=dict)
+    dropped_replies: int = 0
+    fates: dict[str, int] = field(default_factory=dict)
+
+    def refuse(self, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+    def fate(self, name: str) -> None:
+        self.fates[name] = self.fates.get(name, 0) + 1
+
+
+class Observer(Protocol):
+    """Hooks the pipelines call; each must be cheap when its feature is off."""
+
+    access_log: bool
+    """Whether every served request is logged (policy can also ask per endpoint)."""
+
+    def start_client(
+        self, agent: str, endpoint: str, traceparent: str | None, tracestate: str | None
+    ) -> tuple[Span, str | None, str | None]:
+        """A CLIENT span for one call; returns it and the trace context to send."""
+        ...
+
+    def attempt(self, span: Span, attempt: int, subject: str, message_id: bytes) -> None:
+        """One attempt of a call was sent."""
+        ...
+
+    def retry(self, span: Span, attempt: int, code: str, fate: str, delay: float) -> None:
+        """An attempt failed with ``code``; ``fate`` says whether the call goes on."""
+        ...
+
+    def end(self, span: Span, code: str, fate: str | None = None) -> None:
+        """The call (or served request) ended with ``code``."""
+        ...
+
+    def start_server(
+        self,
+        agent: str,
+        endpoint: str,
+        subject: str,
+        message_id: bytes,
+        caller: str,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> tuple[Span, str | None, str | None]:
+        """A SERVER span continuing the caller's trace; returns the context for nested calls."""
+        ...
+
+    def log_access(
+        self,
+        *,
+        caller: str,
+        caller_instance: str,
+        endpoint: str,
+        code: str,
+        seconds: float,
+        request_bytes: int,
+        reply_bytes: int,
+        traceparent: str | None,
+        attempt: int,
+    ) -> None:
+        """One access-log line for a served request; never the payload."""
+        ...
+
+    def register_metrics(self, source: StatsSource) -> None:
+        """Report ``source``'s aggregates from now on."""
+        ...
+
+
+class NoObserver:
+    """An ``Observer`` that records nothing: no spans, no access log, no metrics."""
+
+    access_log = False
+
+    def start_client(
+        self, agent: str, endpoint: str, traceparent: str | None, tracestate: str | None
+    ) -> tuple[Span, str | None, str | None]:
+        return None, traceparent, tracestate
+
+    def attempt(self, span: Span, attempt: int, subject: str, message_id: bytes) -> None:
+        pass
+
+    def retry(self, span: Span, attempt: int, code: str, fate: str, delay: float) -> None:
+        pass
+
+    def end(self, span: Span, code: str, fate: str | None = None) -> None:
+        pass
+
+    def start_server(
+        self,
+        agent: str,
+        endpoint: str,
+        subject: str,
+        message_id: bytes,
+        caller: str,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> tuple[Span, str | None, str | None]:
+        return None, traceparent, tracestate
+
+    def log_access(self, **fields: Any) -> None:
+        pass
+
+    def register_metrics(self, source: StatsSource) -> None:
+        pass
+
+
+class StatsSource(Protocol):
+    """What metrics read of one mesh connection at collection time."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def trust_root(self) -> TrustRoot: ...
+    @property
+    def signals(self) -> EdgeStats: ...
+    @property
+    def stats(self) -> MeshStats: ...
+    @property
+    def decisions(self) -> Counter[tuple[str, str]]: ...
+
+
+class MeshHandle(Protocol):
+    """What a running mesh offers to handlers, hooks and control-plane code."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def config(self) -> MeshConfig: ...
+    @property
+    def agent(self) -> Agent | None: ...
+    @property
+    def trust_root(self) -> TrustRoot: ...
+    @property
+    def verifier(self) -> CertificateVerifier: ...
+    @property
+    def control(self) -> ControlStore: ...
+    @property
+    def directory(self) -> Directory: ...
+    @property
+    def transport(self) -> Transport: ...
+
+    async def request(
+        self,
+        agent: str,
+        endpoint: str,
+        body: BaseModel,
+        reply_type: type[M],
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> M: ...
+
+    async def publish(
+        self,
+        topic: str,
+        event: BaseModel,
+        *,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+    async def subscribe_raw(
+        self, subject: str, handler: Callable[[InboundMessage], Awaitable[None]]
+    ) -> None: ...

@@ -1,0 +1,94 @@
+"""This instance's own directory record: announce, heartbeat, acknowledge policy, drain, withdraw.
+
+The record is signed with the instance's key (``mesh._core.records``) and written under
+``<agent>.<instance>`` in the directory bucket; it carries the policy revision the instance
+runs (its ACK) or the error that made it refuse one (its NACK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from mesh._core.identity import Identity
+from mesh._core.records import STATE_SERVING, EndpointInfo, encode_record
+from mesh._runtime.agent import Agent
+from mesh._runtime.governance import Governance
+from mesh._transport.base import KeyValueBucket
+from mesh.errors import MeshError
+
+__all__ = ["Registration"]
+
+log = structlog.get_logger("mesh")
+
+
+class Registration:
+    """Writes and refreshes one instance's signed directory record.
+
+    Args:
+        agent: the agent served.
+        identity: a getter for the current identity (the certificate changes on renewal).
+        governance: the policy revision in force, acknowledged in the record.
+        heartbeat: seconds between refreshes.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        identity: Callable[[], Identity],
+        governance: Governance,
+        heartbeat: float,
+    ) -> None:
+        self._agent = agent
+        self._identity = identity
+        self._governance = governance
+        self._heartbeat = heartbeat
+        self.kv: KeyValueBucket | None = None
+        identity_now = identity()
+        self.key = f"{identity_now.agent}.{identity_now.instance}"
+
+    def record(self, state: str = STATE_SERVING) -> bytes:
+        """The signed record as it stands now."""
+        identity = self._identity()
+        agent = self._agent
+        return encode_record(
+            identity.keys.signing,
+            identity.certificate,
+            endpoints=[EndpointInfo(s.name, s.idempotent) for s in agent.endpoints.values()],
+            version=agent.version,
+            labels=agent.labels,
+            ts=time.time(),
+            state=state,
+            policy_revision=self._governance.revision,
+            policy_error=self._governance.error,
+        )
+
+    async def register(self, state: str = STATE_SERVING) -> None:
+        """Write the record.
+
+        Raises:
+            Unavailable: JetStream could not be reached.
+        """
+        assert self.kv is not None
+        await self.kv.put(self.key, self.record(state))
+
+    async def register_quietly(self) -> None:
+        """Write the record; a failure is logged, and the next heartbeat tries again."""
+        try:
+            await self.register()
+        except MeshError as exc:
+            log.warning("mesh.register_failed", error=exc.message)
+
+    async def heartbeat(self, serving: Callable[[], bool]) -> None:
+        """Refresh the record every heartbeat while ``serving()`` holds."""
+        while serving():
+            await asyncio.sleep(self._heartbeat)
+            await self.register_quietly()
+
+    async def withdraw(self) -> None:
+        """Delete the record (the last step of a drain)."""
+        assert self.kv is not None
+        await self.kv.delete(self.key)

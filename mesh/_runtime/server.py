@@ -1,0 +1,408 @@
+"""The server pipeline: one request from its arrival on the instance's subject to the reply.
+
+The stages, in the normative order of ``docs/protocol.md`` section 11 (cheapest rejection
+first; the numbers are that section's steps)::
+
+    decode      1       the frame's prefix and header                  refused unsealed
+    admit       2-12    size, kind, addressing, replay, deadline, readable headers,
+                        certificate, rate-limit peek, open the seal, record the id
+    ----------- 13      no reply subject: dropped
+    endpoint    14      this instance serves it                        answered sealed
+    authorize   15-16   policy decision (named rule) and rate-limit take
+    ----------- from here in a task per request
+    dedupe      17      the reply cache of an idempotency key
+    queue       18      a concurrency slot, within the deadline
+    run         19-20   validate the body, run the handler in the remaining time
+    reply       21      seal the reply to the caller
+
+Steps 1 to 16 run in the message callback with no await between the replay check and its
+recording. ``accept_stages`` (14 to 16) is the list a new check joins; each stage takes the
+``Exchange`` and raises the ``MeshError`` to answer with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from mesh._core.admission import admit_request, too_large
+from mesh._core.config import MeshConfig
+from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys, ReplayGuard, seal_frame
+from mesh._core.envelope import (
+    FRAME_OVERHEAD,
+    Header,
+    Kind,
+    decode_frame,
+    encode_frame,
+    reply_header,
+)
+from mesh._core.identity import CertificateVerifier
+from mesh._core.policy import Route
+from mesh._core.signals import EdgeKey, EdgeStats
+from mesh._runtime.agent import Agent, Context, EndpointSpec, Peer
+from mesh._runtime.concurrency import ConcurrencyLimit, ReplyCache
+from mesh._runtime.governance import Governance
+from mesh._runtime.ports import EndpointStats, MeshHandle, MeshStats, Observer
+from mesh._transport.base import InboundMessage, Transport
+from mesh.errors import (
+    DeadlineExceeded,
+    DecodeError,
+    Internal,
+    InvalidArgument,
+    MeshError,
+    MessageTooLarge,
+    NotFound,
+    Unavailable,
+)
+
+__all__ = ["Exchange", "ServerPipeline", "error_body"]
+
+log = structlog.get_logger("mesh")
+OK = "OK"
+NO_ID = bytes(16)
+
+
+def error_body(exc: MeshError) -> bytes:
+    """The body of a sealed error reply: the error's wire fields without its code."""
+    wire = exc.to_wire()
+    wire.pop("code", None)
+    return json.dumps(wire).encode()
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One authenticated request as it travels through the server stages."""
+
+    msg: InboundMessage
+    hdr: Header
+    peer: Peer
+    key: bytes
+    body: bytes
+    spec: EndpointSpec | None = None
+    route: Route | None = None
+
+
+class ServerPipeline:
+    """The callee's side of request/reply for one agent instance.
+
+    Args:
+        mesh: the running mesh (handlers' ``Context`` holds it).
+        agent: the agent definition served.
+        config: limits and timeouts.
+        governance: the policy in force.
+        verifier / pair: certificate verification and pair keys.
+        transport: the broker connection.
+        observer / signals / stats: where requests are reported.
+        spawn: runs a request's task so that drain waits for it.
+    """
+
+    def __init__(
+        self,
+        *,
+        mesh: MeshHandle,
+        agent: Agent,
+        config: MeshConfig,
+        governance: Governance,
+        verifier: CertificateVerifier,
+        pair: PairKeys,
+        transport: Transport,
+        observer: Observer,
+        signals: EdgeStats,
+        stats: MeshStats,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self._mesh = mesh
+        self._agent = agent
+        self.name = agent.name
+        self.instance = mesh.instance
+        self._governance = governance
+        self._verifier = verifier
+        self._pair = pair
+        self._transport = transport
+        self._observer = observer
+        self._signals = signals
+        self._stats = stats
+        self._spawn = spawn
+        limits = config.limits
+        self._max_body = limits.max_body
+        self._max_frame = limits.max_body + FRAME_OVERHEAD
+        self._max_sealed = limits.max_body + NONCE_LEN + TAG_LEN
+        self.replay = ReplayGuard(config.timeouts.replay_window)
+        self.replies = ReplyCache(limits.reply_cache_ttl)
+        self.endpoint_stats = {name: EndpointStats() for name in agent.endpoints}
+        self._limits = {
+            s.name: ConcurrencyLimit(s.concurrency or limits.endpoint_concurrency)
+            for s in agent.endpoints.values()
+        }
+        self.accept_stages: tuple[Callable[[Exchange], None], ...] = (
+            self.endpoint,
+            self.authorize,
+        )
+
+    # --- in the message callback: steps 1 to 16 ----------------------------------------------
+
+    async def on_request(self, msg: InboundMessage) -> None:
+        """Decode and admit a request, accept it, then serve it in a task of its own."""
+        data = msg.data
+        try:
+            hdr, end = decode_frame(data)  # 1; bounded: a header is at most 16 KiB
+        except DecodeError as exc:
+            too_big = len(data) > self._max_frame
+            await self._refuse(msg, NO_ID, too_large(len(data)) if too_big else exc)
+            return
+        try:
+            cert, key, body = admit_request(
+                hdr, end, data, msg.subject, msg.headers,
+                agent=self.name, instance=self.instance, now_ms=time.time() * 1000,
+                max_sealed=self._max_sealed, replay=self.replay, verifier=self._verifier,
+                pair=self._pair, peek=self._governance.rate_peek,
+            )  # fmt: skip
+        except DeadlineExceeded:
+            # The caller has stopped waiting (its own timer fired): nothing to answer.
+            self._stats.refuse(DeadlineExceeded.code)
+            return
+        except MeshError as exc:
+            await self._refuse(msg, hdr.id, exc)
+            return
+        if not msg.reply:  # 13
+            return
+        # From here on the caller is authenticated: errors travel sealed.
+        peer = Peer(cert.agent, cert.instance, cert.roles, cert.serial, cert)
+        ex = Exchange(msg, hdr, peer, key, body)
+        try:
+            for stage in self.accept_stages:
+                stage(ex)
+        except MeshError as exc:
+            self._stats.refuse(exc.code)
+            # Unknown endpoint names are folded into one label: callers cannot grow the table.
+            endpoint = ex.spec.name if ex.spec is not None else "(unknown)"
+            self._signals.record(ex.peer.agent, self.name, endpoint, "server", exc.code, 0.0)
+            await self.reply(ex, exc.code, error_body(exc))
+            return
+        self._spawn(self.serve(ex))
+
+    def endpoint(self, ex: Exchange) -> None:
+        """14: this instance serves the endpoint."""
+        spec = self._agent.endpoints.get(ex.hdr.name or "")
+        if spec is None:
+            raise NotFound(f"agent {self.name!r} has no endpoint {ex.hdr.name!r}")
+        ex.spec = spec
+
+    def authorize(self, ex: Exchange) -> None:
+        """15-16: the policy's decision, naming the rule, then the rate-limit take."""
+        assert ex.spec is not None
+        ex.route = self._governance.incoming(ex.peer, ex.spec.name)
+
+    async def _refuse(self, msg: InboundMessage, request_id: bytes, exc: MeshError) -> None:
+        """An unsealed REFUSAL: the request could not be authenticated (steps 1 to 12)."""
+        self._stats.refuse(exc.code)
+        if not msg.reply:
+            return
+        header = Header(
+            kind=Kind.REFUSAL,
+            id=os.urandom(16),
+            ts=int(time.time() * 1000),
+            reply_to=request_id,
+            status=exc.code,
+            message=exc.message,
+            rule=exc.rule,
+            retry_after_ms=max(1, math.ceil(exc.retry_after * 1000))
+            if exc.retry_after is not None
+            else None,
+        )
+        with contextlib.suppress(MeshError):
+            await self._transport.publish(msg.reply, encode_frame(header)[0])
+
+    # --- in the request's task: steps 17 to 21 -----------------------------------------------
+
+    async def serve(self, ex: Exchange) -> None:
+        """Dedupe, queue, run and reply."""
+        spec, hdr = ex.spec, ex.hdr
+        assert spec is not None and hdr.deadline is not None
+        ik = hdr.idempotency_key
+        cache_key = (ex.peer.agent, spec.name, ik) if ik is not None else None
+        cached: asyncio.Future[tuple[str, bytes]] | None = None
+        if cache_key is not None:
+            try:
+                owner, cached = self.replies.claim(cache_key, hashlib.blake2b(ex.body).digest())
+            except MeshError as exc:
+                await self.reply(ex, exc.code, error_body(exc))
+                return
+            if not owner:
+                await self._replay_cached(ex, cached)
+                return
+        started = time.perf_counter_ns()
+        edge: EdgeKey = (ex.peer.agent, self.name, spec.name, "server")
+        self._signals.enter(edge)
+        span, traceparent, tracestate = self._observer.start_server(
+            self.name, spec.name, ex.msg.subject, hdr.id, ex.peer.agent, hdr.traceparent,
+            hdr.tracestate,
+        )  # fmt: skip
+        ran = False
+        try:
+            ran, status, payload = await self.run(ex, traceparent, tracestate)
+        except asyncio.CancelledError:
+            if cache_key is not None and cached is not None:
+                self.replies.forget(cache_key)
+                cached.cancel()
+            gone = Unavailable(f"{self.name} shut down before {spec.name} finished")
+            self._signals.finish(edge, gone.code, (time.perf_counter_ns() - started) / 1e9)
+            self._observer.end(span, gone.code)
+            with contextlib.suppress(Exception):
+                await self.reply(ex, gone.code, error_body(gone))
+            raise
+        elapsed = time.perf_counter_ns() - started
+        self._account(ex, status, payload, elapsed)
+        self._signals.finish(edge, status, elapsed / 1e9)
+        self._observer.end(span, status)
+        if cache_key is not None and cached is not None:
+            if ran:
+                cached.set_result((status, payload))
+            else:
+                self.replies.forget(cache_key)
+                cached.cancel()
+        await self.reply(ex, status, payload)
+
+    async def _replay_cached(self, ex: Exchange, cached: asyncio.Future[tuple[str, bytes]]) -> None:
+        """17: answer a retried keyed request with the first run's reply, waiting for it."""
+        assert ex.spec is not None and ex.hdr.deadline is not None
+        try:
+            status, payload = await asyncio.wait_for(
+                asyncio.shield(cached), max(0.0, ex.hdr.deadline / 1000 - time.time())
+            )
+        except TimeoutError:
+            return  # the caller's deadline passed; it no longer waits
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return  # the first attempt was abandoned; the caller will retry
+        self.endpoint_stats[ex.spec.name].replayed_from_cache += 1
+        await self.reply(ex, status, payload)
+
+    async def run(
+        self, ex: Exchange, traceparent: str | None, tracestate: str | None
+    ) -> tuple[bool, str, bytes]:
+        """18-20: a concurrency slot, then the handler in the remaining time.
+
+        Returns:
+            ``(ran, status, reply body)``: ``ran`` is False when the handler never started.
+        """
+        spec, hdr = ex.spec, ex.hdr
+        assert spec is not None and hdr.deadline is not None
+        deadline = hdr.deadline / 1000
+        limit = self._limits[spec.name]
+        ran = False
+        try:
+            if not limit.try_acquire():
+                try:
+                    await asyncio.wait_for(limit.acquire(), max(0.0, deadline - time.time()))
+                except TimeoutError:
+                    raise DeadlineExceeded("deadline passed while the request was queued") from None
+            try:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded("deadline passed while the request was queued")
+                body = _validate(spec, ex.body)
+                ran = True
+                ctx = Context(
+                    mesh=self._mesh,
+                    caller=ex.peer,
+                    endpoint=spec.name,
+                    deadline=deadline,
+                    attempt=hdr.attempt or 1,
+                    idempotency_key=hdr.idempotency_key,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                )
+                async with asyncio.timeout(remaining):
+                    if spec.wants_context:
+                        result = await spec.handler(body, ctx)
+                    else:
+                        result = await spec.handler(body)
+            finally:
+                limit.release()
+        except MeshError as exc:
+            return ran, exc.code, error_body(exc)
+        except TimeoutError:
+            late = DeadlineExceeded(f"{spec.name} did not finish before the deadline")
+            return ran, late.code, error_body(late)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a handler bug: the caller gets a safe message only
+            # An exception's text may quote the payload: only its type by default, the
+            # traceback at debug level.
+            log.error(
+                "mesh.handler_failed",
+                endpoint=spec.name,
+                caller=ex.peer.agent,
+                error_type=type(exc).__name__,
+            )
+            log.debug("mesh.handler_traceback", endpoint=spec.name, exc_info=True)
+            failed = json.dumps({"message": f"handler {spec.name} failed"}).encode()
+            return ran, Internal.code, failed
+        if isinstance(result, BaseModel):
+            return ran, OK, result.__pydantic_serializer__.to_json(result)
+        return ran, OK, b"null"
+
+    def _account(self, ex: Exchange, status: str, payload: bytes, elapsed_ns: int) -> None:
+        """Endpoint counters and, where asked for, the access log line."""
+        spec = ex.spec
+        assert spec is not None
+        stats = self.endpoint_stats[spec.name]
+        stats.requests += 1
+        stats.processing_ns += elapsed_ns
+        if status != OK:
+            stats.errors += 1
+            stats.last_error = status
+        route = ex.route
+        if self._observer.access_log or (route is not None and route.access_log):
+            hdr = ex.hdr
+            self._observer.log_access(
+                caller=ex.peer.agent,
+                caller_instance=ex.peer.instance,
+                endpoint=spec.name,
+                code=status,
+                seconds=elapsed_ns / 1e9,
+                request_bytes=len(ex.msg.data),
+                reply_bytes=len(payload),
+                traceparent=hdr.traceparent,
+                attempt=hdr.attempt or 1,
+            )
+
+    async def reply(self, ex: Exchange, status: str, payload: bytes) -> None:
+        """21: seal the reply (or error) to the caller under the pair key."""
+        if len(payload) > self._max_body:
+            exc = MessageTooLarge(f"reply of {len(payload)} bytes exceeds the limit")
+            status, payload = exc.code, error_body(exc)
+        hdr = ex.hdr
+        aad = reply_header(
+            os.urandom(16), int(time.time() * 1000), self.name, self.instance, hdr.from_agent,
+            hdr.from_instance, hdr.id, status,
+        )  # fmt: skip
+        reply = ex.msg.reply
+        assert reply
+        with contextlib.suppress(MeshError):
+            await self._transport.publish(reply, seal_frame(ex.key, aad, payload))
+
+
+def _validate(spec: EndpointSpec, body: bytes) -> BaseModel:
+    """19: the request body against the endpoint's input model."""
+    try:
+        return spec.input_type.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidArgument(
+            f"request does not match {spec.input_type.__name__}: "
+            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None

@@ -1,0 +1,92 @@
+"""What the ``mesh-policy`` command groups share: the consoles, times, certificate warnings,
+the admin connection, calls to the registry, and how a command joins the parser."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+from rich.console import Console
+
+from mesh import Certificate, Mesh, MeshConfig, load_identity
+from mesh.control_plane import REGISTRY
+
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+M = TypeVar("M", bound=BaseModel)
+
+EXPIRY_WARNING_S = 7 * 24 * 3600
+# Piped output keeps whole rows (serials, instance ids) so it can be cut and pasted.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def when(ts: float) -> str:
+    """A timestamp as ``2025-01-31 12:00:00 UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def warn_if_expiring(cert: Certificate, what: str) -> None:
+    """Warn on stderr when a certificate is within a week (or 10 % of its life) of expiry."""
+    left = cert.not_after - time.time()
+    if left <= 0:
+        err.print(f"[bold red]warning:[/] {what} certificate {cert.serial} has EXPIRED")
+    elif left < min(EXPIRY_WARNING_S, (cert.not_after - cert.not_before) * 0.1) or left < 3600:
+        err.print(
+            f"[yellow]warning:[/] {what} certificate {cert.serial} expires in "
+            f"{left / 3600:.1f} h ({when(cert.not_after)})"
+        )
+
+
+def _config(args: argparse.Namespace) -> MeshConfig:
+    servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
+    return MeshConfig(servers=servers, prefix=args.prefix)
+
+
+@asynccontextmanager
+async def admin_mesh(args: argparse.Namespace) -> AsyncIterator[Mesh]:
+    """A mesh connection as the admin identity of ``--identity`` (no agent)."""
+    identity = load_identity(args.identity)
+    warn_if_expiring(identity.certificate, "your")
+    async with Mesh(identity, _config(args)) as mesh:
+        yield mesh
+
+
+async def call_registry(mesh: Mesh, endpoint: str, body: BaseModel, reply: type[M]) -> M:
+    """Call one of the registry agent's endpoints."""
+    await mesh.wait_for(REGISTRY, timeout=5)
+    return await mesh.request(REGISTRY, endpoint, body, reply, timeout=15)
+
+
+def online(
+    fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace], int]:
+    """An async command as a command."""
+
+    def run(args: argparse.Namespace) -> int:
+        return asyncio.run(fn(args))
+
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def add_command(
+    parent: Subcommands,
+    name: str,
+    fn: Callable[[argparse.Namespace], int],
+    help: str,
+    conn: argparse.ArgumentParser | None = None,
+) -> argparse.ArgumentParser:
+    """Add command ``name`` running ``fn``; ``conn`` (for online commands) adds its options."""
+    sp: argparse.ArgumentParser = parent.add_parser(
+        name, help=help, description=help, parents=[conn] if conn else []
+    )
+    sp.set_defaults(func=fn)
+    return sp
