@@ -150,7 +150,7 @@ async def _install(
 async def apply(req: ApplyRequest, ctx: Context) -> ApplyReply:
     """Validate, sign and distribute a policy as the next revision."""
     _require_admin(ctx)
-    policy = parse_policy(req.policy, source=req.source)
+    policy = parse_policy(req.policy, source=req.source, require_units=True)
     return await _install(ctx, canonical_policy_bytes(policy), req.source)
 
 

@@ -239,7 +239,7 @@ def request_header(
         hdr["tp"] = traceparent
     if tracestate is not None:
         hdr["tst"] = tracestate
-    hb = _pack(hdr)
+    hb = msgpack.packb(hdr, use_bin_type=True)
     if len(hb) > MAX_HEADER:
         raise InvalidArgument(f"request header of {len(hb)} bytes exceeds {MAX_HEADER}")
     return PREFIX.pack(MAGIC, len(hb)) + hb
@@ -256,7 +256,7 @@ def reply_header(
     status: str,
 ) -> bytes:
     """The prefix and header of a (whole, unstreamed) reply: the associated data of its seal."""
-    hb = _pack(
+    hb = msgpack.packb(
         {
             "k": 2,  # Kind.REPLY
             "id": id,
@@ -269,7 +269,8 @@ def reply_header(
             "st": status,
             "sq": 0,
             "end": True,
-        }
+        },
+        use_bin_type=True,
     )
     return PREFIX.pack(MAGIC, len(hb)) + hb
 

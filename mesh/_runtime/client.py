@@ -7,14 +7,16 @@ A ``Call`` carries everything one call needs; the stages run in this order::
     deadline   the earlier of the caller's timeout and an inherited deadline
     ---------- per call: signals and the CLIENT span open here
     retry      attempts until a reply, a final error or the deadline, within the retry budget
-      pick     one live instance serving the endpoint (power of two choices), or the pinned one
-      transmit encode the header, seal, send to the instance's subject, await the sealed reply
+    ---------- per attempt
+    pick       one live instance serving the endpoint (power of two choices), or the pinned one
+    transmit   encode the header, seal, send to the instance's subject, await the sealed reply
                on the inbox (``mesh._runtime.replies`` opens it)
 
-``retry``, ``pick`` and ``transmit`` are *attempt stages*: each is ``async (call, next)`` and
-calls ``next(call)`` to go on, so a stage can act before and after the rest of the chain
-(circuit breaking, routing, mirroring, fault injection plug in here). The chain is composed
-once when the pipeline is built; a stage that is off is simply not in it and costs nothing.
+``attempt_stages`` (today ``retry``) are ``async (next, call)`` and call ``next(call)`` to go on,
+so a stage acts before and after the rest of the chain; the chain ends in ``attempt`` (``pick``
+then ``transmit``). Circuit breaking, routing, mirroring and fault injection plug in as attempt
+stages. The chain is composed once when the pipeline is built: a stage that is off is not in it
+and costs nothing per request.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ OK = "OK"
 MAX_IDEMPOTENCY_KEY = 256
 
 Next = Callable[["Call"], Awaitable[bytes]]
-AttemptStage = Callable[["Call", Next], Awaitable[bytes]]
+AttemptStage = Callable[[Next, "Call"], Awaitable[bytes]]
+"""``async (next, call)``: the rest of the chain first, as in FastStream's middlewares, so that a
+stage binds to its ``next`` once (``functools.partial``) when the chain is composed."""
 
 
 @dataclass(slots=True)
@@ -104,15 +108,8 @@ def compose(stages: Sequence[AttemptStage], last: Next) -> Next:
     """Chain attempt stages so that each one's ``next`` is the one after it."""
     handler = last
     for stage in reversed(stages):
-        handler = _bind(stage, handler)
+        handler = functools.partial(stage, handler)
     return handler
-
-
-def _bind(stage: AttemptStage, after: Next) -> Next:
-    def run(call: Call) -> Awaitable[bytes]:
-        return stage(call, after)
-
-    return run
 
 
 class ClientPipeline:
@@ -123,7 +120,6 @@ class ClientPipeline:
         cert_raw: this instance's certificate bytes (updated on renewal).
         config: timeouts, retry policy and limits.
         governance: the policy in force (routes).
-        directory: the live view of instances (a getter: it exists once started).
         inbox: where replies arrive.
         pair: the pair-key cache.
         transport: the broker connection.
@@ -138,7 +134,6 @@ class ClientPipeline:
         cert_raw: bytes,
         config: MeshConfig,
         governance: Governance,
-        directory: Callable[[], Directory],
         inbox: Inbox,
         pair: PairKeys,
         transport: Transport,
@@ -151,7 +146,8 @@ class ClientPipeline:
         self.cert_raw = cert_raw
         self._config = config
         self._governance = governance
-        self._directory = directory
+        self.directory: Directory | None = None
+        """The live view of instances, set when the mesh has started."""
         self._inbox = inbox
         self._pair = pair
         self._transport = transport
@@ -165,8 +161,8 @@ class ClientPipeline:
         self._max_body = config.limits.max_body
         self._checked_names: set[tuple[str, str]] = set()
         self._rpc_subject = functools.partial(rpc_subject, config.prefix)
-        self.attempt_stages: tuple[AttemptStage, ...] = (self.retry, self.pick)
-        self._run = compose(self.attempt_stages, self.transmit)
+        self.attempt_stages: tuple[AttemptStage, ...] = (self.retry,)
+        self._run = compose(self.attempt_stages, self.attempt)
 
     async def call(
         self,
@@ -282,7 +278,7 @@ class ClientPipeline:
 
     # --- attempt stages ----------------------------------------------------------------------
 
-    async def retry(self, call: Call, next: Next) -> bytes:
+    async def retry(self, next: Next, call: Call) -> bytes:
         """Attempts until a reply, a final error or the deadline (``docs/protocol.md`` §17).
 
         Idempotent calls move to another instance; keyed calls stay on theirs and move only on
@@ -324,7 +320,8 @@ class ClientPipeline:
                 # Wait (bounded) for signed evidence; without it, ask the same instance again:
                 # if it lives, its reply cache answers.
                 wait = min(self._config.directory.ttl, call.deadline - time.time())
-                await self._directory().wait_gone(record.key, wait)
+                assert self.directory is not None
+                await self.directory.wait_gone(record.key, wait)
         if record is not None and isinstance(exc, ResourceExhausted) and exc.retry_after:
             self.picker.penalize(record.key, exc.retry_after)
         await asyncio.sleep(delay)
@@ -346,14 +343,15 @@ class ClientPipeline:
             return None, "retry_skipped_budget"
         return delay, "retried"
 
-    async def pick(self, call: Call, next: Next) -> bytes:
+    def pick(self, call: Call) -> InstanceRecord:
         """One live instance that serves the endpoint; a keyed call's pinned one while it lives.
 
         Raises:
             NotDelivered: no live instance.
             NotFound: the instance does not serve the endpoint.
         """
-        directory = self._directory()
+        directory = self.directory
+        assert directory is not None
         pinned = call.pinned
         if pinned is not None and directory.is_gone(pinned.key):
             if call.avoid is None:
@@ -366,7 +364,7 @@ class ClientPipeline:
         if info is None:
             raise NotFound(f"agent {call.agent!r} has no endpoint {call.endpoint!r}")
         call.idempotent = info.idempotent
-        return await next(call)
+        return record
 
     def _choose(
         self, directory: Directory, agent: str, endpoint: str, avoid: set[str] | None
@@ -381,10 +379,10 @@ class ClientPipeline:
             candidates = [r for r in candidates if r.key not in avoid] or candidates
         return self.picker.pick(candidates, _record_key)
 
-    async def transmit(self, call: Call) -> bytes:
-        """Seal the request to the picked instance, send it, and await its reply."""
-        record = call.record
-        assert record is not None
+    async def attempt(self, call: Call) -> bytes:
+        """One attempt: ``pick`` an instance, then ``transmit``: seal the request to it, send
+        it, and await its reply."""
+        record = self.pick(call)
         rid = os.urandom(16)
         dl_ms = int(call.deadline * 1000)
         traceparent, tracestate = call.traceparent, call.tracestate
@@ -405,16 +403,14 @@ class ClientPipeline:
         by_deadline = per_try is None or per_try >= wait
         if not by_deadline and per_try is not None:
             wait = per_try
-        token, pending, timer = self._inbox.add(rid, record, key, wait, by_deadline)
+        token, reply, pending, timer = self._inbox.add(rid, record, key, wait, by_deadline)
         picker_key = record.key
         self.picker.acquire(picker_key)
         subject = self._rpc_subject(record.agent, record.instance, call.endpoint)
         if call.span is not None:
             self._observer.attempt(call.span, call.attempt, subject, rid)
         try:
-            await self._transport.publish(
-                subject, frame, reply=self._inbox.reply_subject(token), headers=headers
-            )
+            await self._transport.publish(subject, frame, reply=reply, headers=headers)
             return await pending.fut
         finally:
             self._inbox.remove(token, timer)

@@ -116,7 +116,6 @@ class MeshRuntime:
             cert_raw=identity.certificate.raw,
             config=config,
             governance=self.governance,
-            directory=lambda: self.directory,
             inbox=self._inbox,
             pair=pair,
             transport=transport,
@@ -218,6 +217,7 @@ class MeshRuntime:
             kv.watch, self.verifier, ttl=ttl, on_dead=self._inbox.fail_instance
         )
         await self._directory.start(timeouts.connect)
+        self.client.directory = self._directory
         await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
         if self.agent is not None:
             assert self._registration is not None

@@ -113,21 +113,19 @@ class Inbox:
 
     def add(
         self, request_id: bytes, record: InstanceRecord, key: bytes, wait: float, by_deadline: bool
-    ) -> tuple[str, Pending, asyncio.TimerHandle]:
+    ) -> tuple[str, str, Pending, asyncio.TimerHandle]:
         """Register an attempt that gives up after ``wait`` seconds.
 
         Returns:
-            ``(reply subject, pending attempt, its timer)``; pass both to ``remove``.
+            ``(token, reply subject, pending attempt, its timer)``; pass the token and the
+            timer to ``remove``.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
         token = str(next(self._tokens))
         pending = self._pending[token] = Pending(fut, request_id, record, key)
         timer = loop.call_later(max(0.0, wait), _expire, fut, by_deadline)
-        return token, pending, timer
-
-    def reply_subject(self, token: str) -> str:
-        return f"{self.subject}.{token}"
+        return token, f"{self.subject}.{token}", pending, timer
 
     def remove(self, token: str, timer: asyncio.TimerHandle) -> None:
         timer.cancel()

@@ -30,6 +30,7 @@ from mesh._connect import Mesh
 from mesh._core.config import DirectoryConfig, MeshConfig
 from mesh._core.envelope import decode_frame, encode_header
 from mesh._core.identity import TrustRoot, save_identity, save_trust_root
+from mesh._core.names import rpc_prefix
 from mesh._core.policy import PolicyEngine
 from mesh._transport.nats import NatsTransport
 from mesh.control_plane import ApplyReply, ApplyRequest
@@ -60,7 +61,7 @@ async def _attack(url: str, planner: Mesh) -> None:
     async def refused(msg: object) -> None:
         refusals.put_nowait(msg.data)  # type: ignore[attr-defined]
 
-    await spy.subscribe("mesh.rpc.researcher.>", capture)
+    await spy.subscribe(f"{rpc_prefix(planner.config.prefix)}researcher.>", capture)
     inbox = spy.new_inbox()
     await spy.subscribe(inbox, refused)
     await spy.flush()

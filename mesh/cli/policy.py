@@ -112,7 +112,7 @@ def _read(path: str) -> str:
 async def cmd_apply(args: argparse.Namespace) -> int:
     """Validate, then apply a policy as the next revision."""
     text = _read(args.path)
-    parse_policy(text, source=args.path)  # fail before connecting
+    parse_policy(text, source=args.path, require_units=True)  # fail before connecting
     async with admin_mesh(args) as mesh:
         reply = await call_registry(
             mesh, "apply", ApplyRequest(policy=text, source=args.path), ApplyReply
