@@ -15,13 +15,12 @@ Every endpoint but ``renew`` requires the caller to hold the ``admin`` role.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
 from typing import Any
 from weakref import WeakKeyDictionary
-
-import structlog
 
 from mesh import (
     Agent,
@@ -74,7 +73,8 @@ from mesh.control_plane import (
 SERIAL = re.compile(r"[0-9a-f]{32}")
 MAX_CERT_TTL = 30 * 24 * 3600.0
 ROOT_WARNING_S = 90 * 24 * 3600
-log = structlog.get_logger("mesh.registry")
+# Under the "mesh" logger: silent unless the process configures logging (mesh-agent does).
+log = logging.getLogger("mesh.registry")
 
 registry = Agent(
     REGISTRY,
@@ -386,10 +386,11 @@ async def started(mesh: MeshHandle) -> None:
     if mesh.trust_root.not_after is not None:
         left = mesh.trust_root.not_after - time.time()
         if left < ROOT_WARNING_S:
+            fields = {"days_left": round(left / 86400, 1), "key_id": mesh.trust_root.key_id}
             log.warning(
-                "registry.trust_root_expiring",
-                days_left=round(left / 86400, 1),
-                key_id=mesh.trust_root.key_id,
+                "registry.trust_root_expiring days_left=%(days_left)s key_id=%(key_id)s",
+                fields,
+                extra={"event": "registry.trust_root_expiring", **fields},
             )
     await _audit(
         mesh, "registry.started", f"registry/{mesh.instance}", "registry", version=registry.version

@@ -3,8 +3,10 @@
 One function per message kind, each the normative order of ``docs/protocol.md`` (section 11
 for requests, section 14 for events). They raise the ``MeshError`` to refuse with and return
 what the next stages need; nothing here touches the network, so the order can be tested
-without a broker. The replay guard is checked early and recorded only once the seal or
-signature verified (steps 5 and 12), with no await in between.
+without a broker. The replay guard is checked early and recorded once the seal or
+signature verified (steps 5 and 12), or when the rate-limit peek refuses a request whose
+certificate verified (step 10), with no await in between: every refusal the caller can be
+told about and that a later copy of the frame could pass leaves the id recorded.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from mesh._core.envelope import (
     check_trace_context,
 )
 from mesh._core.identity import Certificate, CertificateVerifier
-from mesh.errors import DeadlineExceeded, DecodeError, MessageTooLarge, Unauthenticated
+from mesh.errors import (
+    DeadlineExceeded,
+    DecodeError,
+    MessageTooLarge,
+    ResourceExhausted,
+    Unauthenticated,
+)
 
 __all__ = ["admit_event", "admit_request", "too_large"]
 
@@ -60,7 +68,8 @@ def admit_request(
         replay: this instance's replay guard.
         verifier: certificate verification (cached; trust root, expiry, revocation).
         pair: the pair-key cache of this instance's box key.
-        peek: the rate-limit peek for (caller agent, endpoint); raises ``ResourceExhausted``.
+        peek: the rate-limit peek for (caller agent, endpoint); raises ``ResourceExhausted``
+            (the id is then recorded: a copy sent once the bucket refilled is a replay).
 
     Returns:
         ``(caller certificate, pair key, plaintext body)``.
@@ -79,7 +88,8 @@ def admit_request(
         )
     if subject.rpartition(".")[2] != hdr.name:
         raise Unauthenticated("subject does not match the sealed endpoint")
-    replay.check(hdr.id, hdr.ts)  # 5
+    sender = (hdr.from_agent, hdr.from_instance)
+    replay.check(hdr.id, hdr.ts, sender)  # 5
     deadline = hdr.deadline
     assert deadline is not None  # required for requests by decode_frame
     if deadline <= now_ms:  # 6
@@ -97,10 +107,17 @@ def admit_request(
     cert = verifier.verify(hdr.cert)  # 8
     if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:  # 9
         raise Unauthenticated("sender does not match its certificate")
-    peek(cert.agent, hdr.name or "")  # 10
+    try:
+        peek(cert.agent, hdr.name or "")  # 10
+    except ResourceExhausted:
+        # The caller is told to come back later, so this frame must not pass then. Recording
+        # an id whose seal is unopened blocks only copies of this frame (ids are 128 random
+        # bits) and counts against the sender its certificate names (section 15).
+        replay.record(hdr.id, hdr.ts, sender)
+        raise
     key = pair.get(cert.box_pk)  # 11
     plaintext = open_frame(key, data, end)
-    replay.record(hdr.id, hdr.ts)  # 12
+    replay.record(hdr.id, hdr.ts, sender)  # 12
     return cert, key, plaintext
 
 
@@ -134,7 +151,8 @@ def admit_event(
         raise DecodeError("expected an event frame")
     if subject != expected_subject:
         raise Unauthenticated("event subject does not match its signed header")
-    replay.check(hdr.id, hdr.ts)
+    sender = (hdr.from_agent, hdr.from_instance)
+    replay.check(hdr.id, hdr.ts, sender)
     readable = headers or _NO_HEADERS
     if (
         readable.get(HDR_TRACEPARENT) != hdr.traceparent
@@ -146,5 +164,5 @@ def admit_event(
     if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:
         raise Unauthenticated("sender does not match its certificate")
     signed = verify_frame(cert.sign_pk, data)
-    replay.record(hdr.id, hdr.ts)
+    replay.record(hdr.id, hdr.ts, sender)
     return cert, signed

@@ -19,12 +19,16 @@ class Timeouts:
         connect: connecting to NATS and waiting for readiness.
         drain: how long a draining agent lets in-flight handlers finish.
         replay_window: how long a message stays acceptable after its timestamp.
+        max_future: how far ahead of the receiver's clock a message's timestamp may be (the
+            senders' clock skew). Small, because it bounds how far a flood of future-dated
+            messages can lift a replay floor (``docs/protocol.md`` section 15).
     """
 
     request: float = 10.0
     connect: float = 10.0
     drain: float = 10.0
     replay_window: float = 60.0
+    max_future: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +62,14 @@ class Limits:
             decrypting.
         endpoint_concurrency: default number of handlers one endpoint runs at once.
         reply_cache_ttl: how long replies are kept by idempotency key.
+        seen_cache: message ids a replay guard keeps (one guard per instance for requests,
+            one per event subscription).
     """
 
     max_body: int = 1024 * 1024 - 20 * 1024  # so a full frame fits NATS's default 1 MiB
     endpoint_concurrency: int = 64
     reply_cache_ttl: float = 120.0
+    seen_cache: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)

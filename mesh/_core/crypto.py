@@ -7,10 +7,10 @@ Events, which have many readers, are signed with Ed25519 instead. Pure core: no 
 
 from __future__ import annotations
 
-import heapq
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable
 
 from nacl import _sodium
 from nacl.bindings import crypto_scalarmult
@@ -146,15 +146,31 @@ def verify_frame(sign_pk: bytes, frame: bytes) -> bytes:
 
 
 class ReplayGuard:
-    """Refuses messages outside the time window and ids already seen within it.
+    """Refuses messages outside the time window, dated before ``not_before_ms`` and ids already
+    seen within the window.
 
-    Memory is bounded: when the cache is full the oldest entries are evicted, and the window's
-    lower edge rises to the evicted timestamp, so an evicted id can never be replayed.
+    Memory is bounded: at most ``max_entries`` ids and ``max_senders`` floors. When the cache
+    is full the entry that **arrived** first is evicted, and the floor of **its sender** rises
+    to its timestamp, so an evicted id can never be replayed (``docs/protocol.md`` section 15).
+
+    Why arrival order and per-sender floors: evicting the oldest timestamp and raising one
+    floor for everyone let a single certified sender flood ~100 000 requests dated 55 s ahead
+    and lift the floor past the present, refusing every genuine request for ~46 s. Now a
+    flood only raises the flooder's own floor; an honest sender's entries are evicted after
+    living ``max_entries / flood rate`` seconds (2 s at 50 000/s), and only its requests
+    delayed by more than that behind a later-dated request of its own are refused. Timestamps
+    are accepted at most ``max_future`` seconds ahead (5 s by default, against 60 s before),
+    which bounds any floor to ``now + max_future`` at the time of recording.
 
     Args:
-        window: seconds a message stays acceptable after its timestamp (and before it,
-            for clock skew).
+        window: seconds a message stays acceptable after its timestamp.
+        max_future: seconds a timestamp may be ahead of this clock (caller clock skew).
         max_entries: cache bound.
+        max_senders: bound of the per-sender floors; past it the lowest one is folded into a
+            floor shared by all senders (needs that many distinct certified flooders).
+        not_before_ms: refuse timestamps before this (unix ms): an instance's start, so that
+            a message captured before a restart is not accepted again after it.
+        noun: what the refusal of a message dated before ``not_before_ms`` calls it.
         clock: unix time in seconds.
     """
 
@@ -162,18 +178,30 @@ class ReplayGuard:
         self,
         window: float = 60.0,
         *,
+        max_future: float = 5.0,
         max_entries: int = 100_000,
+        max_senders: int = 4096,
+        not_before_ms: int = 0,
+        noun: str = "request",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.window_ms = int(window * 1000)
-        self._max = max_entries
+        self.future_ms = int(max_future * 1000)
+        self.not_before_ms = not_before_ms
+        self._predates = f"{noun} predates this instance's start"
+        self._max = max(1, max_entries)
+        self._max_senders = max(1, max_senders)
         self._clock = clock
         self._seen: set[bytes] = set()
-        self._heap: list[tuple[int, bytes]] = []
-        self._floor_ms = 0
+        self._order: deque[tuple[bytes, int, Hashable]] = deque()
+        self._floors: dict[Hashable, int] = {}
+        self._floor_ms = 0  # shared by all senders; rises only when the floors overflow
 
-    def check(self, msg_id: bytes, ts_ms: int) -> None:
-        """Refuse a stale, future-dated or already seen message (records nothing).
+    def check(self, msg_id: bytes, ts_ms: int, sender: Hashable = None) -> None:
+        """Refuse a stale, future-dated, pre-start or already seen message (records nothing).
+
+        Args:
+            sender: who the header says sent it (agent and instance); its floor applies.
 
         Raises:
             Unauthenticated: naming which check failed.
@@ -181,23 +209,42 @@ class ReplayGuard:
         now_ms = int(self._clock() * 1000)
         if ts_ms < now_ms - self.window_ms or ts_ms <= self._floor_ms:
             raise Unauthenticated("message is older than the replay window")
-        if ts_ms > now_ms + self.window_ms:
+        if ts_ms > now_ms + self.future_ms:
             raise Unauthenticated("message is dated in the future beyond the allowed skew")
+        if ts_ms < self.not_before_ms:
+            raise Unauthenticated(self._predates)
         if msg_id in self._seen:
             raise Unauthenticated("replayed message id")
+        floors = self._floors
+        if floors and ts_ms <= floors.get(sender, -1):
+            raise Unauthenticated("message is older than its sender's replay floor")
 
-    def record(self, msg_id: bytes, ts_ms: int) -> None:
-        """Remember an authenticated message's id until it leaves the window."""
+    def record(self, msg_id: bytes, ts_ms: int, sender: Hashable = None) -> None:
+        """Remember a message's id until it leaves the window (after ``check`` passed)."""
         now_ms = int(self._clock() * 1000)
-        heap = self._heap
-        while heap and heap[0][0] < now_ms - self.window_ms:
-            self._seen.discard(heapq.heappop(heap)[1])
-        while len(heap) >= self._max:
-            old_ts, old_id = heapq.heappop(heap)
-            self._seen.discard(old_id)
-            self._floor_ms = max(self._floor_ms, old_ts)
-        heapq.heappush(heap, (ts_ms, msg_id))
-        self._seen.add(msg_id)
+        horizon = now_ms - self.window_ms
+        order, seen = self._order, self._seen
+        while order and order[0][1] < horizon:
+            seen.discard(order.popleft()[0])
+        while len(order) >= self._max:
+            old_id, old_ts, old_sender = order.popleft()
+            seen.discard(old_id)
+            if old_ts >= horizon:  # still inside the window: its sender's floor covers it
+                self._raise_floor(old_sender, old_ts, horizon)
+        order.append((msg_id, ts_ms, sender))
+        seen.add(msg_id)
+
+    def _raise_floor(self, sender: Hashable, ts_ms: int, horizon: int) -> None:
+        floors = self._floors
+        if ts_ms <= floors.get(sender, -1):
+            return
+        if sender not in floors and len(floors) >= self._max_senders:
+            for key in [k for k, v in floors.items() if v < horizon]:
+                del floors[key]  # below the window: the window check refuses those anyway
+            if len(floors) >= self._max_senders:
+                lowest = min(floors, key=floors.__getitem__)
+                self._floor_ms = max(self._floor_ms, floors.pop(lowest))
+        floors[sender] = ts_ms
 
     def __len__(self) -> int:
         return len(self._seen)

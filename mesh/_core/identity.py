@@ -392,6 +392,21 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _check_private_mode(path: Path) -> None:
+    """Refuse a private key file with any group or other permission bit (``stat`` errors
+    propagate: the caller maps them).
+
+    Raises:
+        InvalidArgument: naming the file, its mode and the fix.
+    """
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise InvalidArgument(
+            f"{path}: private key file is accessible to group or others (mode {mode:04o}); "
+            f"fix it with: chmod 600 {path}"
+        )
+
+
 def save_trust_root(root: TrustRoot, directory: str | Path) -> Path:
     """Write ``root.key`` (0600) and ``root.pub`` into ``directory``.
 
@@ -421,6 +436,8 @@ def load_trust_root(path: str | Path) -> TrustRoot:
     if p.is_dir():
         p = p / ROOT_KEY_FILE if (p / ROOT_KEY_FILE).exists() else p / ROOT_PUB_FILE
     try:
+        if p.name == ROOT_KEY_FILE:
+            _check_private_mode(p)
         text = p.read_text().strip()
         raw = bytes.fromhex(text)
     except FileNotFoundError as exc:
@@ -473,12 +490,7 @@ def load_identity(directory: str | Path, *, root_public_key: bytes | None = None
     d = Path(directory)
     key_file, cert_file = d / IDENTITY_KEY_FILE, d / IDENTITY_CERT_FILE
     try:
-        mode = key_file.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise InvalidArgument(
-                f"{key_file}: private key file is readable by others (mode {mode:o}); "
-                f"run: chmod 600 {key_file}"
-            )
+        _check_private_mode(key_file)
         keys_json = json.loads(key_file.read_text())
         keys = InstanceKeys(
             SigningKey(bytes.fromhex(keys_json["sign_seed"])),

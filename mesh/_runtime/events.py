@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import structlog
 from pydantic import BaseModel, ValidationError
 
 from mesh._core.admission import admit_event
@@ -32,6 +31,7 @@ from mesh._core.envelope import (
 )
 from mesh._core.identity import CertificateVerifier, Identity
 from mesh._core.names import event_subject, validate_name
+from mesh._log import get_logger
 from mesh._runtime.agent import Context, EventSpec, Peer
 from mesh._runtime.ports import MeshHandle, MeshStats
 from mesh._transport.base import InboundMessage, Transport
@@ -39,7 +39,7 @@ from mesh.errors import InvalidArgument, MeshError, MessageTooLarge
 
 __all__ = ["EventPublisher", "EventReceiver"]
 
-log = structlog.get_logger("mesh")
+log = get_logger(__name__)
 
 
 class EventPublisher:
@@ -130,7 +130,15 @@ class EventReceiver:
         self._prefix = config.prefix
         self._max_frame = config.limits.max_body + FRAME_OVERHEAD
         self._max_signed = config.limits.max_body + SIG_LEN
-        self._replay = ReplayGuard(config.timeouts.replay_window)
+        self._replay = ReplayGuard(
+            config.timeouts.replay_window,
+            max_future=config.timeouts.max_future,
+            max_entries=config.limits.seen_cache,
+            # Built when subscribing: an event dated earlier never reached this subscription,
+            # so a copy of it (captured before a restart) is a replay.
+            not_before_ms=int(time.time() * 1000),
+            noun="event",
+        )
         self._verifier = verifier
         self._stats = stats
         self._spawn = spawn

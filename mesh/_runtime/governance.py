@@ -14,11 +14,10 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import structlog
-
 from mesh._core.identity import Certificate
 from mesh._core.policy import PolicyEngine, Route, parse_canonical
 from mesh._core.ratelimit import RateLimiter, TokenBucket
+from mesh._log import get_logger
 from mesh._runtime.agent import Peer
 from mesh._runtime.concurrency import cancel_and_wait
 from mesh._runtime.control import ControlStore
@@ -34,7 +33,7 @@ from mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unavaila
 
 __all__ = ["Governance"]
 
-log = structlog.get_logger("mesh.governance")
+log = get_logger(__name__)
 
 
 class Governance:

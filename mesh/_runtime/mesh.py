@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-import structlog
 from pydantic import BaseModel, ValidationError
 
 from mesh._core.config import MeshConfig
@@ -33,6 +32,7 @@ from mesh._core.identity import Certificate, CertificateVerifier, Identity, Trus
 from mesh._core.names import directory_bucket, event_subject, rpc_listen_subject
 from mesh._core.records import STATE_DRAINING
 from mesh._core.signals import SIGNALS_TOPIC, EdgeStats
+from mesh._log import get_logger
 from mesh._runtime.agent import Agent, EventSpec
 from mesh._runtime.client import ClientPipeline
 from mesh._runtime.concurrency import cancel_and_wait
@@ -50,7 +50,7 @@ from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, Unavaila
 
 __all__ = ["MeshRuntime"]
 
-log = structlog.get_logger("mesh")
+log = get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
@@ -295,8 +295,11 @@ class MeshRuntime:
             for hook in self.agent.shutdown:
                 try:
                     await hook(self)
-                except Exception:
-                    log.exception("mesh.stop_hook_failed", agent=self.name)
+                except Exception as exc:  # the type at ERROR, the traceback at DEBUG only
+                    log.error(
+                        "mesh.stop_hook_failed", agent=self.name, error_type=type(exc).__name__
+                    )
+                    log.debug("mesh.stop_hook_traceback", agent=self.name, exc_info=True)
         await self.governance.close()
         if registration is not None:
             with contextlib.suppress(MeshError):

@@ -11,10 +11,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import structlog
-
 from mesh._core.identity import Identity
 from mesh._core.records import STATE_SERVING, EndpointInfo, encode_record
+from mesh._log import get_logger
 from mesh._runtime.agent import Agent
 from mesh._runtime.governance import Governance
 from mesh._transport.base import KeyValueBucket
@@ -22,7 +21,7 @@ from mesh.errors import MeshError
 
 __all__ = ["Registration"]
 
-log = structlog.get_logger("mesh")
+log = get_logger(__name__)
 
 
 class Registration:

@@ -33,7 +33,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from pydantic import BaseModel, ValidationError
 
 from mesh._core.admission import admit_request, too_large
@@ -50,6 +49,7 @@ from mesh._core.envelope import (
 from mesh._core.identity import CertificateVerifier
 from mesh._core.policy import Route
 from mesh._core.signals import EdgeKey, EdgeStats
+from mesh._log import get_logger
 from mesh._runtime.agent import Agent, Context, EndpointSpec, Peer
 from mesh._runtime.concurrency import ConcurrencyLimit, ReplyCache
 from mesh._runtime.governance import Governance
@@ -68,7 +68,7 @@ from mesh.errors import (
 
 __all__ = ["Exchange", "ServerPipeline", "error_body"]
 
-log = structlog.get_logger("mesh")
+log = get_logger(__name__)
 OK = "OK"
 NO_ID = bytes(16)
 
@@ -138,7 +138,14 @@ class ServerPipeline:
         self._max_body = limits.max_body
         self._max_frame = limits.max_body + FRAME_OVERHEAD
         self._max_sealed = limits.max_body + NONCE_LEN + TAG_LEN
-        self.replay = ReplayGuard(config.timeouts.replay_window)
+        # Requests dated before this instance existed are refused: the seen-cache is in
+        # memory, so one captured before a restart would otherwise be served again after it.
+        self.replay = ReplayGuard(
+            config.timeouts.replay_window,
+            max_future=config.timeouts.max_future,
+            max_entries=limits.seen_cache,
+            not_before_ms=int(time.time() * 1000),
+        )
         self.replies = ReplyCache(limits.reply_cache_ttl)
         self.endpoint_stats = {name: EndpointStats() for name in agent.endpoints}
         self._limits = {

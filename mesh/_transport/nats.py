@@ -1,15 +1,20 @@
 """``Transport`` over nats-py: the only module that imports ``nats``.
 
 nats-py's errors become mesh errors here (``Unavailable`` for anything the broker or the
-connection failed at, ``FailedPrecondition`` for a compare-and-set that lost).
+connection failed at, ``FailedPrecondition`` for a compare-and-set that lost or a server
+without JetStream), with messages that say what to do: nothing listening at a URL fails at
+once, not after the connect timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -31,8 +36,36 @@ NATS_ERRORS = (TimeoutError, OSError, nats.errors.Error, nats.js.errors.Error)
 """What nats-py raises when the connection, the server or JetStream fails."""
 
 
+_ERRNO = re.compile(r"\[Errno (\d+)\]")
+
+
+def _shown(url: str) -> str:
+    """A server URL for a message: without the user and password it may carry."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether connecting failed because nothing listens there (``ECONNREFUSED``), also when
+    asyncio tried several addresses (``localhost``: ::1 and 127.0.0.1) and every one refused."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    if isinstance(exc, OSError) and exc.errno is None:  # "Multiple exceptions: [Errno 111] ..."
+        codes = _ERRNO.findall(str(exc))
+        return bool(codes) and all(int(c) == errno.ECONNREFUSED for c in codes)
+    return False
+
+
 def mesh_error(
-    exc: BaseException, what: str, *, conflict: str | None = None, subject: str | None = None
+    exc: BaseException,
+    what: str,
+    *,
+    conflict: str | None = None,
+    subject: str | None = None,
+    servers: Sequence[str] = (),
+    jetstream_off_at: str | None = None,
 ) -> MeshError:
     """The one place nats-py's errors become mesh errors.
 
@@ -42,34 +75,62 @@ def mesh_error(
         conflict: the message of a lost compare-and-set (a wrong last sequence); without it
             such an error is ``Unavailable`` like any other.
         subject: the subject involved, carried by the error.
+        servers: for the first connection, the URLs it tried.
+        jetstream_off_at: the URL of the connected server when its INFO says JetStream is not
+            enabled: a JetStream call nobody answered (``ServiceUnavailableError``) then says
+            so and how to fix it.
 
     Returns:
-        ``FailedPrecondition`` for a lost compare-and-set (``conflict`` given), else
-        ``Unavailable``.
+        ``FailedPrecondition`` for a lost compare-and-set (``conflict`` given) or a JetStream
+        call to a server without JetStream, else ``Unavailable`` (for a refused first
+        connection: "nothing is listening at ...").
     """
     if conflict is not None and (
         isinstance(exc, nats.js.errors.KeyWrongLastSequenceError)
         or (isinstance(exc, nats.js.errors.APIError) and exc.err_code in _WRONG_LAST_SEQUENCE)
     ):
         return FailedPrecondition(conflict)
+    if jetstream_off_at is not None and isinstance(
+        exc, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError
+    ):
+        # Not retryable: waiting does not enable JetStream.
+        return FailedPrecondition(
+            f"{what} failed: JetStream is not enabled on the NATS server at "
+            f"{jetstream_off_at}: start nats-server with -js"
+        )
+    if servers:
+        urls = ", ".join(map(_shown, servers))
+        if refused(exc):
+            return Unavailable(
+                f"nothing is listening at {urls}: connection refused "
+                "(start nats-server, or check --servers / MESH_SERVERS)"
+            )
+        return Unavailable(f"cannot connect to NATS at {urls}: {str(exc) or 'timed out'}")
     return Unavailable(f"{what} failed: {str(exc) or type(exc).__name__}", subject=subject)
 
 
 @contextlib.contextmanager
 def map_nats_errors(
-    what: str, *, conflict: str | None = None, subject: str | None = None
+    what: str,
+    *,
+    conflict: str | None = None,
+    subject: str | None = None,
+    jetstream_off_at: str | None = None,
 ) -> Iterator[None]:
     """Raise ``mesh_error(...)`` for what nats-py raises inside the block (off the hot path:
     a context manager costs a few microseconds per use).
 
     Raises:
-        FailedPrecondition: a compare-and-set lost (``conflict`` given).
+        FailedPrecondition: a compare-and-set lost (``conflict`` given), or JetStream is not
+            enabled on the server (``jetstream_off_at`` given).
         Unavailable: the connection, the server or JetStream failed or timed out.
     """
     try:
         yield
     except NATS_ERRORS as exc:
-        raise mesh_error(exc, what, conflict=conflict, subject=subject) from exc
+        raise mesh_error(
+            exc, what, conflict=conflict, subject=subject, jetstream_off_at=jetstream_off_at
+        ) from exc
 
 
 class _NatsKV:
@@ -200,6 +261,13 @@ class _NatsStream:
                 await sub.unsubscribe()
 
 
+async def cancel_quietly(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for it, whatever it raises."""
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
 class NatsTransport:
     """``Transport`` over a nats-py connection.
 
@@ -237,24 +305,51 @@ class NatsTransport:
         return self._nc is not None and self._nc.is_connected
 
     async def connect(self) -> None:
+        """The first connection: refused by every server, it fails at once; otherwise it
+        fails after ``connect_timeout``.
+
+        Raises:
+            Unavailable: nothing is listening (at once), or no server answered in time.
+        """
+
         async def reconnected() -> None:
             for cb in self._reconnect_callbacks:
                 await cb()
 
+        # nats-py retries a first connection forever when reconnects are unbounded (the
+        # loop in Client.connect / _select_next_server, reporting each failure to error_cb).
+        # Its own bounds (allow_reconnect=False, max_reconnect_attempts) would also bound the
+        # reconnects of the established connection, so the bounds are here: the connect
+        # timeout, and a refusal by every server in turn, which no retry within the
+        # timeout is likely to change (nothing listens there).
+        hopeless: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        refusals = 0
+
         async def error_cb(exc: Exception) -> None:
             # nats-py reports transient socket errors here; the reconnect logic handles them.
-            return None
+            nonlocal refusals
+            if hopeless.done() or self._nc is not None:
+                return
+            refusals = refusals + 1 if refused(exc) else 0
+            if refusals >= len(self._servers):
+                hopeless.set_result(exc)
 
+        attempt = asyncio.ensure_future(self._connect(reconnected, error_cb))
         try:
-            # nats-py retries a first connection forever when reconnects are unbounded:
-            # bound it, so a wrong URL is an error and not a silent hang.
-            self._nc = await asyncio.wait_for(
-                self._connect(reconnected, error_cb), self._connect_timeout
+            racing: set[asyncio.Future[Any]] = {attempt, hopeless}
+            done, _ = await asyncio.wait(
+                racing, timeout=self._connect_timeout, return_when="FIRST_COMPLETED"
             )
+            if attempt in done:
+                self._nc = attempt.result()
+                return
+            error: BaseException = hopeless.result() if hopeless in done else TimeoutError()
         except NATS_ERRORS as exc:
-            raise Unavailable(
-                f"cannot connect to NATS at {', '.join(self._servers)}: {str(exc) or 'timed out'}"
-            ) from exc
+            error = exc
+        finally:
+            if not attempt.done():
+                await cancel_quietly(attempt)
+        raise mesh_error(error, "connect", servers=self._servers) from error
 
     async def _connect(
         self,
@@ -318,7 +413,10 @@ class NatsTransport:
         if kv is not None:
             return kv
         js = self.nc.jetstream(timeout=5.0)
-        with map_nats_errors(f"opening the JetStream key-value bucket {bucket!r}"):
+        with map_nats_errors(
+            f"opening the JetStream key-value bucket {bucket!r}",
+            jetstream_off_at=self._jetstream_off_at(),
+        ):
             try:
                 raw = await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
@@ -330,7 +428,9 @@ class NatsTransport:
 
     async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream:
         js = self.nc.jetstream(timeout=5.0)
-        with map_nats_errors(f"opening the JetStream stream {name!r}"):
+        with map_nats_errors(
+            f"opening the JetStream stream {name!r}", jetstream_off_at=self._jetstream_off_at()
+        ):
             try:
                 await js.stream_info(name)
             except nats.js.errors.NotFoundError:
@@ -338,6 +438,14 @@ class NatsTransport:
                     StreamConfig(name=name, subjects=[subject], num_replicas=replicas)
                 )
         return _NatsStream(js, name, subject)
+
+    def _jetstream_off_at(self) -> str | None:
+        """The connected server's URL if its INFO says JetStream is not enabled there."""
+        nc = self.nc
+        if nc._server_info.get("jetstream"):  # nats-py keeps the server's INFO here
+            return None
+        url = nc.connected_url
+        return _shown(url.geturl()) if url is not None else ", ".join(map(_shown, self._servers))
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._reconnect_callbacks.append(callback)

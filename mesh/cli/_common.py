@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -10,6 +11,7 @@ from typing import TypeVar
 
 import structlog
 
+from mesh import __version__
 from mesh._core.policy import parse_duration as _parse_duration
 from mesh.errors import InvalidArgument, MeshError
 
@@ -35,25 +37,52 @@ def env_default(name: str, default: str | None = None) -> str | None:
 
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
-    """Structured logs to stderr; JSON with ``fmt="json"``."""
+    """Structured logs to stderr for this process; JSON with ``fmt="json"``.
+
+    The library (and the runner) log through stdlib loggers under ``mesh`` (``mesh._log``):
+    a handler on the root logger renders every stdlib record (a mesh record's event name and
+    fields come from its attributes) with structlog's renderer; structlog itself is
+    configured the same way for agent code that logs with ``structlog.get_logger()``, so
+    both read alike. Tracebacks are plain text (no local variables).
+    """
+    numeric = logging.getLevelNamesMapping()[level.upper()]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    stamped: list[structlog.types.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso"),
+    ]
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        processors=[*stamped, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *stamped],  # fields first, as before
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_mesh_cli", False)]:
+        root.removeHandler(old)
+    handler._mesh_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: prints ``natsmesh <version>`` and exits 0."""
+    parser.add_argument("--version", action="version", version=f"natsmesh {__version__}")
 
 
 def run_command(fn: Callable[[], T]) -> T | int:

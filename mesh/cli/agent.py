@@ -31,8 +31,6 @@ import signal
 import sys
 from pathlib import Path
 
-import structlog
-
 from mesh._connect import Mesh, enrol
 from mesh._core.config import MeshConfig, Timeouts
 from mesh._core.identity import (
@@ -42,14 +40,15 @@ from mesh._core.identity import (
     load_trust_root,
     save_identity,
 )
+from mesh._log import get_logger
 from mesh._observability.metrics import serve_prometheus
 from mesh._observability.tracing import install_tracing
 from mesh._runtime.agent import Agent
 from mesh.errors import InvalidArgument
 
-from ._common import configure_logging, env_default, parse_duration, run_command
+from ._common import add_version, configure_logging, env_default, parse_duration, run_command
 
-log = structlog.get_logger("mesh.runner")
+log = get_logger(__name__)
 
 
 def load_agent(spec: str) -> Agent:
@@ -151,6 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``mesh-agent`` argument parser."""
     p = argparse.ArgumentParser(prog="mesh-agent", description="Run mesh agents.")
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run an agent defined in MODULE:ATTR")

@@ -46,7 +46,7 @@ from mesh.control_plane import (
 
 from . import audit, identity, observe
 from ._admin import add_command, admin_mesh, call_registry, err, online, out, when
-from ._common import configure_logging, env_default, parse_duration, run_command
+from ._common import add_version, configure_logging, env_default, parse_duration, run_command
 
 # --- offline commands -----------------------------------------------------------------------
 
@@ -127,7 +127,8 @@ async def cmd_apply(args: argparse.Namespace) -> int:
 
 
 async def cmd_diff(args: argparse.Namespace) -> int:
-    """Show what applying PATH would change."""
+    """Show what applying PATH would change; exit 1 if anything would, 0 if nothing would
+    (like ``diff`` and ``git diff --exit-code``; errors exit 2)."""
     new = load_policy(args.path)
     async with admin_mesh(args) as mesh:
         current = await mesh.control.current_policy()
@@ -137,7 +138,7 @@ async def cmd_diff(args: argparse.Namespace) -> int:
     out.print(f"{args.path} against {base}:")
     for line in lines or ["no changes"]:
         out.print(f"  {line}", markup=False)
-    return 0
+    return 1 if lines else 0
 
 
 async def cmd_get(args: argparse.Namespace) -> int:
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mesh-policy",
         description="Operate a mesh: trust root, identities, policies, agents and audit.",
     )
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(

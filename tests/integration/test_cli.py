@@ -32,6 +32,16 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def test_mesh_agent_version_prints_the_package_version() -> None:
+    """`mesh-agent --version` prints `natsmesh <version>` (mesh.__version__) and exits 0."""
+    result = run("mesh-agent", "--version")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"natsmesh {mesh.__version__}\n",
+        "",
+    )
+
+
 def test_init_writes_root_and_admin_with_private_files_0600(tmp_path: Path) -> None:
     """`mesh-policy init` writes root.key and the admin key 0600 and never prints them."""
     result = run("mesh-policy", "init", str(tmp_path / "keys"))

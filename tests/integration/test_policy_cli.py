@@ -8,8 +8,10 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import stat
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -186,6 +188,16 @@ async def test_help_lists_every_command() -> None:
         assert listed == set(commands), result.stdout
 
 
+def test_version_prints_the_package_version() -> None:
+    """`mesh-policy --version` prints `natsmesh <version>` (mesh.__version__) and exits 0."""
+    result = run_sync("mesh-policy", "--version", env=base_env())
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"natsmesh {mesh.__version__}\n",
+        "",
+    )
+
+
 def test_every_subcommand_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     """Each leaf command's `--help` exits 0 and shows its own usage line (through `main`, in
     this process: 17 more interpreter start-ups would cost a quarter of the time budget)."""
@@ -241,16 +253,51 @@ async def test_explain_with_file_needs_no_server(tmp_path: Path) -> None:
         assert (result.returncode, result.stdout.strip()) == expected, (call, result.stderr)
 
 
-async def test_online_command_without_a_reachable_server_fails_in_time(tmp_path: Path) -> None:
-    """With no server at MESH_SERVERS, `get` exits 2 with Unavailable within the connect
-    timeout, instead of waiting for ever."""
-    env = base_env(servers="nats://127.0.0.1:1", identity=world_less_admin(tmp_path))
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("command", ["get", "agents"])
+async def test_online_command_without_a_reachable_server_fails_in_time(
+    tmp_path: Path, command: str
+) -> None:
+    """With nothing listening at --servers, an online command exits 2 at once (a refused
+    connection is not retried for the 10 s connect timeout) and says what to do."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    env = base_env(identity=world_less_admin(tmp_path))
+    start = time.monotonic()
     try:
-        result = await run("mesh-policy", "get", env=env, timeout=14)
+        result = await run("mesh-policy", command, "--servers", url, env=env, timeout=14)
     except subprocess.TimeoutExpired:
-        pytest.fail("`mesh-policy get` was still waiting for a server after 14 s")
+        pytest.fail(f"`mesh-policy {command}` was still waiting for a server after 14 s")
+    elapsed = time.monotonic() - start
     assert result.returncode == 2
-    assert "Unavailable: cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
+    assert result.stderr == (
+        f"Unavailable: nothing is listening at {url}: connection refused "
+        "(start nats-server, or check --servers / MESH_SERVERS)\n"
+    )
+    assert elapsed < 2.5, f"took {elapsed:.1f} s (interpreter start-up included)"
+
+
+async def test_online_command_against_a_server_without_jetstream_says_so(
+    tmp_path: Path,
+) -> None:
+    """A nats-server without JetStream: exit 2 at once, naming the server and the -js flag
+    (not a raw `ServiceUnavailableError: code=None ...`, not retried for the connect timeout)."""
+    env = base_env(identity=world_less_admin(tmp_path))
+    async with NatsServer(jetstream=False) as srv:
+        start = time.monotonic()
+        result = await run("mesh-policy", "agents", "--servers", srv.url, env=env, timeout=14)
+        elapsed = time.monotonic() - start
+    assert result.returncode == 2
+    assert result.stderr == (
+        "FailedPrecondition: opening the JetStream key-value bucket 'mesh-directory' failed: "
+        f"JetStream is not enabled on the NATS server at {srv.url}: start nats-server with -js\n"
+    )
+    assert elapsed < 5, f"took {elapsed:.1f} s"
 
 
 # --- policy revisions -------------------------------------------------------------------------
@@ -323,11 +370,11 @@ async def test_get_prints_an_earlier_revision(world: World) -> None:
 
 
 async def test_diff_lists_changes_without_applying(world: World) -> None:
-    """`diff` lists what applying a file would change against the current revision, and
-    applies nothing."""
+    """`diff` lists what applying a file would change against the current revision, exits 1
+    (there are changes, like `diff`), and applies nothing."""
     await world.apply(RESEARCH)
     result = await run("mesh-policy", "diff", OPEN, env=world.env())
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert f"{OPEN} against revision 1:" in result.stdout
     for line in (
         "defaults.authorization deny -> allow",
@@ -337,6 +384,21 @@ async def test_diff_lists_changes_without_applying(world: World) -> None:
     ):
         assert f"  {line}\n" in result.stdout
     assert await world.current_revision() == 1
+
+
+async def test_diff_without_changes_exits_0(world: World) -> None:
+    """`diff` of the file the current revision came from: "no changes", exit 0."""
+    await world.apply(RESEARCH)
+    result = await run("mesh-policy", "diff", RESEARCH, env=world.env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{RESEARCH} against revision 1:\n  no changes\n"
+
+
+async def test_diff_errors_exit_2(world: World, tmp_path: Path) -> None:
+    """An error (here a missing file) still exits 2, not 1: a script can tell them apart."""
+    result = await run("mesh-policy", "diff", str(tmp_path / "missing.yaml"), env=world.env())
+    assert result.returncode == 2
+    assert result.stderr == f"PolicyError: {tmp_path / 'missing.yaml'}: no such file\n"
 
 
 async def test_history_lists_every_revision(world: World) -> None:

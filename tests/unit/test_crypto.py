@@ -183,18 +183,91 @@ class TestReplayGuard:
             guard.check(_id(1), NOW_MS - 60_001)
 
     def test_edge_of_window_accepted(self) -> None:
-        """Timestamps exactly one window old or ahead are still accepted."""
-        guard = ReplayGuard(60, clock=FakeClock(NOW))
+        """Timestamps exactly one window old or max_future ahead are still accepted."""
+        guard = ReplayGuard(60, max_future=5, clock=FakeClock(NOW))
 
         guard.check(_id(1), NOW_MS - 60_000)
-        guard.check(_id(2), NOW_MS + 60_000)
+        guard.check(_id(2), NOW_MS + 5_000)
 
     def test_future_beyond_skew_refused(self) -> None:
-        """A timestamp further ahead than the window is refused."""
+        """A timestamp further ahead than max_future is refused."""
+        guard = ReplayGuard(60, max_future=5, clock=FakeClock(NOW))
+
+        with pytest.raises(Unauthenticated, match="future"):
+            guard.check(_id(1), NOW_MS + 5_001)
+
+    def test_default_future_skew_is_a_few_seconds(self) -> None:
+        """By default a timestamp 55 s ahead (inside the old 60 s allowance) is refused."""
         guard = ReplayGuard(60, clock=FakeClock(NOW))
 
         with pytest.raises(Unauthenticated, match="future"):
-            guard.check(_id(1), NOW_MS + 60_001)
+            guard.check(_id(1), NOW_MS + 55_000)
+
+    def test_timestamp_before_start_refused(self) -> None:
+        """A timestamp before not_before_ms (the instance's start) is refused, naming it."""
+        guard = ReplayGuard(60, not_before_ms=NOW_MS, clock=FakeClock(NOW + 1))
+
+        with pytest.raises(Unauthenticated, match="predates this instance's start"):
+            guard.check(_id(1), NOW_MS - 1)
+        guard.check(_id(2), NOW_MS)
+
+    def test_caller_behind_refused_only_until_it_passes_the_start(self) -> None:
+        """A caller 3 s behind is refused for 3 s after a start, then passes."""
+        clock = FakeClock(NOW)
+        guard = ReplayGuard(60, not_before_ms=NOW_MS, clock=clock)
+
+        with pytest.raises(Unauthenticated, match="predates"):
+            guard.check(_id(1), int((clock.now - 3) * 1000))
+        clock.advance(3)
+        guard.check(_id(2), int((clock.now - 3) * 1000))
+
+    def test_future_flood_does_not_refuse_another_sender(self) -> None:
+        """A full cache of one sender's ids dated 5 s ahead leaves another sender's present
+        id accepted."""
+        clock = FakeClock(NOW)
+        guard = ReplayGuard(60, max_future=5, max_entries=100, clock=clock)
+        for n in range(1000):  # each dated later than the last, as a flooder's clock moves
+            guard.check(_id(n), NOW_MS + 4_000 + n, "mallory")
+            guard.record(_id(n), NOW_MS + 4_000 + n, "mallory")
+
+        guard.check(_id(5000), NOW_MS, "alice")
+        guard.record(_id(5000), NOW_MS, "alice")
+        assert len(guard) == 100
+
+    def test_future_flood_raises_only_the_flooders_floor(self) -> None:
+        """An evicted flood id is refused for its sender; the floor never passes now + 5 s."""
+        clock = FakeClock(NOW)
+        guard = ReplayGuard(60, max_future=5, max_entries=10, clock=clock)
+        for n in range(20):
+            guard.record(_id(n), NOW_MS + 5_000, "mallory")
+
+        with pytest.raises(Unauthenticated, match="replay floor"):
+            guard.check(_id(0), NOW_MS + 5_000, "mallory")
+        clock.advance(5.001)
+        guard.check(_id(99), int(clock.now * 1000), "mallory")
+
+    def test_honest_entries_evicted_by_a_flood_stay_refused(self) -> None:
+        """An honest id pushed out by a flood is still refused when replayed."""
+        guard = ReplayGuard(60, max_entries=10, clock=FakeClock(NOW))
+        guard.record(_id(1), NOW_MS, "alice")
+        for n in range(100, 120):
+            guard.record(_id(n), NOW_MS + 5_000, "mallory")
+
+        with pytest.raises(Unauthenticated, match="replay floor"):
+            guard.check(_id(1), NOW_MS, "alice")
+        guard.check(_id(2), NOW_MS + 1, "alice")
+
+    def test_sender_floors_bounded(self) -> None:
+        """With max_senders=N, floors of many evicted senders keep at most N, and an evicted id
+        of a dropped sender floor stays refused through the shared floor."""
+        guard = ReplayGuard(60, max_entries=1, max_senders=4, clock=FakeClock(NOW))
+        for n in range(50):
+            guard.record(_id(n), NOW_MS - 50 + n, f"s{n}")
+            assert len(guard._floors) <= 4
+
+        for n in range(49):
+            with pytest.raises(Unauthenticated, match="older"):
+                guard.check(_id(n), NOW_MS - 50 + n, f"s{n}")
 
     def test_ids_forgotten_after_window(self) -> None:
         """Ids whose timestamps left the window are dropped at the next record."""
@@ -221,7 +294,7 @@ class TestReplayGuard:
         assert len(guard) == 10
 
     def test_evicted_id_still_refused(self) -> None:
-        """An id evicted for space is refused: the window floor rose to its timestamp."""
+        """An id evicted for space is refused: its sender's floor rose to its timestamp."""
         guard = ReplayGuard(60, max_entries=10, clock=FakeClock(NOW))
         for n in range(15):
             guard.record(_id(n), NOW_MS - 15 + n)

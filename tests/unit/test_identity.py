@@ -15,6 +15,7 @@ from mesh._core.identity import (
     IDENTITY_CERT_FILE,
     IDENTITY_KEY_FILE,
     ROOT_KEY_FILE,
+    ROOT_PUB_FILE,
     CertificateVerifier,
     InstanceKeys,
     TrustRoot,
@@ -242,6 +243,61 @@ class TestKeyFiles:
 
         assert str(key_file) in ei.value.message
         assert "chmod 600" in ei.value.message
+
+    def test_readable_key_file_error_names_mode_and_fix(
+        self, root: TrustRoot, tmp_path: Path
+    ) -> None:
+        """The refusal of a 0644 identity key names the file, the mode and `chmod 600 <path>`."""
+        d = save_identity(root.issue_identity("bob", now=NOW), tmp_path)
+        key_file = d / IDENTITY_KEY_FILE
+        key_file.chmod(0o644)
+
+        with pytest.raises(InvalidArgument) as ei:
+            load_identity(d)
+
+        assert ei.value.message == (
+            f"{key_file}: private key file is accessible to group or others (mode 0644); "
+            f"fix it with: chmod 600 {key_file}"
+        )
+
+    @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o620, 0o602])
+    def test_root_key_with_group_or_other_bits_refused(
+        self, root: TrustRoot, tmp_path: Path, mode: int
+    ) -> None:
+        """load_trust_root refuses a root.key with any group/other bit, with the chmod hint."""
+        d = save_trust_root(root, tmp_path)
+        key_file = d / ROOT_KEY_FILE
+        key_file.chmod(mode)
+
+        with pytest.raises(InvalidArgument) as ei:
+            load_trust_root(d)
+
+        assert str(key_file) in ei.value.message
+        assert f"mode {mode:04o}" in ei.value.message
+        assert f"chmod 600 {key_file}" in ei.value.message
+
+    def test_root_key_file_path_with_0644_refused(self, root: TrustRoot, tmp_path: Path) -> None:
+        """Naming root.key itself (not its directory) is checked the same way."""
+        key_file = save_trust_root(root, tmp_path) / ROOT_KEY_FILE
+        key_file.chmod(0o644)
+
+        with pytest.raises(InvalidArgument, match="chmod 600"):
+            load_trust_root(key_file)
+
+    def test_root_key_0600_accepted(self, root: TrustRoot, tmp_path: Path) -> None:
+        """A root.key of mode 0600 (or 0400) loads as a signing root."""
+        key_file = save_trust_root(root, tmp_path) / ROOT_KEY_FILE
+        for mode in (0o600, 0o400):
+            key_file.chmod(mode)
+            assert load_trust_root(tmp_path).can_sign
+
+    def test_readable_root_pub_accepted(self, root: TrustRoot, tmp_path: Path) -> None:
+        """root.pub is public: mode 0644 is fine for a verify-only root."""
+        d = save_trust_root(root, tmp_path)
+        (d / ROOT_KEY_FILE).unlink()
+        (d / ROOT_PUB_FILE).chmod(0o644)
+
+        assert load_trust_root(d).public_key == root.public_key
 
     def test_mismatched_cert_refused(self, root: TrustRoot, tmp_path: Path) -> None:
         """A certificate that does not match the keys is refused, naming the file."""
