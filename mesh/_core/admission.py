@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from mesh._core.crypto import PairKeys, ReplayGuard, open_frame, verify_frame
+from mesh._core.crypto import UNVERIFIED, PairKeys, ReplayGuard, open_frame, verify_frame
 from mesh._core.envelope import (
     HDR_DEADLINE,
     HDR_TRACEPARENT,
@@ -112,8 +112,8 @@ def admit_request(
     except ResourceExhausted:
         # The caller is told to come back later, so this frame must not pass then. Recording
         # an id whose seal is unopened blocks only copies of this frame (ids are 128 random
-        # bits) and counts against the sender its certificate names (section 15).
-        replay.record(hdr.id, hdr.ts, sender)
+        # bits); as the sender is not verified, its eviction raises no floor (section 15).
+        replay.record(hdr.id, hdr.ts, UNVERIFIED)
         raise
     key = pair.get(cert.box_pk)  # 11
     plaintext = open_frame(key, data, end)

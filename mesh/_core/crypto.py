@@ -145,6 +145,12 @@ def verify_frame(sign_pk: bytes, frame: bytes) -> bytes:
     return signed
 
 
+UNVERIFIED = object()
+"""The ``sender`` of an id recorded before its seal was opened (a rate-limit refusal): such an
+entry blocks copies of its frame but never raises anyone's floor when evicted, since anyone can
+send a frame that names any sender."""
+
+
 class ReplayGuard:
     """Refuses messages outside the time window, dated before ``not_before_ms`` and ids already
     seen within the window.
@@ -229,8 +235,8 @@ class ReplayGuard:
         while len(order) >= self._max:
             old_id, old_ts, old_sender = order.popleft()
             seen.discard(old_id)
-            if old_ts >= horizon:  # still inside the window: its sender's floor covers it
-                self._raise_floor(old_sender, old_ts, horizon)
+            if old_ts >= horizon and old_sender is not UNVERIFIED:
+                self._raise_floor(old_sender, old_ts, horizon)  # its sender's floor covers it
         order.append((msg_id, ts_ms, sender))
         seen.add(msg_id)
 

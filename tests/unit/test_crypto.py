@@ -9,6 +9,7 @@ from nacl.signing import SigningKey
 from mesh._core.crypto import (
     NONCE_LEN,
     TAG_LEN,
+    UNVERIFIED,
     PairKeys,
     ReplayGuard,
     derive_pair_key,
@@ -256,6 +257,18 @@ class TestReplayGuard:
         with pytest.raises(Unauthenticated, match="replay floor"):
             guard.check(_id(1), NOW_MS, "alice")
         guard.check(_id(2), NOW_MS + 1, "alice")
+
+    def test_unverified_entries_raise_no_floor_when_evicted(self) -> None:
+        """Ids recorded before their seal opened (peek refusals) name no sender: junk that names
+        alice and churns the cache cannot lift alice's floor."""
+        guard = ReplayGuard(60, max_entries=10, clock=FakeClock(NOW))
+        for n in range(20):
+            guard.record(_id(n), NOW_MS + 5_000, UNVERIFIED)
+
+        guard.check(_id(99), NOW_MS + 1, "alice")
+        guard.check(_id(98), NOW_MS + 1, UNVERIFIED)
+        with pytest.raises(Unauthenticated, match="replayed message id"):
+            guard.check(_id(19), NOW_MS + 5_000, UNVERIFIED)
 
     def test_sender_floors_bounded(self) -> None:
         """With max_senders=N, floors of many evicted senders keep at most N, and an evicted id
