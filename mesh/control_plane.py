@@ -23,6 +23,7 @@ from mesh._core.policy import (
     canonical_policy_bytes,
     diff_policies,
     parse_canonical,
+    policy_text,
 )
 from mesh._core.signals import (
     SIGNALS_TOPIC,
@@ -112,6 +113,7 @@ __all__ = [
     "diff_policies",
     "load_trust_root",
     "parse_canonical",
+    "policy_text",
     "save_trust_root",
     "serve_enrolment",
     "verify_audit_chain",

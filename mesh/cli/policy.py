@@ -13,7 +13,6 @@ modules; ``top`` and ``graph`` in ``observe``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from mesh.control_plane import (
     TrustRoot,
     diff_policies,
     parse_canonical,
+    policy_text,
     save_trust_root,
 )
 
@@ -162,9 +162,8 @@ async def cmd_get(args: argparse.Namespace) -> int:
         f"revision {rev.revision} from {rev.source}, applied by {rev.applied_by} at "
         f"{when(rev.applied_at)} (sha256 {rev.sha256[:16]}…)"
     )
-    import yaml
-
-    out.print(yaml.safe_dump(json.loads(rev.policy_json), sort_keys=False).rstrip(), markup=False)
+    text = policy_text(parse_canonical(rev.policy_json, source=rev.source))
+    out.print(text.rstrip(), markup=False)
     return 0
 
 

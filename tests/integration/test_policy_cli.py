@@ -352,6 +352,25 @@ async def test_get_prints_the_revision_and_its_yaml(world: World) -> None:
     assert canonical_policy_bytes(printed) == canonical_policy_bytes(expected)
 
 
+async def test_get_output_is_a_policy_that_validates_and_applies(
+    world: World, tmp_path: Path
+) -> None:
+    """`get` writes durations and rates with their units: its output passes `validate` (which
+    refuses bare numbers) and `apply` takes it back as a new revision of the same policy."""
+    await world.apply(RESEARCH)
+    result = await run("mesh-policy", "get", env=world.env())
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.split("\n", 1)[1]
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(text)
+    check = await run("mesh-policy", "validate", str(printed), env=world.env())
+    assert check.returncode == 0, check.stderr
+    again = await run("mesh-policy", "apply", str(printed), env=world.env())
+    assert again.returncode == 0, again.stderr
+    expected = mesh.parse_policy((REPO / RESEARCH).read_text())
+    assert canonical_policy_bytes(mesh.load_policy(printed)) == canonical_policy_bytes(expected)
+
+
 async def test_get_json_prints_only_json(world: World) -> None:
     """`get --json` prints the canonical policy JSON and nothing else on stdout."""
     await world.apply(RESEARCH)

@@ -99,6 +99,7 @@ CONTROL_PLANE = [
     "diff_policies",
     "load_trust_root",
     "parse_canonical",
+    "policy_text",
     "save_trust_root",
     "serve_enrolment",
     "verify_audit_chain",

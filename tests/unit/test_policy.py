@@ -27,7 +27,9 @@ from mesh._core.policy import (
     parse_policy,
     parse_rate,
     policy_schema,
+    policy_text,
 )
+from mesh._core.policy.model import format_duration, format_rate
 from mesh.cli._common import parse_duration as cli_parse_duration
 from mesh.errors import InvalidArgument
 
@@ -1162,3 +1164,36 @@ def test_parse_canonical_round_trips_and_reports_like_parse_policy() -> None:
     with pytest.raises(PolicyError) as info:
         parse_canonical(b'{"apiVersion": "mesh/v1", "kind": "Policy"}', source="rev-9")
     assert info.value.source == "rev-9"
+
+
+class TestWrittenUnits:
+    @given(st.floats(min_value=0.001, max_value=10 * 365 * 86400, allow_nan=False))
+    def test_format_duration_parses_back_exactly(self, seconds: float) -> None:
+        """A formatted duration parses back to the same float (a number only where no unit
+        form would)."""
+        text = format_duration(seconds)
+        assert parse_duration(text) == seconds
+
+    @given(st.floats(min_value=1e-3, max_value=1e6, allow_nan=False))
+    def test_format_rate_parses_back_exactly(self, rate: float) -> None:
+        """A formatted rate parses back to the same float."""
+        assert parse_rate(format_rate(rate)) == rate
+
+    def test_whole_units_are_written_as_people_write_them(self) -> None:
+        """7 days, 10 seconds and 250 ms are written 7d, 10s and 250ms; 20 per second 20/s."""
+        assert [format_duration(s) for s in (604800.0, 10.0, 0.25, 90.0)] == [
+            "7d",
+            "10s",
+            "250ms",
+            "90s",
+        ]
+        assert format_rate(20.0) == "20/s"
+
+    def test_policy_text_loads_with_units_required_and_equals_the_policy(self) -> None:
+        """The YAML ``policy_text`` writes passes the policy-file rules (units required) and
+        is the same policy."""
+        for path in sorted(POLICIES.glob("*.yaml")):
+            policy = load_policy(path)
+            text = policy_text(policy)
+            again = parse_policy(text, source="printed.yaml", require_units=True)
+            assert canonical_policy_bytes(again) == canonical_policy_bytes(policy), path

@@ -46,6 +46,7 @@ from mesh._core.policy.load import (
     parse_canonical,
     parse_policy,
     policy_schema,
+    policy_text,
     render_schema,
 )
 from mesh._core.policy.model import (
@@ -87,5 +88,6 @@ __all__ = [
     "parse_policy",
     "parse_rate",
     "policy_schema",
+    "policy_text",
     "render_schema",
 ]

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mesh._core.policy.model import Defaults, EndpointPolicy, Policy, Rule
+from mesh._core.policy.model import (
+    Defaults,
+    EndpointPolicy,
+    Policy,
+    Rule,
+    format_duration,
+    format_rate,
+)
 
 # --------------------------------------------------------------------------------------------
 # Diff
@@ -13,20 +20,11 @@ from mesh._core.policy.model import Defaults, EndpointPolicy, Policy, Rule
 
 
 def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "none"
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= size and (seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
-    if seconds < 1 and (seconds * 1000).is_integer():
-        return f"{int(seconds * 1000)}ms"
-    return f"{seconds:g}s"
+    return "none" if seconds is None else format_duration(seconds)
 
 
 def _fmt_rate(rate: float | None) -> str:
-    if rate is None:
-        return "none"
-    return f"{rate:g}/s"
+    return "none" if rate is None else format_rate(rate)
 
 
 def _rule_summary(rule: Rule) -> str:

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mesh._core.policy.model import _UNITS_REQUIRED, API_VERSION, Policy
+from mesh._core.policy.model import _UNITS_REQUIRED, API_VERSION, WITH_UNITS, Policy
 from mesh.errors import InvalidArgument
 
 SCHEMA_ID = "urn:natsmesh:schema:policy:v1"
@@ -417,6 +417,14 @@ def policy_schema() -> dict[str, Any]:
 def render_schema() -> str:
     """``policy_schema()`` as written to ``schemas/policy.schema.json`` (pretty, sorted)."""
     return json.dumps(policy_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def policy_text(policy: Policy) -> str:
+    """The policy as YAML a person writes: durations and rates with their units, so the text
+    passes ``load_policy`` (and ``mesh-policy validate``/``apply``) and parses back to an equal
+    policy."""
+    document = policy.model_dump(mode="json", context={WITH_UNITS: True})
+    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
 
 
 def canonical_policy_bytes(policy: Policy) -> bytes:

@@ -17,10 +17,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictInt,
     ValidationInfo,
     WithJsonSchema,
+    WrapSerializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -119,6 +122,41 @@ def parse_rate(value: object) -> float:
     return rate
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as a policy file writes it (``10s``, ``250ms``, ``5m``, ``7d``); it parses
+    back to exactly ``seconds`` (the number itself where no written form would)."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    for text in (f"{seconds * 1000:.0f}ms", f"{seconds!r}s"):
+        if _DURATION_RE.fullmatch(text) and parse_duration(text) == seconds:
+            return text
+    return repr(seconds)
+
+
+def format_rate(rate: float) -> str:
+    """A rate as a policy file writes it (``20/s``); it parses back to exactly ``rate``."""
+    text = f"{int(rate)}/s" if rate.is_integer() else f"{rate!r}/s"
+    return text if _RATE_RE.fullmatch(text) else repr(rate)
+
+
+WITH_UNITS = "with_units"
+"""Serialization context key: write durations and rates with their units (``policy_text``);
+without it they are numbers, as in the canonical form that is signed."""
+
+
+def _written(
+    format: Callable[[float], str],
+) -> Callable[[float, SerializerFunctionWrapHandler, SerializationInfo], Any]:
+    def serialize(
+        value: float, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> Any:
+        context = info.context if isinstance(info.context, dict) else {}
+        return format(value) if context.get(WITH_UNITS) else handler(value)
+
+    return serialize
+
+
 def _as_field(parse: Callable[[object], float]) -> Callable[[object], float]:
     def validate(value: object) -> float:
         try:
@@ -196,6 +234,7 @@ _PATTERN_SCHEMA = {"type": "string", "pattern": r"^[a-z0-9_\-*?\[\]!]{1,63}$"}
 Duration = Annotated[
     float,
     BeforeValidator(_duration_field),
+    WrapSerializer(_written(format_duration), when_used="json"),
     WithJsonSchema(
         {
             "anyOf": [
@@ -215,6 +254,7 @@ form)."""
 Rate = Annotated[
     float,
     BeforeValidator(_as_field(parse_rate)),
+    WrapSerializer(_written(format_rate), when_used="json"),
     WithJsonSchema(
         {
             "anyOf": [
