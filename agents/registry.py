@@ -25,6 +25,7 @@ from weakref import WeakKeyDictionary
 from mesh import (
     Agent,
     Context,
+    DecodeError,
     FailedPrecondition,
     MeshError,
     MeshHandle,
@@ -68,6 +69,7 @@ from mesh.control_plane import (
     diff_policies,
     parse_canonical,
     serve_enrolment,
+    verify_audit_chain,
 )
 
 SERIAL = re.compile(r"[0-9a-f]{32}")
@@ -356,9 +358,47 @@ async def denied(report: DenialReport, ctx: Context) -> None:
     )
 
 
+async def _check_root(mesh: MeshHandle) -> None:
+    """Refuse to run with a root key that is not this mesh's: it would sign audit records and
+    certificates nobody can verify (``audit verify`` would fail for ever after).
+
+    Raises:
+        FailedPrecondition: the root key did not issue this registry's certificate, or the
+            current policy or the audit log's last record in the store is not signed by it
+            (the state of another mesh under the same prefix on this NATS).
+    """
+    root = mesh.trust_root
+    issuer = mesh.identity.certificate.issuer
+    if issuer != root.key_id:
+        raise FailedPrecondition(
+            f"the root key {root.key_id} is not the root of this registry's certificate "
+            f"(issued by {issuer}): pass the mesh's root.key to --root-key"
+        )
+    fix = (
+        f"another mesh's state under prefix {mesh.config.prefix!r}? start this registry with "
+        "that mesh's root key, or use another --prefix"
+    )
+    try:
+        await mesh.control.current_policy()
+    except (Unauthenticated, DecodeError) as exc:
+        raise FailedPrecondition(
+            f"the current policy in the store does not verify with the root key {root.key_id} "
+            f"({exc.message}): {fix}"
+        ) from None
+    last = await (await mesh.control.audit_stream()).last()
+    if last is not None:
+        _, problems = verify_audit_chain([last], root.public_key, first_seq=last[0])
+        if problems:
+            raise FailedPrecondition(
+                f"the last audit record does not verify with the root key {root.key_id} "
+                f"({problems[0]}): {fix}"
+            )
+
+
 @registry.on_start
 async def started(mesh: MeshHandle) -> None:
-    """Answer enrolments, and note the start in the audit log."""
+    """Check the root key, answer enrolments, and note the start in the audit log."""
+    await _check_root(mesh)
 
     async def issue(req: EnrolmentRequest) -> bytes:
         _require_root(mesh)

@@ -15,10 +15,78 @@ from collections.abc import AsyncIterator, Callable
 
 from mesh._core.identity import CertificateVerifier
 from mesh._core.records import STATE_SERVING, InstanceRecord, decode_record
+from mesh._log import get_logger
 from mesh._runtime.concurrency import cancel_and_wait
+from mesh._transport.base import KeyValueBucket, Transport
 from mesh.errors import MeshError, Unavailable
 
-__all__ = ["Directory"]
+__all__ = ["Directory", "DirectoryBucket"]
+
+log = get_logger(__name__)
+
+
+class DirectoryBucket:
+    """The directory bucket, re-created when someone deletes it.
+
+    The broker is not trusted: anyone with JetStream rights can delete the bucket. Writers
+    (``Registration``) and the watch (``Directory``) then call ``recover``, which re-creates an
+    empty bucket with the same settings; every instance re-announces itself at its next
+    heartbeat. The records are signed, so a re-created bucket is no more trusted than the old.
+
+    Args:
+        transport: the broker connection.
+        name: the bucket (``<prefix>-directory``).
+        ttl: the bucket's entry TTL.
+        replicas: its replicas.
+    """
+
+    def __init__(self, transport: Transport, name: str, *, ttl: float, replicas: int) -> None:
+        self._transport = transport
+        self.name = name
+        self._ttl = ttl
+        self._replicas = replicas
+        self.kv: KeyValueBucket | None = None
+        self.generation = 0  # bumped each time the bucket object is replaced
+        self._id: str | None = None  # the incarnation opened (``Transport.bucket_id``)
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> KeyValueBucket:
+        """The bucket, created if missing.
+
+        Raises:
+            Unavailable: JetStream could not be reached.
+        """
+        if self.kv is None:
+            kv = await self._transport.key_value(self.name, ttl=self._ttl, replicas=self._replicas)
+            self._id = await self._transport.bucket_id(self.name)
+            self.kv = kv
+        return self.kv
+
+    async def recover(self) -> bool:
+        """If the bucket was deleted, re-create it; if another process already re-created it,
+        open the new one. Return whether the bucket object changed (``generation`` bumped).
+
+        Raises:
+            Unavailable: JetStream could not be reached.
+        """
+        async with self._lock:
+            found = await self._transport.bucket_id(self.name)
+            if found is not None and found == self._id:
+                return False
+            self._transport.forget_bucket(self.name)
+            self.kv = None
+            await self.open()
+            self.generation += 1
+            if found is None:
+                log.warning("mesh.directory_recreated", bucket=self.name)
+            return True
+
+    async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
+        """A watch over the current bucket (see ``KeyValueBucket.watch``)."""
+        kv = await self.open()
+        async for item in kv.watch():
+            yield item
+
 
 Clock = Callable[[], float]
 
@@ -38,6 +106,9 @@ class Directory:
         ttl: an instance not heard from for this long is dead.
         on_dead: called with the last record of an instance found dead (no heartbeat).
         clock: unix seconds.
+        bucket: the bucket watched: when the watch has been quiet for ``ttl / 3`` the bucket
+            is checked, and re-created and watched afresh if someone deleted it. The records
+            already known are kept meanwhile.
     """
 
     def __init__(
@@ -49,8 +120,12 @@ class Directory:
         on_dead: Callable[[InstanceRecord], None] | None = None,
         clock: Clock = time.time,
         max_skew: float = 60.0,
+        bucket: DirectoryBucket | None = None,
     ) -> None:
         self._open_watch = open_watch
+        self._bucket = bucket
+        self._heard = time.monotonic()  # when the watch last yielded anything
+        self._watched = 0  # the bucket generation the watch runs over
         self._verifier = verifier
         self._ttl = ttl
         self._on_dead = on_dead
@@ -65,6 +140,7 @@ class Directory:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._guard: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float) -> None:
         """Start watching; return once the initial records are loaded.
@@ -74,6 +150,8 @@ class Directory:
         """
         self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
         self._sweeper = asyncio.create_task(self._sweep(), name="mesh-directory-sweep")
+        if self._bucket is not None:
+            self._guard = asyncio.create_task(self._guard_bucket(), name="mesh-directory-guard")
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
@@ -86,13 +164,35 @@ class Directory:
         self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
 
     async def close(self) -> None:
-        await cancel_and_wait((self._task, self._sweeper))
+        await cancel_and_wait((self._task, self._sweeper, self._guard))
+
+    async def _guard_bucket(self) -> None:
+        """Re-create the bucket and the watch if the bucket was deleted (a deleted bucket
+        ends no watch: it just falls silent)."""
+        assert self._bucket is not None
+        quiet = self._ttl / 3
+        while True:
+            await asyncio.sleep(quiet)
+            if time.monotonic() - self._heard < quiet:
+                continue
+            try:
+                await self._bucket.recover()
+            except MeshError:
+                continue  # JetStream unreachable: the reconnect restarts the watch
+            if self._bucket.generation != self._watched:  # replaced, by us or by a writer
+                self.restart_watch()
+            self._heard = time.monotonic()
 
     async def _run(self) -> None:
+        bucket = self._bucket
         while True:
             loading = True
+            generation = self._watched = bucket.generation if bucket is not None else 0
             try:
                 async for item in self._open_watch():
+                    self._heard = time.monotonic()
+                    if bucket is not None and bucket.generation != generation:
+                        break  # the bucket was re-created: watch the new one
                     if item is None:
                         loading = False
                         self._ready.set()

@@ -29,7 +29,14 @@ from mesh._runtime.registry_api import (
     DenialReport,
     RenewRequest,
 )
-from mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unavailable
+from mesh.errors import (
+    FailedPrecondition,
+    MeshError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 
 __all__ = ["Governance"]
 
@@ -43,6 +50,8 @@ class Governance:
         mesh: the running mesh, through its narrow handle.
         policy_changed: called when a revision was applied or refused (to acknowledge it).
         replace_certificate: switches the mesh to a renewed certificate.
+        own_revoked: called once when this instance's own certificate is revoked (the mesh
+            drains; it must not wait for governance's tasks, which the drain cancels).
     """
 
     def __init__(
@@ -51,8 +60,10 @@ class Governance:
         *,
         policy_changed: Callable[[], None],
         replace_certificate: Callable[[Certificate], Awaitable[None]],
+        own_revoked: Callable[[], None] | None = None,
     ) -> None:
         self._mesh = mesh
+        self._own_revoked = own_revoked
         self._policy_changed = policy_changed
         self._replace_certificate = replace_certificate
         self.engine = PolicyEngine(None)
@@ -67,6 +78,7 @@ class Governance:
         self._policy_ready = asyncio.Event()
         self._policy_seen = asyncio.Event()
         self._revocations_ready = asyncio.Event()
+        self._policy_unauthenticated = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -75,6 +87,8 @@ class Governance:
 
         Raises:
             Unavailable: they could not be read within ``timeout``.
+            FailedPrecondition: the mesh's current policy is not signed by this agent's trust
+                root (a wrong ``--root``); a mesh with no policy yet starts.
         """
         self._store = store
         self.restart_watches()
@@ -85,6 +99,12 @@ class Governance:
             )
         except TimeoutError:
             raise Unavailable("policy and revocations did not load in time") from None
+        if self.revision is None and self._policy_unauthenticated:
+            await self.close()
+            raise FailedPrecondition(
+                f"this agent's trust root {self._mesh.trust_root.key_id} is not the mesh's: "
+                "the current policy is not signed by it; check --root / MESH_TRUST_ROOT"
+            )
         self._tasks["renew"] = asyncio.create_task(self._renew_loop(), name="mesh-renew")
 
     def restart_watches(self) -> None:
@@ -137,6 +157,7 @@ class Governance:
             policy = parse_canonical(rev.policy_json, source=rev.source)
         except Exception as exc:
             # NACK: keep serving on the last good policy and say why in the directory.
+            self._policy_unauthenticated = isinstance(exc, Unauthenticated)
             self.error = exc.message if isinstance(exc, MeshError) else type(exc).__name__
             log.error("mesh.policy_refused", error=self.error)
         else:
@@ -171,6 +192,8 @@ class Governance:
             self._mesh.verifier.revoked.add(serial)
             if serial == self._mesh.identity.certificate.serial:
                 log.error("mesh.own_certificate_revoked", serial=serial)
+                if self._own_revoked is not None:
+                    self._own_revoked()
 
     def outgoing(self, agent: str, endpoint: str) -> Route:
         """The route of a call this instance makes; the caller's own check fails fast.

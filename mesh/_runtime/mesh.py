@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -37,7 +38,7 @@ from mesh._runtime.agent import Agent, EventSpec
 from mesh._runtime.client import ClientPipeline
 from mesh._runtime.concurrency import cancel_and_wait
 from mesh._runtime.control import ControlStore
-from mesh._runtime.directory import Directory
+from mesh._runtime.directory import Directory, DirectoryBucket
 from mesh._runtime.events import EventPublisher, EventReceiver
 from mesh._runtime.governance import Governance
 from mesh._runtime.ports import EndpointStats, MeshStats, NoObserver, Observer
@@ -96,7 +97,10 @@ class MeshRuntime:
         )
         self.verifier = CertificateVerifier(identity.root_public_key)
         self.governance = Governance(
-            self, policy_changed=self.policy_changed, replace_certificate=self.replace_certificate
+            self,
+            policy_changed=self.policy_changed,
+            replace_certificate=self.replace_certificate,
+            own_revoked=self._own_certificate_revoked,
         )
         self.signals = EdgeStats(identity.agent, identity.instance)
         self.stats = MeshStats()
@@ -150,6 +154,8 @@ class MeshRuntime:
         self._directory: Directory | None = None
         self._kv: KeyValueBucket | None = None
         self._state = "new"
+        self._closed = asyncio.Event()
+        self._revoked_drain: asyncio.Task[None] | None = None
         self.bucket = directory_bucket(config.prefix)
 
     # --- what others read --------------------------------------------------------------------
@@ -194,7 +200,9 @@ class MeshRuntime:
 
         Raises:
             Unavailable: NATS or JetStream could not be reached.
-            FailedPrecondition: the mesh was already started or closed.
+            FailedPrecondition: the mesh was already started or closed; this agent's trust
+                root is not the mesh's (the current policy does not verify with it); or this
+                agent's certificate is revoked.
         """
         if self._state != "new":
             raise FailedPrecondition(f"mesh cannot start from state {self._state!r}")
@@ -207,21 +215,27 @@ class MeshRuntime:
         )
         ttl = self.config.directory.ttl
         deadline = time.monotonic() + timeouts.connect
-        kv = self._kv = await _retry_unavailable(
-            lambda: self.transport.key_value(
-                self.bucket, ttl=max(3 * ttl, 10.0), replicas=self.config.directory.replicas
-            ),
-            deadline,
-        )
+        bucket = DirectoryBucket(
+            self.transport, self.bucket, ttl=max(3 * ttl, 10.0),
+            replicas=self.config.directory.replicas,
+        )  # fmt: skip
+        kv = self._kv = await _retry_unavailable(bucket.open, deadline)
         self._directory = Directory(
-            kv.watch, self.verifier, ttl=ttl, on_dead=self._inbox.fail_instance
+            bucket.watch, self.verifier, ttl=ttl, on_dead=self._inbox.fail_instance, bucket=bucket
         )
         await self._directory.start(timeouts.connect)
         self.client.directory = self._directory
-        await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
+        try:
+            await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
+            serial = self.identity.certificate.serial
+            if self.agent is not None and serial in self.verifier.revoked:
+                raise FailedPrecondition(f"this instance's certificate {serial} is revoked")
+        except FailedPrecondition:
+            await self._abort_start()
+            raise
         if self.agent is not None:
             assert self._registration is not None
-            self._registration.kv = kv
+            self._registration.kv, self._registration.bucket = kv, bucket
             await self._subscribe(self.agent)
             if self.config.services:
                 await serve_services(self)
@@ -240,6 +254,24 @@ class MeshRuntime:
         await self.transport.flush(timeouts.connect)
         self.started_at = time.time()
         self._state = "ready"
+
+    async def _abort_start(self) -> None:
+        await self.governance.close()
+        if self._directory is not None:
+            await self._directory.close()
+        with contextlib.suppress(Exception):
+            await self.transport.close()
+        self._state = "closed"
+        self._closed.set()
+
+    def _own_certificate_revoked(self) -> None:
+        """An agent whose own certificate is revoked stops serving: it drains (announces
+        ``draining``, stops taking requests, withdraws its record). The drain runs in a task of
+        its own: it cancels the revocation watch that calls this."""
+        if self.agent is None or self._state != "ready" or self._revoked_drain is not None:
+            return
+        log.warning("mesh.draining_revoked", agent=self.name, instance=self.instance)
+        self._revoked_drain = asyncio.create_task(self.drain(), name="mesh-revoked-drain")
 
     async def _subscribe(self, agent: Agent) -> None:
         assert self.server is not None
@@ -269,6 +301,9 @@ class MeshRuntime:
         """Stop gracefully: deregister, stop listening, let in-flight work finish (bounded),
         then close. Safe to call twice."""
         if self._state in ("closed", "draining"):
+            revoked = self._revoked_drain
+            if revoked is not None and asyncio.current_task() is not revoked:
+                await asyncio.shield(revoked)  # the drain a revocation started: let it finish
             return
         registration = self._registration if self._state == "ready" else None
         self._state = "draining"
@@ -311,6 +346,12 @@ class MeshRuntime:
             await self._directory.close()
         await self.transport.close()
         self._state = "closed"
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the mesh has closed: after ``drain``, including the drain an agent starts
+        by itself when its own certificate is revoked."""
+        await self._closed.wait()
 
     def _require_ready(self) -> None:
         # While draining, in-flight handlers may still make nested calls.
@@ -378,6 +419,47 @@ class MeshRuntime:
                 f"{exc.error_count()} validation error(s)"
             ) from None
 
+    async def request_json(
+        self,
+        agent: str,
+        endpoint: str,
+        body: bytes | str | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Call ``endpoint`` of ``agent`` with a JSON body and return the reply parsed as JSON
+        (for tools and shells that have no models: ``mesh-policy call``).
+
+        Args:
+            agent: callee agent name.
+            endpoint: endpoint name.
+            body: the JSON text (``bytes`` or ``str``, checked to be JSON before anything is
+                sent) or a mapping to serialize.
+            timeout: seconds from now (default: the policy's, else ``Timeouts.request``).
+            idempotency_key: as for ``request``.
+
+        Raises:
+            InvalidArgument: ``body`` is not JSON (nothing is sent), or the reply is not JSON.
+            MeshError: the subclass matching the failure, as for ``request``.
+        """
+        payload = _json_body(body)
+        self._require_ready()
+        reply = await self.client.call(
+            agent,
+            endpoint,
+            payload,
+            timeout=timeout,
+            deadline=None,
+            idempotency_key=idempotency_key,
+            traceparent=None,
+            tracestate=None,
+        )
+        try:
+            return json.loads(reply)
+        except ValueError:
+            raise InvalidArgument(f"reply of {agent}.{endpoint} is not JSON") from None
+
     async def publish(
         self,
         topic: str,
@@ -435,6 +517,25 @@ class MeshRuntime:
                     await self.publish(SIGNALS_TOPIC, report)
             except Exception as exc:  # reporting must never stop
                 log.warning("mesh.signals_report_failed", error_type=type(exc).__name__)
+
+
+def _json_body(body: bytes | str | Mapping[str, Any]) -> bytes:
+    """``body`` as JSON bytes: text is checked to be one JSON value, a mapping serialized.
+
+    Raises:
+        InvalidArgument: it is not valid JSON (or a mapping that JSON cannot represent).
+    """
+    if isinstance(body, Mapping):
+        try:
+            return json.dumps(body, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"body is not JSON-serializable: {exc}") from None
+    raw = body.encode() if isinstance(body, str) else bytes(body)
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"body is not valid JSON: {exc}") from None
+    return raw
 
 
 async def _retry_unavailable(op: Callable[[], Awaitable[T]], deadline: float) -> T:

@@ -15,6 +15,7 @@ from mesh._core.identity import Identity
 from mesh._core.records import STATE_SERVING, EndpointInfo, encode_record
 from mesh._log import get_logger
 from mesh._runtime.agent import Agent
+from mesh._runtime.directory import DirectoryBucket
 from mesh._runtime.governance import Governance
 from mesh._transport.base import KeyValueBucket
 from mesh.errors import MeshError
@@ -46,6 +47,8 @@ class Registration:
         self._governance = governance
         self._heartbeat = heartbeat
         self.kv: KeyValueBucket | None = None
+        # Set with ``kv``: a failed write re-creates the bucket if someone deleted it.
+        self.bucket: DirectoryBucket | None = None
         identity_now = identity()
         self.key = f"{identity_now.agent}.{identity_now.instance}"
 
@@ -72,7 +75,29 @@ class Registration:
             Unavailable: JetStream could not be reached.
         """
         assert self.kv is not None
-        await self.kv.put(self.key, self.record(state))
+        try:
+            await self.kv.put(self.key, self.record(state))
+        except MeshError:
+            if self.bucket is None:
+                raise
+            try:
+                recovered = await self._recover()
+            except MeshError:
+                recovered = False  # JetStream unreachable: report the write's own error
+            if not recovered:
+                raise
+            await self.kv.put(self.key, self.record(state))
+
+    async def _recover(self) -> bool:
+        """After a failed write: re-create the bucket if it is gone, or open the one another
+        process re-created; return whether ``kv`` changed."""
+        assert self.bucket is not None
+        await self.bucket.recover()
+        kv = await self.bucket.open()
+        if kv is self.kv:
+            return False
+        self.kv = kv
+        return True
 
     async def register_quietly(self) -> None:
         """Write the record; a failure is logged, and the next heartbeat tries again."""

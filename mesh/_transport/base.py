@@ -117,6 +117,20 @@ class Transport(Protocol):
         self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
     ) -> KeyValueBucket: ...
 
+    def forget_bucket(self, bucket: str) -> None:
+        """Drop a cached bucket object: the next ``key_value(bucket)`` opens (or re-creates)
+        the bucket afresh, e.g. after someone deleted it."""
+        ...
+
+    async def bucket_id(self, bucket: str) -> str | None:
+        """What tells this incarnation of the key-value bucket from a re-created one (its
+        creation time), or ``None`` if the bucket does not exist now.
+
+        Raises:
+            Unavailable: JetStream could not be asked.
+        """
+        ...
+
     async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream: ...
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None: ...

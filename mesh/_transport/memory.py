@@ -253,6 +253,13 @@ class MemoryTransport:
     ) -> _MemKV:
         return self.broker.kvs.setdefault(bucket, _MemKV(history))
 
+    def forget_bucket(self, bucket: str) -> None:
+        return None  # nothing cached: ``key_value`` looks the broker up every time
+
+    async def bucket_id(self, bucket: str) -> str | None:
+        kv = self.broker.kvs.get(bucket)
+        return None if kv is None else str(id(kv))
+
     async def stream(self, name: str, subject: str, *, replicas: int = 1) -> _MemStream:
         return self.broker.streams.setdefault(name, _MemStream())
 

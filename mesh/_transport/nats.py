@@ -426,6 +426,18 @@ class NatsTransport:
         kv = self._kvs[bucket] = _NatsKV(raw)
         return kv
 
+    def forget_bucket(self, bucket: str) -> None:
+        self._kvs.pop(bucket, None)
+
+    async def bucket_id(self, bucket: str) -> str | None:
+        js = self.nc.jetstream(timeout=5.0)
+        with map_nats_errors(f"looking up the JetStream key-value bucket {bucket!r}"):
+            try:
+                info = await js.stream_info(f"KV_{bucket}")
+            except nats.js.errors.NotFoundError:
+                return None
+        return str(info.created)
+
     async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream:
         js = self.nc.jetstream(timeout=5.0)
         with map_nats_errors(

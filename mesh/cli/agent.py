@@ -44,7 +44,7 @@ from mesh._log import get_logger
 from mesh._observability.metrics import serve_prometheus
 from mesh._observability.tracing import install_tracing
 from mesh._runtime.agent import Agent
-from mesh.errors import InvalidArgument
+from mesh.errors import FailedPrecondition, InvalidArgument
 
 from ._common import add_version, configure_logging, env_default, parse_duration, run_command
 
@@ -73,7 +73,11 @@ def load_agent(spec: str) -> Agent:
 
 
 async def serve(agent: Agent, mesh: Mesh) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (deregister, finish in-flight work, close)."""
+    """Serve until SIGTERM or SIGINT, then drain (deregister, finish in-flight work, close).
+
+    Raises:
+        FailedPrecondition: the agent drained by itself (its certificate was revoked).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -87,9 +91,16 @@ async def serve(agent: Agent, mesh: Mesh) -> None:
         endpoints=sorted(agent.endpoints),
         servers=list(mesh.config.servers),
     )
+    stopping = asyncio.ensure_future(stop.wait())
+    closed = asyncio.ensure_future(mesh.wait_closed())
     try:
-        await stop.wait()
+        await asyncio.wait((stopping, closed), return_when=asyncio.FIRST_COMPLETED)
+        if closed.done() and not stopping.done():
+            # It drained by itself: its certificate was revoked.
+            raise FailedPrecondition(f"agent {agent.name} stopped: its certificate was revoked")
     finally:
+        for waiter in (stopping, closed):
+            waiter.cancel()
         log.info("agent.draining", agent=agent.name, instance=mesh.instance)
         await mesh.drain()
         log.info("agent.stopped", agent=agent.name, instance=mesh.instance)

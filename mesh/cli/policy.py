@@ -2,7 +2,7 @@
 
 Offline: ``init``, ``identity issue``, ``validate``, ``explain --file``. Online (as an identity
 with the admin role, talking to the registry agent or reading the control plane's buckets):
-``apply``, ``diff``, ``get``, ``history``, ``rollback``, ``explain``, ``agents``,
+``apply``, ``diff``, ``get``, ``history``, ``rollback``, ``explain``, ``agents``, ``call``,
 ``identity token|list|revoke``, ``audit tail|verify``.
 
 Connection settings come from options or ``MESH_SERVERS``, ``MESH_IDENTITY`` (default
@@ -13,6 +13,7 @@ modules; ``top`` and ``graph`` in ``observe``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -236,9 +237,11 @@ def _expiry_note(cert: Certificate, now: float | None = None) -> str:
 
 
 async def cmd_agents(args: argparse.Namespace) -> int:
-    """Every live instance: version, certificate expiry, policy revision, staleness."""
+    """Every live instance: version, certificate expiry, policy revision, staleness; an
+    instance whose certificate is revoked shows as revoked (it is draining)."""
     async with admin_mesh(args) as mesh:
         current = await mesh.control.current_policy()
+        revoked = {r.serial for r in await mesh.control.revocations()}
         records = sorted(mesh.directory.all(), key=lambda r: (r.agent, r.instance))
     latest = current[0].revision if current else None
     table = Table(
@@ -246,7 +249,9 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     )
     for rec in records:
         cert = rec.certificate
-        if rec.policy_error:
+        if cert.serial in revoked:
+            status = "[red]revoked[/]"
+        elif rec.policy_error:
             status = f"[red]refused: {rec.policy_error}[/]"
         elif latest is not None and rec.policy_revision != latest:
             status = f"[yellow]stale (current is {latest})[/]"
@@ -257,12 +262,38 @@ async def cmd_agents(args: argparse.Namespace) -> int:
             rec.agent,
             rec.instance,
             rec.version,
-            rec.state,
+            "revoked" if cert.serial in revoked else rec.state,
             when(cert.not_after) + (f" [yellow]({note})[/]" if note else ""),
             str(rec.policy_revision) if rec.policy_revision is not None else "-",
             status,
         )
     out.print(table)
+    return 0
+
+
+def _call_body(text: str) -> str:
+    """The body of ``call``, checked to be JSON before connecting."""
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+    return text
+
+
+async def cmd_call(args: argparse.Namespace) -> int:
+    """Call an endpoint with a JSON body and print the JSON reply (exit 2 on an error)."""
+    body = _call_body(args.body)
+    timeout = parse_duration(args.timeout) if args.timeout else None
+    async with admin_mesh(args) as mesh:
+        await mesh.wait_for(args.agent, timeout=5)
+        reply = await mesh.request_json(
+            args.agent,
+            args.endpoint,
+            body,
+            timeout=timeout,
+            idempotency_key=args.idempotency_key,
+        )
+    print(json.dumps(reply, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -349,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--roles", help="caller roles (default: from a live instance's certificate)")
     ex.add_argument("--file", help="decide with this policy file instead of the current one")
     cmd("agents", online(cmd_agents), "list live instances and the policy revision each runs", True)
+    c = cmd("call", online(cmd_call), "call an endpoint with a JSON body, print the reply", True)
+    c.add_argument("agent")
+    c.add_argument("endpoint")
+    c.add_argument("body", nargs="?", default="{}", help="the JSON body (default {})")
+    c.add_argument("--timeout", help="e.g. 5s (default: the policy's, else the mesh's)")
+    c.add_argument("--idempotency-key", help="the callee runs the call at most once per key")
     observe.add_arguments(
         cmd("top", online(cmd_top), "golden signals per agent and endpoint (last minute)", True),
         cmd(

@@ -34,6 +34,7 @@ from mesh.control_plane import (
     TrustRoot,
     canonical_policy_bytes,
     load_trust_root,
+    save_trust_root,
 )
 from mesh.testing import NatsServer, test_config, wait_until
 from mesh_agents import registry as reg
@@ -54,6 +55,7 @@ TOP_COMMANDS = [
     "rollback",
     "explain",
     "agents",
+    "call",
     "top",
     "graph",
     "identity",
@@ -844,3 +846,181 @@ async def test_command_without_the_admin_role_is_refused(world: World, tmp_path:
     assert result.stderr.startswith("PermissionDenied: bob lacks the admin role"), result.stderr
     assert "applied" not in result.stdout
     assert await world.current_revision() is None
+
+
+# --- operator experience: revoked agents, a foreign trust root, `call` -----------------------
+
+
+async def test_a_revoked_agent_drains_and_is_never_listed_serving(world: World) -> None:
+    """After `identity revoke`, the serving agent drains by itself: calls to it find no
+    instance, its directory record is gone, and `agents` never lists it as serving."""
+    await world.apply(OPEN)
+    token = await world.token("librarian", [])
+    ident = await mesh.enrol(
+        world.cfg, agent="librarian", token=token, root_public_key=world.root.public_key
+    )
+    librarian = await world.stack.enter_async_context(
+        mesh.Mesh(ident, world.cfg, agent=research.librarian)
+    )
+    await world.ops.wait_for("librarian")
+    await world.ops.request("librarian", "lookup", research.Query(topic="nats"), research.Facts)
+    before = await run("mesh-policy", "agents", env=world.env())
+    assert [r["state"] for r in table(before.stdout) if r["agent"] == "librarian"] == ["serving"]
+
+    revoked = await run("mesh-policy", "identity", "revoke", "librarian", env=world.env())
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"revoked {ident.certificate.serial}" in revoked.stdout
+    started = time.monotonic()
+    during = await run("mesh-policy", "agents", env=world.env())
+    assert during.returncode == 0, during.stderr
+    await asyncio.wait_for(librarian.wait_closed(), 5)
+    assert time.monotonic() - started < 5
+    with pytest.raises(mesh.Unavailable, match="no live instance"):
+        await world.ops.request(
+            "librarian", "lookup", research.Query(topic="nats"), research.Facts, timeout=1
+        )
+    nc = await nats.connect(world.url)
+    try:
+        kv = await nc.jetstream().key_value("mesh-directory")
+        keys = await kv.keys()  # the registry's record is there
+    finally:
+        await nc.close()
+    assert not [k for k in keys if k.startswith("librarian.")], keys
+    after = await run("mesh-policy", "agents", env=world.env())
+    assert after.returncode == 0, after.stderr
+    for listing in (during, after):
+        rows = [r for r in table(listing.stdout) if r["agent"] == "librarian"]
+        assert all((r["state"], r["status"]) == ("revoked", "revoked") for r in rows), rows
+    assert [r["agent"] for r in table(after.stdout)] == ["registry"]
+    again = mesh.Mesh(ident, world.cfg, agent=research.librarian)
+    with pytest.raises(mesh.FailedPrecondition, match=f"{ident.certificate.serial} is revoked"):
+        await again.start()
+
+
+async def test_mesh_agent_run_exits_when_its_certificate_is_revoked(
+    world: World, tmp_path: Path
+) -> None:
+    """A `mesh-agent run` process whose certificate is revoked drains and exits 2."""
+    token = await world.token("librarian", [])
+    log = (tmp_path / "librarian.log").open("w+b")
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "mesh-agent"),
+        "run",
+        "examples.research:librarian",
+        "--token",
+        token,
+        "--identity",
+        str(tmp_path / "librarian"),
+        "--root",
+        str(world.keys / "root.pub"),
+        cwd=REPO,
+        env=base_env(servers=world.url),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        await world.ops.wait_for("librarian", timeout=20)
+        revoked = await run("mesh-policy", "identity", "revoke", "librarian", env=world.env())
+        assert revoked.returncode == 0, revoked.stderr
+        assert await asyncio.wait_for(proc.wait(), 10) == 2
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        log.seek(0)
+        stderr = log.read().decode()
+        log.close()
+    assert "FailedPrecondition: agent librarian stopped: its certificate was revoked" in stderr
+    assert "Traceback" not in stderr
+    assert not [r for r in world.ops.directory.all() if r.agent == "librarian"]
+
+
+async def test_an_agent_with_another_meshs_root_refuses_to_start(
+    world: World, tmp_path: Path
+) -> None:
+    """`mesh-agent run` with another mesh's root.pub exits non-zero within seconds, saying
+    the trust root is not the mesh's, without a traceback."""
+    await world.apply(RESEARCH)
+    foreign = TrustRoot.generate()
+    save_trust_root(foreign, tmp_path / "foreign")
+    mesh.save_identity(foreign.issue_identity("librarian"), tmp_path / "librarian")
+    started = time.monotonic()
+    result = await run(
+        "mesh-agent",
+        "run",
+        "examples.research:librarian",
+        "--identity",
+        tmp_path / "librarian",
+        "--root",
+        tmp_path / "foreign" / "root.pub",
+        env=base_env(servers=world.url),
+        timeout=20,
+    )
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"FailedPrecondition: this agent's trust root {foreign.key_id} is not the mesh's"
+        in result.stderr
+    ), result.stderr
+    assert "check --root / MESH_TRUST_ROOT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not [r for r in world.ops.directory.all() if r.agent == "librarian"]
+
+
+async def test_call_prints_the_json_reply(world: World) -> None:
+    """`call AGENT ENDPOINT JSON` as the admin prints the endpoint's reply as JSON."""
+    await world.apply(OPEN)
+    await start_research_team(world)
+    result = await run(
+        "mesh-policy",
+        "call",
+        "librarian",
+        "lookup",
+        '{"topic": "nats"}',
+        "--timeout",
+        "5s",
+        "--idempotency-key",
+        "k-1",
+        env=world.env(),
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["ids"] == ["doc-17", "doc-42"]
+    assert len(reply["facts"]) == 2
+
+
+async def test_call_denied_by_policy_names_the_rule_and_exits_2(world: World) -> None:
+    """A call the policy denies prints `PermissionDenied: ...` with the rule and exits 2."""
+    await world.apply(RESEARCH)
+    await start_research_team(world)
+    by_default, by_rule = await asyncio.gather(
+        run("mesh-policy", "call", "librarian", "lookup", '{"topic": "nats"}', env=world.env()),
+        run("mesh-policy", "call", "librarian", "delete-all", "{}", env=world.env()),
+    )
+    for result in (by_default, by_rule):
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stdout == ""
+        assert "Traceback" not in result.stderr
+    assert by_default.stderr.strip() == (
+        "PermissionDenied: admin may not call librarian.lookup: DENY by default deny "
+        "(policies/research.yaml, revision 1)"
+    )
+    assert by_rule.stderr.startswith(
+        'PermissionDenied: admin may not call librarian.delete-all: DENY by rule "nobody-deletes"'
+    ), by_rule.stderr
+
+
+async def test_call_with_malformed_json_is_refused_before_connecting(tmp_path: Path) -> None:
+    """Malformed JSON is refused at once, with no server to talk to."""
+    started = time.monotonic()
+    result = await run(
+        "mesh-policy",
+        "call",
+        "librarian",
+        "lookup",
+        "{topic: nats",
+        env=base_env(servers="nats://127.0.0.1:1", identity=world_less_admin(tmp_path)),
+    )
+    assert time.monotonic() - started < 5
+    assert result.returncode == 2
+    assert result.stderr.startswith("InvalidArgument: the body is not valid JSON"), result.stderr

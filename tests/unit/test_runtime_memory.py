@@ -128,6 +128,27 @@ class TestRequestReply:
         with pytest.raises(mesh.FailedPrecondition, match="not ready"):
             await m.request("bob", "echo", Question(text="hi"), Answer)
 
+    async def test_request_json_takes_text_bytes_or_a_mapping(
+        self, trust: Trust, broker: Any
+    ) -> None:
+        """``request_json`` sends a JSON body and returns the reply parsed as JSON."""
+        async with _pair(trust, broker) as (_server, client):
+            replies = [
+                await client.request_json("bob", "echo", body)
+                for body in ('{"text": "hi"}', b'{"text": "hi"}', {"text": "hi"})
+            ]
+
+        assert replies == [{"text": "HI", "caller": "alice"}] * 3
+
+    async def test_request_json_refuses_malformed_json_before_sending(
+        self, trust: Trust, broker: Any
+    ) -> None:
+        """Malformed JSON is InvalidArgument before readiness is even checked."""
+        m = Mesh(trust.identity("alice"), _config(), transport=MemoryTransport(broker))
+
+        with pytest.raises(mesh.InvalidArgument, match="not valid JSON"):
+            await m.request_json("bob", "echo", "{text: hi")
+
     async def test_request_after_close(self, trust: Trust, broker: Any) -> None:
         """A request on a closed mesh is FailedPrecondition."""
         async with _mesh(trust, broker, "alice") as client:
