@@ -46,7 +46,7 @@ from mesh._runtime.registration import Registration
 from mesh._runtime.replies import Inbox
 from mesh._runtime.server import ServerPipeline
 from mesh._runtime.services import serve_services
-from mesh._transport.base import InboundMessage, KeyValueBucket, Subscription, Transport
+from mesh._transport.base import InboundMessage, Subscription, Transport
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, Unavailable
 
 __all__ = ["MeshRuntime"]
@@ -152,7 +152,6 @@ class MeshRuntime:
         self._heartbeat: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._directory: Directory | None = None
-        self._kv: KeyValueBucket | None = None
         self._state = "new"
         self._closed = asyncio.Event()
         self._revoked_drain: asyncio.Task[None] | None = None
@@ -219,7 +218,7 @@ class MeshRuntime:
             self.transport, self.bucket, ttl=max(3 * ttl, 10.0),
             replicas=self.config.directory.replicas,
         )  # fmt: skip
-        kv = self._kv = await _retry_unavailable(bucket.open, deadline)
+        await _retry_unavailable(bucket.open, deadline)
         self._directory = Directory(
             bucket.watch, self.verifier, ttl=ttl, on_dead=self._inbox.fail_instance, bucket=bucket
         )
@@ -235,7 +234,7 @@ class MeshRuntime:
             raise
         if self.agent is not None:
             assert self._registration is not None
-            self._registration.kv, self._registration.bucket = kv, bucket
+            self._registration.bucket = bucket
             await self._subscribe(self.agent)
             if self.config.services:
                 await serve_services(self)

@@ -8,6 +8,7 @@ runs (its ACK) or the error that made it refuse one (its NACK).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -17,7 +18,6 @@ from mesh._log import get_logger
 from mesh._runtime.agent import Agent
 from mesh._runtime.directory import DirectoryBucket
 from mesh._runtime.governance import Governance
-from mesh._transport.base import KeyValueBucket
 from mesh.errors import MeshError
 
 __all__ = ["Registration"]
@@ -46,8 +46,7 @@ class Registration:
         self._identity = identity
         self._governance = governance
         self._heartbeat = heartbeat
-        self.kv: KeyValueBucket | None = None
-        # Set with ``kv``: a failed write re-creates the bucket if someone deleted it.
+        # Set at start: a failed write re-creates the bucket if someone deleted it.
         self.bucket: DirectoryBucket | None = None
         identity_now = identity()
         self.key = f"{identity_now.agent}.{identity_now.instance}"
@@ -74,30 +73,17 @@ class Registration:
         Raises:
             Unavailable: JetStream could not be reached.
         """
-        assert self.kv is not None
-        try:
-            await self.kv.put(self.key, self.record(state))
-        except MeshError:
-            if self.bucket is None:
-                raise
-            try:
-                recovered = await self._recover()
-            except MeshError:
-                recovered = False  # JetStream unreachable: report the write's own error
-            if not recovered:
-                raise
-            await self.kv.put(self.key, self.record(state))
-
-    async def _recover(self) -> bool:
-        """After a failed write: re-create the bucket if it is gone, or open the one another
-        process re-created; return whether ``kv`` changed."""
         assert self.bucket is not None
-        await self.bucket.recover()
+        generation = self.bucket.generation
         kv = await self.bucket.open()
-        if kv is self.kv:
-            return False
-        self.kv = kv
-        return True
+        try:
+            await kv.put(self.key, self.record(state))
+        except MeshError:
+            with contextlib.suppress(MeshError):  # unreachable: report the write's own error
+                await self.bucket.recover()
+            if self.bucket.generation == generation:
+                raise  # the bucket was not replaced: the write itself failed
+            await (await self.bucket.open()).put(self.key, self.record(state))
 
     async def register_quietly(self) -> None:
         """Write the record; a failure is logged, and the next heartbeat tries again."""
@@ -114,5 +100,5 @@ class Registration:
 
     async def withdraw(self) -> None:
         """Delete the record (the last step of a drain)."""
-        assert self.kv is not None
-        await self.kv.delete(self.key)
+        assert self.bucket is not None
+        await (await self.bucket.open()).delete(self.key)
