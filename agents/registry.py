@@ -25,12 +25,12 @@ from weakref import WeakKeyDictionary
 from mesh import (
     Agent,
     Context,
-    DecodeError,
     FailedPrecondition,
     MeshError,
     MeshHandle,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     parse_policy,
 )
@@ -48,6 +48,7 @@ from mesh.control_plane import (
     EdgeReport,
     Empty,
     EnrolmentRequest,
+    HeadKeeper,
     HistoryReply,
     IdentityInfo,
     IdentityList,
@@ -60,6 +61,7 @@ from mesh.control_plane import (
     RevokeReply,
     RevokeRequest,
     RollbackRequest,
+    SavedState,
     SignalsReply,
     SignalsRequest,
     SignalTable,
@@ -111,15 +113,20 @@ async def _audit(mesh: MeshHandle, kind: str, actor: str, subject: str, **detail
 async def _install(
     ctx: Context, policy_json: bytes, source: str, rollback_of: int | None = None
 ) -> ApplyReply:
-    """Sign and store ``policy_json`` as the next revision (compare-and-set)."""
+    """Sign and store ``policy_json`` as the next revision (compare-and-set), then a head
+    naming it. The revision number comes from everything this mesh signed that is known here
+    (head, saved state, history), so it is never reused; ``current`` holding garbage or an
+    older revision does not stop an apply."""
     mesh = ctx.mesh
     _require_root(mesh)
+    keeper = _keeper(mesh)
     new = parse_canonical(policy_json, source=source)
-    current = await mesh.control.current_policy()
-    old = parse_canonical(current[0].policy_json, source=current[0].source) if current else None
-    if current is not None and current[0].policy_json == policy_json and rollback_of is None:
-        return ApplyReply(revision=current[0].revision, changes=[], unchanged=True)
-    revision = current[0].revision + 1 if current else 1
+    stored, expect = await mesh.control.policy_entry()
+    running = keeper.policy  # the revision the newest head names
+    old = parse_canonical(running.policy_json, source=running.source) if running else None
+    if running is not None and running.policy_json == policy_json and rollback_of is None:
+        return ApplyReply(revision=running.revision, changes=[], unchanged=True)
+    revision = keeper.next_revision(stored)
     rev = PolicyRevision(
         revision=revision,
         policy_json=policy_json,
@@ -129,11 +136,12 @@ async def _install(
         rollback_of=rollback_of,
     )
     try:
-        await mesh.control.write_policy(rev, current[1] if current else None)
+        raw = await mesh.control.write_policy(rev, expect)
     except FailedPrecondition:
         raise FailedPrecondition(
             "another revision was applied at the same time; look at `mesh-policy get` and retry"
         ) from None
+    await keeper.policy_applied(rev, raw)
     changes = diff_policies(old, new)
     await _audit(
         mesh,
@@ -160,10 +168,10 @@ async def apply(req: ApplyRequest, ctx: Context) -> ApplyReply:
 async def get(_: Empty, ctx: Context) -> RevisionInfo:
     """The current revision."""
     _require_admin(ctx)
-    current = await ctx.mesh.control.current_policy()
+    current = _keeper(ctx.mesh).policy  # what the head names, whatever `current` holds
     if current is None:
         raise NotFound("no policy has been applied yet")
-    return RevisionInfo.of(current[0])
+    return RevisionInfo.of(current)
 
 
 @registry.endpoint(name="history", idempotent=True)
@@ -215,6 +223,9 @@ async def identities(_: Empty, ctx: Context) -> IdentityList:
     """Every certificate the registry issued, with its revocation state."""
     _require_admin(ctx)
     revoked = {r.serial for r in await ctx.mesh.control.revocations()}
+    head = _keeper(ctx.mesh).head
+    if head is not None:
+        revoked |= head.revoked_serials  # also those whose records someone deleted
     return IdentityList(
         root_key_id=ctx.mesh.trust_root.key_id,
         root_not_after=ctx.mesh.trust_root.not_after,
@@ -254,27 +265,106 @@ async def revoke(req: RevokeRequest, ctx: Context) -> RevokeReply:
     if not certs:
         raise NotFound(f"no current certificate with serial or agent {req.target!r}")
     for c in certs:
-        await ctx.mesh.control.revoke(
-            Revocation(
-                serial=c.serial,
-                agent=c.agent,
-                revoked_at=now,
-                revoked_by=_actor(ctx),
-                not_after=c.not_after,
-            )
+        revocation = Revocation(
+            serial=c.serial,
+            agent=c.agent,
+            revoked_at=now,
+            revoked_by=_actor(ctx),
+            not_after=c.not_after,
         )
+        raw = await ctx.mesh.control.revoke(revocation)
+        await _keeper(ctx.mesh).revoked(revocation, raw)
         await _audit(ctx.mesh, "identity.revoked", _actor(ctx), c.agent, serial=c.serial)
     return RevokeReply(revoked=[c.serial for c in certs])
 
 
+# Renewals per identity (agent, instance): an agent renews at half its certificate's life
+# (12 h for the default 24 h), so three at once and then one a minute leaves room for retries
+# and restarts while a certified insider cannot flood the certificate store and audit log.
+RENEW_BURST = 3
+RENEW_INTERVAL_S = 60.0
+MAX_RENEW_BUCKETS = 10_000
+
+
+class RenewalLimiter:
+    """Token buckets per identity for ``renew``: ``burst`` tokens, one more every ``interval``
+    seconds. At most ``max_buckets`` are kept (the least recently used is dropped first, and
+    comes back full).
+
+    Args:
+        burst: renewals allowed at once.
+        interval: seconds per renewal after that.
+        max_buckets: the most identities tracked.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        burst: int = RENEW_BURST,
+        interval: float = RENEW_INTERVAL_S,
+        max_buckets: int = MAX_RENEW_BUCKETS,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.burst, self.interval, self.max_buckets = burst, interval, max_buckets
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # tokens, when
+
+    def take(self, key: tuple[str, str]) -> float | None:
+        """Take a renewal for ``key``: ``None`` when allowed, else the seconds to wait."""
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - last) / self.interval)
+        wait = None if tokens >= 1.0 else (1.0 - tokens) * self.interval
+        self._buckets[key] = (tokens - 1.0 if wait is None else tokens, now)  # most recent last
+        while len(self._buckets) > self.max_buckets:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
+
+
+_renewals: WeakKeyDictionary[MeshHandle, RenewalLimiter] = WeakKeyDictionary()
+
+
+def _renewal_limiter(mesh: MeshHandle) -> RenewalLimiter:
+    limiter = _renewals.get(mesh)
+    if limiter is None:
+        limiter = _renewals[mesh] = RenewalLimiter()
+    return limiter
+
+
+async def _redeliver(mesh: MeshHandle, raw: bytes, grant: JoinToken) -> None:
+    """Make sure a certificate delivered again is in the certificate store: an idempotent put
+    (the first delivery may have failed between redeeming the token and recording it)."""
+    cert = mesh.verifier.verify(raw)
+    await mesh.control.record_certificate(
+        IssuedCertificate(
+            serial=cert.serial,
+            agent=cert.agent,
+            instance=cert.instance,
+            roles=list(cert.roles),
+            not_after=cert.not_after,
+            issued_at=grant.used_at or time.time(),
+            via="token",
+            certificate=raw,
+        )
+    )
+
+
 @registry.endpoint(name="renew")
 async def renew(_: RenewRequest, ctx: Context) -> CertificateReply:
-    """A fresh certificate for the caller's own keys, instance and roles (any agent)."""
+    """A fresh certificate for the caller's own keys, instance and roles (any agent), at most
+    ``RENEW_BURST`` at once and one per ``RENEW_INTERVAL_S`` after that per identity."""
     mesh = ctx.mesh
     _require_root(mesh)
     old = ctx.caller.certificate
     if old is None:
         raise Unauthenticated("no certificate to renew")
+    wait = _renewal_limiter(mesh).take((old.agent, old.instance))
+    if wait is not None:
+        raise ResourceExhausted(
+            f"{old.agent}/{old.instance} renews too often (at most {RENEW_BURST} at once, "
+            f"then one every {RENEW_INTERVAL_S:g} s)",
+            retry_after=round(wait, 3),
+        )
     life = min(float(old.not_after - old.not_before - 60), DEFAULT_CERT_TTL)
     cert = mesh.trust_root.reissue(old, ttl=life)
     await _record_issue(mesh, cert.raw, "renewal", _actor(ctx), previous=old.serial)
@@ -358,6 +448,20 @@ async def denied(report: DenialReport, ctx: Context) -> None:
     )
 
 
+_keepers: WeakKeyDictionary[MeshHandle, HeadKeeper] = WeakKeyDictionary()
+
+
+def _keeper(mesh: MeshHandle) -> HeadKeeper:
+    keeper = _keepers.get(mesh)
+    if keeper is None:
+        raise FailedPrecondition("the registry is not started")
+    return keeper
+
+
+def _saved_state(mesh: MeshHandle) -> SavedState:
+    return SavedState(mesh.config.state_dir, mesh.config.prefix)
+
+
 async def _check_root(mesh: MeshHandle) -> None:
     """Refuse to run with a root key that is not this mesh's: it would sign audit records and
     certificates nobody can verify (``audit verify`` would fail for ever after).
@@ -378,9 +482,21 @@ async def _check_root(mesh: MeshHandle) -> None:
         f"another mesh's state under prefix {mesh.config.prefix!r}? start this registry with "
         "that mesh's root key, or use another --prefix"
     )
+    saved = _saved_state(mesh).load("registry-head")
+    if saved is not None:
+        try:
+            mesh.control.decode_head(saved)
+        except MeshError as exc:
+            raise FailedPrecondition(
+                f"the head this registry saved does not verify with the root key "
+                f"{root.key_id} ({exc.message}): {fix}"
+            ) from None
+        # This registry's own saved state is this mesh's: documents in the store signed by
+        # another key were put there by someone else, and the head keeper repairs them.
+        return
     try:
         await mesh.control.current_policy()
-    except (Unauthenticated, DecodeError) as exc:
+    except Unauthenticated as exc:
         raise FailedPrecondition(
             f"the current policy in the store does not verify with the root key {root.key_id} "
             f"({exc.message}): {fix}"
@@ -393,19 +509,45 @@ async def _check_root(mesh: MeshHandle) -> None:
                 f"the last audit record does not verify with the root key {root.key_id} "
                 f"({problems[0]}): {fix}"
             )
+    head = await mesh.control.head_raw()
+    if head is not None:
+        try:
+            mesh.control.decode_head(head)
+        except Unauthenticated as exc:
+            raise FailedPrecondition(
+                f"the head in the store does not verify with the root key {root.key_id} "
+                f"({exc.message}): {fix}"
+            ) from None
 
 
 @registry.on_start
 async def started(mesh: MeshHandle) -> None:
-    """Check the root key, answer enrolments, and note the start in the audit log."""
+    """Check the root key, sign a head and keep signing, answer enrolments, and note the
+    start in the audit log."""
     await _check_root(mesh)
+    timeouts = mesh.config.timeouts
+    keeper = HeadKeeper(
+        mesh.control,
+        refresh=timeouts.head_refresh,
+        ttl=timeouts.head_ttl,
+        state=_saved_state(mesh),
+        actor=f"registry/{mesh.instance}",
+    )
+    await keeper.start()
+    _keepers[mesh] = keeper
 
     async def issue(req: EnrolmentRequest) -> bytes:
         _require_root(mesh)
         try:
-            grant = await mesh.control.peek_token(req.token)
+            grant = await mesh.control.peek_token(req.token, sign_pk=req.sign_pk, box_pk=req.box_pk)
             if grant.agent != req.agent:
                 raise Unauthenticated(f"this join token is for another agent, not {req.agent!r}")
+            again = grant.delivered_to(req.sign_pk, req.box_pk)
+            if again is not None:
+                # A retry by the keys the token was used for (its reply was lost): the same
+                # certificate again; nothing new is issued or audited.
+                await _redeliver(mesh, again, grant)
+                return again
             cert = mesh.trust_root.issue(
                 req.agent,
                 sign_pk=req.sign_pk,
@@ -413,7 +555,15 @@ async def started(mesh: MeshHandle) -> None:
                 roles=grant.roles,
                 ttl=grant.cert_ttl,
             )
-            await mesh.control.redeem_token(req.token, cert.serial)
+            delivered = await mesh.control.redeem_token(
+                req.token,
+                cert.serial,
+                sign_pk=req.sign_pk,
+                box_pk=req.box_pk,
+                certificate=cert.raw,
+            )
+            if delivered != cert.raw:  # a concurrent attempt by the same keys redeemed it
+                return delivered
         except MeshError as exc:
             await _audit(
                 mesh, "identity.enrolment_refused", req.agent, req.agent, reason=exc.message
@@ -435,3 +585,11 @@ async def started(mesh: MeshHandle) -> None:
     await _audit(
         mesh, "registry.started", f"registry/{mesh.instance}", "registry", version=registry.version
     )
+
+
+@registry.on_stop
+async def stopped(mesh: MeshHandle) -> None:
+    """Stop signing heads (another registry instance, or this one restarted, goes on)."""
+    keeper = _keepers.pop(mesh, None)
+    if keeper is not None:
+        await keeper.close()

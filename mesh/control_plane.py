@@ -9,6 +9,7 @@ them; ``mesh-policy`` calls them).
 
 import inspect as _inspect
 
+from mesh._core.head import Head
 from mesh._core.identity import (
     ROOT_KEY_FILE,
     CertificateVerifier,
@@ -44,6 +45,7 @@ from mesh._runtime.control import (
     verify_audit_chain,
 )
 from mesh._runtime.enrol import EnrolmentRequest, serve_enrolment
+from mesh._runtime.freshness import HeadKeeper, SavedState
 from mesh._runtime.registry_api import (
     ADMIN_ROLE,
     DEFAULT_CERT_TTL,
@@ -89,6 +91,8 @@ __all__ = [
     "EndpointPolicy",
     "EnrolmentRequest",
     "GraphEdge",
+    "Head",
+    "HeadKeeper",
     "HistoryReply",
     "IdentityInfo",
     "IdentityList",
@@ -102,6 +106,7 @@ __all__ = [
     "RevokeReply",
     "RevokeRequest",
     "RollbackRequest",
+    "SavedState",
     "SignalRow",
     "SignalTable",
     "SignalsReply",

@@ -90,7 +90,8 @@ class Trust:
 
 
 def test_config(servers: Iterable[str], **overrides: Any) -> MeshConfig:
-    """A ``MeshConfig`` tuned for tests: fast heartbeats and short drains.
+    """A ``MeshConfig`` tuned for tests: fast heartbeats, heads and short drains (pass
+    ``allow_no_policy=False`` to test the fail-closed start of ``mesh-agent run``).
 
     Args:
         servers: NATS URLs.
@@ -98,7 +99,7 @@ def test_config(servers: Iterable[str], **overrides: Any) -> MeshConfig:
     """
     base: dict[str, Any] = {
         "servers": tuple(servers),
-        "timeouts": Timeouts(request=5.0, connect=10.0, drain=2.0),
+        "timeouts": Timeouts(request=5.0, connect=10.0, drain=2.0, head_refresh=1.0),
         "directory": DirectoryConfig(heartbeat=0.25, ttl=1.5, drain_grace=0.1),
         "retry": RetryPolicy(),
     }

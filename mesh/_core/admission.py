@@ -7,6 +7,10 @@ without a broker. The replay guard is checked early and recorded once the seal o
 signature verified (steps 5 and 12), or when the rate-limit peek refuses a request whose
 certificate verified (step 10), with no await in between: every refusal the caller can be
 told about and that a later copy of the frame could pass leaves the id recorded.
+
+A refusal made once the caller's certificate verified and the pair key is known (the peek,
+step 10) is raised as ``SealedRefusal``: the callee answers it with a sealed error reply, which
+the caller may act on; every other refusal here is answered unsealed, a hint only.
 """
 
 from __future__ import annotations
@@ -26,14 +30,29 @@ from mesh._core.identity import Certificate, CertificateVerifier
 from mesh.errors import (
     DeadlineExceeded,
     DecodeError,
+    MeshError,
     MessageTooLarge,
     ResourceExhausted,
     Unauthenticated,
 )
 
-__all__ = ["admit_event", "admit_request", "too_large"]
+__all__ = ["SealedRefusal", "admit_event", "admit_request", "too_large"]
 
 _NO_HEADERS: Mapping[str, str] = {}
+
+
+class SealedRefusal(Exception):
+    """A refusal of a request whose sender's certificate verified: answered sealed.
+
+    Attributes:
+        error: the refusal (``ResourceExhausted`` of the rate-limit peek).
+        key: the pair key with the caller, to seal the answer with.
+    """
+
+    def __init__(self, error: MeshError, key: bytes) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.key = key
 
 
 def too_large(size: int) -> MessageTooLarge:
@@ -69,14 +88,16 @@ def admit_request(
         verifier: certificate verification (cached; trust root, expiry, revocation).
         pair: the pair-key cache of this instance's box key.
         peek: the rate-limit peek for (caller agent, endpoint); raises ``ResourceExhausted``
-            (the id is then recorded: a copy sent once the bucket refilled is a replay).
+            (the id is then recorded: a copy sent once the bucket refilled is a replay, so a
+            sealed refusal is the truth about that frame).
 
     Returns:
         ``(caller certificate, pair key, plaintext body)``.
 
     Raises:
         DeadlineExceeded: the request expired on the way (step 6: dropped, not answered).
-        MeshError: the refusal of the first step that failed.
+        SealedRefusal: the rate-limit peek refused (step 10), with the pair key to seal it.
+        MeshError: the refusal of the first step that failed (answered unsealed).
     """
     if len(data) - end > max_sealed:  # 2
         raise too_large(len(data) - end)
@@ -109,12 +130,14 @@ def admit_request(
         raise Unauthenticated("sender does not match its certificate")
     try:
         peek(cert.agent, hdr.name or "")  # 10
-    except ResourceExhausted:
+    except ResourceExhausted as exc:
         # The caller is told to come back later, so this frame must not pass then. Recording
         # an id whose seal is unopened blocks only copies of this frame (ids are 128 random
         # bits); as the sender is not verified, its eviction raises no floor (section 15).
         replay.record(hdr.id, hdr.ts, UNVERIFIED)
-        raise
+        # Sealed to the certificate's key: only its holder can read it, and what it says
+        # (this id will not be served) is true whoever sent the frame.
+        raise SealedRefusal(exc, pair.get(cert.box_pk)) from None
     key = pair.get(cert.box_pk)  # 11
     plaintext = open_frame(key, data, end)
     replay.record(hdr.id, hdr.ts, sender)  # 12
@@ -132,12 +155,14 @@ def admit_event(
     max_signed: int,
     replay: ReplayGuard,
     verifier: CertificateVerifier,
+    prefix: str,
 ) -> tuple[Certificate, bytes]:
     """Event processing (``docs/protocol.md`` section 14), after the frame decoded.
 
     Args:
         expected_subject: the subject the signed header names (``<p>.evt.<fa>.<ep>``).
         max_signed: the largest body plus signature accepted.
+        prefix: this mesh's subject prefix, which the signature covers (section 8).
 
     Returns:
         ``(publisher certificate, signed bytes)``; the body is ``signed[end:]``.
@@ -163,6 +188,6 @@ def admit_event(
     cert = verifier.verify(hdr.cert)
     if cert.agent != hdr.from_agent or cert.instance != hdr.from_instance:
         raise Unauthenticated("sender does not match its certificate")
-    signed = verify_frame(cert.sign_pk, data)
+    signed = verify_frame(cert.sign_pk, data, prefix)
     replay.record(hdr.id, hdr.ts, sender)
     return cert, signed

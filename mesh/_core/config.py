@@ -22,6 +22,9 @@ class Timeouts:
         max_future: how far ahead of the receiver's clock a message's timestamp may be (the
             senders' clock skew). Small, because it bounds how far a flood of future-dated
             messages can lift a replay floor (``docs/protocol.md`` section 15).
+        head_refresh: how often a registry signs a new head when nothing changed.
+        head_ttl: how long a head is valid; an agent whose newest head is older is stale,
+            and a broker can hide newer state from an agent for at most this long unnoticed.
     """
 
     request: float = 10.0
@@ -29,6 +32,8 @@ class Timeouts:
     drain: float = 10.0
     replay_window: float = 60.0
     max_future: float = 5.0
+    head_refresh: float = 15.0
+    head_ttl: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,15 @@ class MeshConfig:
         signals_interval: seconds between golden-signal reports to the registry (0: never).
         services: answer the NATS services protocol (``$SRV.PING|INFO|STATS``) so NATS
             tooling lists agents; the replies reveal names, versions and request counts.
+        state_dir: where the agent keeps the newest signed head and policy it accepted, so
+            that after a restart it refuses older state (``mesh-agent run`` uses the identity
+            directory). ``None`` keeps nothing: a restarted agent trusts any unexpired head.
+        allow_no_policy: start with no policy (everything allowed) when the mesh has no
+            signed head: no registry has run, or someone deleted the head. On in the library
+            (embedded meshes, tests and the quickstart run without a registry); ``mesh-agent
+            run``, how agents are deployed, turns it off unless ``--allow-no-policy``. Off, an
+            agent waits for the registry's head and refuses to start without one (fail
+            closed). Either way an agent whose ``state_dir`` holds a head never starts on less.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -108,6 +122,8 @@ class MeshConfig:
     services: bool = True
     access_log: bool = False
     signals_interval: float = 5.0
+    state_dir: str | None = None
+    allow_no_policy: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)

@@ -1,8 +1,10 @@
 """Message protection: pair keys, sealing (XChaCha20-Poly1305), event signatures, replay guard.
 
 Per-message public-key operations are kept off request/reply: each peer pair derives one
-symmetric key (X25519, then BLAKE2b over the shared secret and both public keys) and caches it.
-Events, which have many readers, are signed with Ed25519 instead. Pure core: no I/O.
+symmetric key (X25519, then BLAKE2b over the shared secret, both public keys and the subject
+prefix) and caches it. Events, which have many readers, are signed with Ed25519 instead, over
+the prefix and the frame. Binding the prefix means a frame captured on one mesh does not open or
+verify on another mesh sharing the broker and the identities. Pure core: no I/O.
 """
 
 from __future__ import annotations
@@ -28,23 +30,40 @@ NONCE_LEN = 24
 TAG_LEN = 16
 SIG_LEN = 64
 _PAIR_PERSON = b"mesh-pair-v1"
+DEFAULT_PREFIX = "mesh"  # ``MeshConfig.prefix`` by default
 
 
-def derive_pair_key(own: PrivateKey, peer_box_pk: bytes) -> bytes:
-    """The symmetric key two instances share: BLAKE2b-256 of the X25519 secret and both keys.
+def derive_pair_key(own: PrivateKey, peer_box_pk: bytes, prefix: str = DEFAULT_PREFIX) -> bytes:
+    """The symmetric key two instances share on one mesh: BLAKE2b-256 of the X25519 secret,
+    both public keys and the subject prefix (``docs/protocol.md`` section 6).
 
-    Both sides compute the same key: the public keys are hashed in sorted order.
+    Both sides compute the same key: the public keys are hashed in sorted order. The prefix
+    comes last, after 96 bytes of fixed length, so it needs no length in front of it.
     """
     shared = crypto_scalarmult(bytes(own), peer_box_pk)
     a, b = sorted((bytes(own.public_key), peer_box_pk))
-    return blake2b(shared + a + b, digest_size=32, person=_PAIR_PERSON, encoder=RawEncoder)
+    data = shared + a + b + prefix.encode()
+    return blake2b(data, digest_size=32, person=_PAIR_PERSON, encoder=RawEncoder)
 
 
 class PairKeys:
-    """Cache of derived pair keys by the peer's box public key (bounded, oldest dropped first)."""
+    """Cache of derived pair keys of one mesh, by the peer's box public key (bounded, oldest
+    dropped first).
 
-    def __init__(self, own: PrivateKey, max_entries: int = 8192) -> None:
+    One cache serves one subject prefix: a key derived for another prefix is never in it, so
+    the cache key is in effect ``(prefix, peer box key)`` at no cost per message.
+
+    Args:
+        own: this instance's box key.
+        prefix: the subject prefix bound into every key (``MeshConfig.prefix``).
+        max_entries: cache bound.
+    """
+
+    def __init__(
+        self, own: PrivateKey, prefix: str = DEFAULT_PREFIX, max_entries: int = 8192
+    ) -> None:
         self._own = own
+        self.prefix = prefix
         self._keys: dict[bytes, bytes] = {}
         self._max = max_entries
 
@@ -55,7 +74,7 @@ class PairKeys:
             if len(peer_box_pk) != 32:
                 raise Unauthenticated("peer box key must be 32 bytes")
             try:
-                key = derive_pair_key(self._own, peer_box_pk)
+                key = derive_pair_key(self._own, peer_box_pk, self.prefix)
             except Exception:  # libsodium refuses low-order points
                 raise Unauthenticated("peer box key is not a usable X25519 key") from None
             if len(self._keys) >= self._max:
@@ -124,22 +143,31 @@ def open_body(key: bytes, aad: bytes | memoryview, sealed: bytes | memoryview) -
     return open_frame(key, bytes(aad) + bytes(sealed), len(aad))
 
 
-def sign_frame(signing: SigningKey, signed: bytes) -> bytes:
-    """The Ed25519 signature appended to an event frame."""
-    return signing.sign(signed).signature
+def signed_event_bytes(prefix: str, signed: bytes) -> bytes:
+    """What an event's signature covers: ``len(prefix) (1 byte) || prefix || frame bytes``
+    (``docs/protocol.md`` section 8), so that it verifies under its own prefix only."""
+    p = prefix.encode()
+    return bytes((len(p),)) + p + signed
 
 
-def verify_frame(sign_pk: bytes, frame: bytes) -> bytes:
-    """Check an event frame's trailing signature; return the bytes it covers.
+def sign_frame(signing: SigningKey, signed: bytes, prefix: str = DEFAULT_PREFIX) -> bytes:
+    """The Ed25519 signature appended to an event frame (``signed``: the frame so far) sent
+    under ``prefix``."""
+    return signing.sign(signed_event_bytes(prefix, signed)).signature
+
+
+def verify_frame(sign_pk: bytes, frame: bytes, prefix: str = DEFAULT_PREFIX) -> bytes:
+    """Check an event frame's trailing signature, made for ``prefix``; return the frame bytes
+    it covers (the frame without the signature).
 
     Raises:
-        Unauthenticated: a bad or missing signature.
+        Unauthenticated: a bad or missing signature, or one made under another prefix.
     """
     if len(frame) < SIG_LEN:
         raise Unauthenticated("event too short to carry a signature")
     signed, sig = frame[:-SIG_LEN], frame[-SIG_LEN:]
     try:
-        VerifyKey(sign_pk).verify(signed, sig)
+        VerifyKey(sign_pk).verify(signed_event_bytes(prefix, signed), sig)
     except BadSignatureError:
         raise Unauthenticated("event signature does not verify") from None
     return signed

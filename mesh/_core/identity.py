@@ -379,7 +379,7 @@ IDENTITY_KEY_FILE = "identity.key"
 IDENTITY_CERT_FILE = "identity.cert"
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private_file(path: Path, data: bytes) -> None:
     # A fresh file created 0600 and renamed over the target: the key is never in a file that
     # others can read, even when the target existed with a looser mode.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -417,7 +417,7 @@ def save_trust_root(root: TrustRoot, directory: str | Path) -> Path:
         raise InvalidArgument("cannot save a verify-only trust root")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _write_private(d / ROOT_KEY_FILE, bytes(root._signing).hex().encode() + b"\n")
+    write_private_file(d / ROOT_KEY_FILE, bytes(root._signing).hex().encode() + b"\n")
     (d / ROOT_PUB_FILE).write_text(root.public_key.hex() + "\n")
     if root.not_after is not None:
         meta = {"key_id": root.key_id, "not_after": int(root.not_after)}
@@ -469,7 +469,7 @@ def save_identity(identity: Identity, directory: str | Path) -> Path:
         "sign_seed": bytes(identity.keys.signing).hex(),
         "box_sk": bytes(identity.keys.box).hex(),
     }
-    _write_private(d / IDENTITY_KEY_FILE, json.dumps(keys).encode() + b"\n")
+    write_private_file(d / IDENTITY_KEY_FILE, json.dumps(keys).encode() + b"\n")
     (d / IDENTITY_CERT_FILE).write_bytes(identity.certificate.raw)
     (d / ROOT_PUB_FILE).write_text(identity.root_public_key.hex() + "\n")
     return d

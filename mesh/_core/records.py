@@ -84,7 +84,7 @@ def encode_record(
         "endpoints": [{"name": e.name, "idempotent": e.idempotent} for e in endpoints],
         "version": version,
         "labels": labels,
-        "ts": int(ts * 1000),
+        "ts": round(ts * 1000),
         "state": state,
         "topics": list(topics),
     }

@@ -10,7 +10,8 @@ A ``Call`` carries everything one call needs; the stages run in this order::
     ---------- per attempt
     pick       one live instance serving the endpoint (power of two choices), or the pinned one
     transmit   encode the header, seal, send to the instance's subject, await the sealed reply
-               on the inbox (``mesh._runtime.replies`` opens it)
+               on the inbox (``mesh._runtime.replies`` opens it); on "no responders", send the
+               same frame to the same instance again until the signed directory says it is gone
 
 ``attempt_stages`` (today ``retry``) are ``async (next, call)`` and call ``next(call)`` to go on,
 so a stage acts before and after the rest of the chain; the chain ends in ``attempt`` (``pick``
@@ -45,7 +46,7 @@ from mesh._core.signals import EdgeKey, EdgeStats
 from mesh._runtime.directory import Directory
 from mesh._runtime.governance import Governance
 from mesh._runtime.ports import MeshStats, Observer, Span
-from mesh._runtime.replies import Inbox, InstanceDown, NotDelivered
+from mesh._runtime.replies import Inbox, InstanceDown, NotDelivered, Pending
 from mesh._transport.base import Transport
 from mesh.errors import (
     DeadlineExceeded,
@@ -156,6 +157,8 @@ class ClientPipeline:
         self._stats = stats
         retry = config.retry
         self._backoff = Backoff(retry.backoff_base, retry.backoff_cap)
+        self._resend_base, self._resend_cap = retry.backoff_base, retry.backoff_cap
+        self._suspect_for = config.directory.ttl * 2
         self.budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, retry.budget_ttl)
         self.picker: LeastLoadedPicker[str] = LeastLoadedPicker()
         self._max_body = config.limits.max_body
@@ -312,16 +315,10 @@ class ClientPipeline:
                 call.avoid = set()
             call.avoid.add(record.key)  # any instance will do: prefer another one
         elif record is not None:
-            # A keyed call may be running there, and failure signals (refusals, "no
-            # responders") are unauthenticated. Its reply cache answers a retry at once, so
-            # stay, and move only on signed evidence that it is gone.
+            # A keyed call may still be running there (a per-try timeout, a sealed UNAVAILABLE
+            # from a handler). Its reply cache answers a retry at once, so stay, and move only
+            # on signed evidence that it is gone (``pick`` checks before every attempt).
             call.pinned = record
-            if isinstance(exc, InstanceDown):
-                # Wait (bounded) for signed evidence; without it, ask the same instance again:
-                # if it lives, its reply cache answers.
-                wait = min(self._config.directory.ttl, call.deadline - time.time())
-                assert self.directory is not None
-                await self.directory.wait_gone(record.key, wait)
         if record is not None and isinstance(exc, ResourceExhausted) and exc.retry_after:
             self.picker.penalize(record.key, exc.retry_after)
         await asyncio.sleep(delay)
@@ -411,10 +408,52 @@ class ClientPipeline:
             self._observer.attempt(call.span, call.attempt, subject, rid)
         try:
             await self._transport.publish(subject, frame, reply=reply, headers=headers)
-            return await pending.fut
+            payload = None if pending.signalled else await pending.fut
+            if payload is None:
+                payload = await self._resend(pending, subject, frame, reply, headers)
+            return payload
         finally:
             self._inbox.remove(token, timer)
             self.picker.release(picker_key)
+
+    async def _resend(
+        self, pending: Pending, subject: str, frame: bytes, reply: str, headers: dict[str, str]
+    ) -> bytes:
+        """After "no responders": the same frame to the same instance, until a reply, the
+        attempt's timer, or signed evidence that the instance is gone.
+
+        The status is unauthenticated and the request may have been delivered, so the attempt
+        neither fails nor moves on it. The same frame (same id) is safe to send again: the
+        callee's seen-cache refuses a copy it already has. New calls prefer other instances
+        for twice the directory ttl meanwhile (a penalty, never an exclusion).
+
+        Raises:
+            InstanceDown: the directory says the instance is gone (draining, or no signed
+                heartbeat for ``ttl``): the request never ran there if the status was genuine.
+            MeshError: the attempt's timer fired (with the hints received) or the reply's error.
+        """
+        record = pending.record
+        directory = self.directory
+        assert directory is not None
+        self.picker.penalize(record.key, self._suspect_for)
+        delay = self._resend_base
+        while True:
+            fut = pending.fut
+            if pending.signalled and not fut.done():
+                if not directory.is_gone(record.key):  # gone: a drain, fail over at once
+                    await asyncio.wait((fut,), timeout=delay)
+                    delay = min(delay * 2, self._resend_cap)
+                if not fut.done():
+                    if directory.is_gone(record.key):
+                        raise InstanceDown(
+                            f"no responders at instance {record.key}, which has left the directory"
+                        )
+                    pending.signalled = False
+                    await self._transport.publish(subject, frame, reply=reply, headers=headers)
+                    continue  # a status may have arrived while sending
+            payload = await fut
+            if payload is not None:
+                return payload
 
 
 def _record_key(record: InstanceRecord) -> str:

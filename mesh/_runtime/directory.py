@@ -3,7 +3,7 @@
 Each serving instance writes ``<agent>.<instance>`` -> signed record, refreshed every heartbeat.
 Callers watch the bucket, verify every record (certificate against the trust root, signature
 against the certificate), and treat a record whose heartbeat is older than the TTL as a dead
-instance. A forged or malformed record is dropped and counted, never used.
+instance. A forged, malformed, stale or replayed record is dropped and counted, never used.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
+from mesh._core.config import Timeouts
 from mesh._core.identity import CertificateVerifier
 from mesh._core.records import STATE_SERVING, InstanceRecord, decode_record
 from mesh._log import get_logger
@@ -90,15 +92,22 @@ class DirectoryBucket:
 
 Clock = Callable[[], float]
 
+_MAX_SKEW = Timeouts().max_future
+
 
 class Directory:
     """A caller's verified, live view of the directory bucket.
 
-    Liveness is judged by when this process last received a signed record of an instance, not
-    by the writer's clock (records loaded when the watch starts are judged by their signed
-    timestamp, once). Deleting a key, which needs no signature, hides an instance from new
-    calls but is no evidence that it is gone: ``is_gone`` trusts only a signed ``draining``
-    record or the absence of signed heartbeats for ``ttl``.
+    Liveness comes from the record's signed timestamp, capped by its arrival: a record counts
+    as heard at ``min(arrival, ts + max_skew)``, so a writer within the allowed skew is judged
+    by arrival (as if clocks agreed), and a copy of an old record re-put by someone holding the
+    broker is worth no more than its signature time says. A record older than
+    ``ttl + max_skew`` by its ``ts``, dated more than ``max_skew`` ahead, or not newer than
+    the last one accepted for its key (remembered after the instance is forgotten, for as long
+    as such a record could still pass the age check) is dropped and counted in ``refused``.
+    Deleting a key, which needs no signature, hides an instance from new calls but is no
+    evidence that it is gone: ``is_gone`` trusts only a signed ``draining`` record or the
+    absence of signed heartbeats for ``ttl``.
 
     Args:
         open_watch: returns a fresh watch over the bucket (re-created after reconnects).
@@ -106,9 +115,13 @@ class Directory:
         ttl: an instance not heard from for this long is dead.
         on_dead: called with the last record of an instance found dead (no heartbeat).
         clock: unix seconds.
+        max_skew: how far the writers' clocks may be from this one, in seconds
+            (``Timeouts.max_future``).
         bucket: the bucket watched: when the watch has been quiet for ``ttl / 3`` the bucket
             is checked, and re-created and watched afresh if someone deleted it. The records
             already known are kept meanwhile.
+        max_floors: how many instances' last timestamps are remembered; past it the oldest
+            is folded into one floor for every instance.
     """
 
     def __init__(
@@ -119,8 +132,9 @@ class Directory:
         ttl: float,
         on_dead: Callable[[InstanceRecord], None] | None = None,
         clock: Clock = time.time,
-        max_skew: float = 60.0,
+        max_skew: float = _MAX_SKEW,
         bucket: DirectoryBucket | None = None,
+        max_floors: int = 65_536,
     ) -> None:
         self._open_watch = open_watch
         self._bucket = bucket
@@ -132,7 +146,13 @@ class Directory:
         self._clock = clock
         self._max_skew = max_skew
         self._last: dict[str, InstanceRecord] = {}  # last signed record of every known instance
-        self._seen: dict[str, float] = {}  # when it was last heard from
+        self._seen: dict[str, float] = {}  # when it was last heard from (capped by its ts)
+        # The signed ts of the last record accepted per key, least recently raised first; kept
+        # after the instance is forgotten, until the age check alone refuses anything older.
+        self._floors: dict[str, float] = {}
+        self._floor_all = 0.0  # raised only when more than ``max_floors`` keys are remembered
+        self._max_floors = max(1, max_floors)
+        self.refused: Counter[str] = Counter()  # records dropped, by reason
         self._listed: dict[str, InstanceRecord] = {}  # those whose key is not deleted
         self._by_agent: dict[str, list[InstanceRecord]] = {}
         self._ejected: dict[str, float] = {}
@@ -186,7 +206,6 @@ class Directory:
     async def _run(self) -> None:
         bucket = self._bucket
         while True:
-            loading = True
             generation = self._watched = bucket.generation if bucket is not None else 0
             try:
                 async for item in self._open_watch():
@@ -194,17 +213,16 @@ class Directory:
                     if bucket is not None and bucket.generation != generation:
                         break  # the bucket was re-created: watch the new one
                     if item is None:
-                        loading = False
                         self._ready.set()
                         continue
-                    self._apply(*item, loading=loading)
+                    self._apply(*item)
             except asyncio.CancelledError:
                 raise
             except MeshError:
                 pass  # transport unavailable; try again below
             await asyncio.sleep(0.5)
 
-    def _apply(self, key: str, raw: bytes | None, *, loading: bool = False) -> None:
+    def _apply(self, key: str, raw: bytes | None) -> None:
         if raw is None:
             if self._listed.pop(key, None) is not None:
                 self._reindex(key.partition(".")[0])
@@ -212,19 +230,46 @@ class Directory:
         try:
             record = decode_record(raw, self._verifier)
         except Exception:  # a poisoned entry must never stop the watch
+            self.refused["invalid"] += 1
             return
-        now = self._clock()
-        if record.key != key or record.ts > now + self._max_skew:
-            return  # copied under another instance's key, or dated in the future
-        old = self._last.get(key)
-        if old is not None and old.ts >= record.ts:
-            return  # an older (or the same) record replayed: no evidence of life
+        now, ts, skew = self._clock(), record.ts, self._max_skew
+        if record.key != key:
+            self.refused["misfiled"] += 1  # copied under another instance's key
+            return
+        if ts > now + skew:
+            self.refused["future"] += 1
+            return
+        if ts + self._ttl + skew < now:
+            self.refused["stale"] += 1  # dead by its own signature time, whoever re-put it
+            return
+        if ts <= self._floors.get(key, self._floor_all):
+            old = self._last.get(key)
+            if old is None or ts < old.ts:  # not the record held, delivered again by a watch
+                self.refused["replayed"] += 1
+            return  # an older (or the same) record: no evidence of life
         self._last[key] = record
-        # A record that was already in the bucket is as fresh as its signed timestamp says;
-        # one that arrives live was just written.
-        self._seen[key] = min(now, record.ts) if loading and record.ts < now - self._ttl else now
+        # Heard now, unless its signature is older than the skew allows: then no later than
+        # its signature time says (a record held back and re-put is no fresher than that).
+        self._seen[key] = min(now, ts + skew)
+        self._raise_floor(key, ts, now)
         self._listed[key] = record
         self._reindex(record.agent)
+
+    def _raise_floor(self, key: str, ts: float, now: float) -> None:
+        floors = self._floors
+        floors.pop(key, None)
+        floors[key] = ts
+        if len(floors) > self._max_floors:
+            self._prune_floors(now)
+            while len(floors) > self._max_floors:
+                oldest = next(iter(floors))
+                self._floor_all = max(self._floor_all, floors.pop(oldest))
+
+    def _prune_floors(self, now: float) -> None:
+        """Forget the floors the age check covers: any record not newer is refused as stale."""
+        horizon = now - self._ttl - self._max_skew
+        for key in [k for k, ts in self._floors.items() if ts < horizon]:
+            del self._floors[key]
 
     def _reindex(self, agent: str) -> None:
         self._by_agent[agent] = [r for r in self._listed.values() if r.agent == agent]
@@ -233,6 +278,7 @@ class Directory:
 
     def _sweep_once(self) -> None:
         now = self._clock()
+        self._prune_floors(now)
         for key, seen in list(self._seen.items()):
             if seen + self._ttl < now:
                 record = self._last.pop(key)

@@ -4,16 +4,31 @@ The agent makes its keys locally (they never leave it) and sends, to
 ``<prefix>.ctl.registry.<registry instance>.enrol``, a sealed box (X25519, anonymous sender)
 for that registry instance's box key, containing its agent name, public keys, the token and an
 Ed25519 signature proving it holds the signing key. The registry instance is found in the
-directory and must hold the ``registry`` role. Only that registry can read the token. The reply
-is the certificate (self-authenticating: the agent checks the root's signature and its keys) or
-an error. See ``docs/protocol.md``, Enrolment.
+directory and must hold the ``registry`` role. Only that registry can read the token.
+
+The broker is not trusted, so both directions are guarded:
+
+- every reply, errors included, is signed by the registry instance over the SHA-256 of the
+  request it answers; the agent drops any other message on its inbox, so a forged refusal
+  never ends an enrolment;
+- the agent retries (the same keys, a fresh proof) with backoff until its overall timeout, and
+  the registry makes redemption idempotent for the same keys: a retry after a lost reply gets
+  the same certificate;
+- the registry bounds the work unauthenticated publishers can cause: cheap checks first, a
+  CPU budget for opening sealed boxes, an index of the stored tokens so an unknown token costs
+  no JetStream round trip, and a separate budget for requests naming a real token.
+
+See ``docs/protocol.md``, Enrolment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +36,13 @@ from typing import Any
 import msgpack
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import PublicKey, SealedBox
-from nacl.signing import VerifyKey
+from nacl.signing import SigningKey, VerifyKey
 
 from mesh._core.config import MeshConfig
 from mesh._core.identity import CertificateVerifier, Identity, InstanceKeys
 from mesh._core.names import directory_bucket, enrol_subject, validate_name
 from mesh._core.ratelimit import TokenBucket
+from mesh._runtime.control import ControlStore
 from mesh._runtime.directory import Directory
 from mesh._runtime.ports import MeshHandle
 from mesh._transport.base import InboundMessage, Transport, is_no_responders
@@ -45,8 +61,18 @@ __all__ = ["EnrolmentRequest", "enrol", "serve_enrolment"]
 REGISTRY_AGENT = "registry"
 REGISTRY_ROLE = "registry"
 _CONTEXT = b"mesh-enrol-v1"
+_REPLY_CONTEXT = b"mesh-enrol-reply-v1"
 MAX_ENROL_FRAME = 4096
-ENROL_RATE, ENROL_BURST = 20.0, 40  # enrolments a registry instance opens per second
+MIN_ENROL_FRAME = 48  # a sealed box's overhead: anything shorter cannot open
+# Sealed boxes a registry instance opens per second (about 0.2 ms of CPU each: open, verify).
+ENROL_OPEN_RATE, ENROL_OPEN_BURST = 500.0, 500
+# Requests naming a stored token, per second: the only ones that cost JetStream round trips.
+ENROL_ISSUE_RATE, ENROL_ISSUE_BURST = 20.0, 40
+TOKEN_INDEX_REFRESH_S = 1.0  # the index of stored tokens is re-read at most this often
+REPLY_CACHE_SIZE = 1024  # signed replies kept for replays of the same request
+ATTEMPT_WAITS = (0.5, 1.0, 2.0)  # the agent's wait for each attempt; the last one repeats
+# Authenticated refusals the agent retries (same keys, fresh proof): the registry's trouble.
+_RETRY_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +89,58 @@ def _proof_bytes(agent: str, token: str, sign_pk: bytes, box_pk: bytes, ts: int)
     return msgpack.packb([_CONTEXT, agent, token, sign_pk, box_pk, ts], use_bin_type=True)
 
 
+def reply_signed_bytes(request: bytes, status: str, message: str, certificate: bytes) -> bytes:
+    """What the registry signs in a reply: it binds status, message and certificate to the
+    SHA-256 ``request`` of the sealed request payload it answers."""
+    return msgpack.packb([_REPLY_CONTEXT, request, status, message, certificate], use_bin_type=True)
+
+
+def sign_reply(
+    signing: SigningKey, request: bytes, status: str, message: str = "", certificate: bytes = b""
+) -> bytes:
+    """A registry reply: a MessagePack map signed by the registry instance's key."""
+    sig = signing.sign(reply_signed_bytes(request, status, message, certificate)).signature
+    return msgpack.packb(
+        {
+            "status": status,
+            "message": message,
+            "certificate": certificate,
+            "request": request,
+            "sig": sig,
+        },
+        use_bin_type=True,
+    )
+
+
+def open_reply(raw: bytes, registry_pk: VerifyKey) -> tuple[bytes, str, str, bytes]:
+    """Check a registry reply's signature; returns ``(request hash, status, message, cert)``.
+
+    Raises:
+        DecodeError: malformed, or not signed by this registry instance.
+    """
+    if len(raw) > 2 * MAX_ENROL_FRAME + 512:
+        raise DecodeError("enrolment reply too large")
+    try:
+        body = msgpack.unpackb(raw, raw=False)
+        request, status, sig = body["request"], body["status"], body["sig"]
+        message, cert = body.get("message", ""), body.get("certificate", b"")
+    except Exception as exc:
+        raise DecodeError(f"malformed enrolment reply ({type(exc).__name__})") from None
+    if not (
+        isinstance(request, bytes)
+        and isinstance(sig, bytes)
+        and isinstance(cert, bytes)
+        and isinstance(status, str)
+        and isinstance(message, str)
+    ):
+        raise DecodeError("malformed enrolment reply")
+    try:
+        registry_pk.verify(reply_signed_bytes(request, status, message, cert), sig)
+    except (BadSignatureError, ValueError):
+        raise DecodeError("enrolment reply is not signed by the registry instance") from None
+    return request, status, message, cert
+
+
 async def enrol(
     config: MeshConfig,
     *,
@@ -75,6 +153,10 @@ async def enrol(
     timeout: float = 15.0,
 ) -> Identity:
     """Exchange a join token for a certificate; returns the new identity.
+
+    Only replies signed by the registry instance (found in the directory, its certificate
+    verified against the root) count; the request is sent again, with the same keys and a
+    fresh proof, until one arrives or ``timeout`` is over.
 
     Args:
         config: servers and prefix of the mesh.
@@ -104,7 +186,9 @@ async def enrol(
             ttl=max(3 * config.directory.ttl, 10.0),
             replicas=config.directory.replicas,
         )
-        directory = Directory(kv.watch, verifier, ttl=config.directory.ttl)
+        directory = Directory(
+            kv.watch, verifier, ttl=config.directory.ttl, max_skew=config.timeouts.max_future
+        )
         await directory.start(max(0.1, end - loop.time()))
         try:
             record = await directory.wait_for(REGISTRY_AGENT, max(0.1, end - loop.time()))
@@ -112,63 +196,107 @@ async def enrol(
             await directory.close()
         if REGISTRY_ROLE not in record.certificate.roles:
             raise Unauthenticated("the directory's registry lacks the registry role")
-        ts = int(time.time() * 1000)
-        proof = keys.signing.sign(_proof_bytes(agent, token, keys.sign_pk, keys.box_pk, ts))
-        sealed = SealedBox(PublicKey(record.certificate.box_pk)).encrypt(
-            msgpack.packb(
-                {
-                    "agent": agent,
-                    "token": token,
-                    "sign_pk": keys.sign_pk,
-                    "box_pk": keys.box_pk,
-                    "ts": ts,
-                    "sig": proof.signature,
-                },
-                use_bin_type=True,
-            )
-        )
-        reply = await _request(
+        exchange = _Exchange(
             transport,
             enrol_subject(config.prefix, record.instance),
-            sealed,
-            max(0.1, end - loop.time()),
+            VerifyKey(record.certificate.sign_pk),
+            PublicKey(record.certificate.box_pk),
         )
+        cert_raw = await exchange.run(lambda: _sealed_request(agent, token, keys), end, loop.time)
     finally:
         if own:
             await transport.close()
-    try:
-        body = msgpack.unpackb(reply, raw=False)
-        status = body["status"]
-    except Exception as exc:
-        raise Internal(f"malformed enrolment reply ({type(exc).__name__})") from None
-    if status != "OK":
-        raise error_from_code(str(status), str(body.get("message", "enrolment refused")))
-    cert = verifier.verify(body.get("certificate", b""))
+    cert = verifier.verify(cert_raw)
     if (cert.agent, cert.sign_pk, cert.box_pk) != (agent, keys.sign_pk, keys.box_pk):
         raise Unauthenticated("the registry returned a certificate for other keys")
     return Identity(keys=keys, certificate=cert, root_public_key=root_public_key)
 
 
-async def _request(transport: Transport, subject: str, payload: bytes, timeout: float) -> bytes:
-    inbox = transport.new_inbox()
-    fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+def _sealed_request(agent: str, token: str, keys: InstanceKeys) -> dict[str, Any]:
+    ts = int(time.time() * 1000)
+    proof = keys.signing.sign(_proof_bytes(agent, token, keys.sign_pk, keys.box_pk, ts))
+    return {
+        "agent": agent,
+        "token": token,
+        "sign_pk": keys.sign_pk,
+        "box_pk": keys.box_pk,
+        "ts": ts,
+        "sig": proof.signature,
+    }
 
-    async def on_reply(msg: InboundMessage) -> None:
-        if not fut.done():
-            if is_no_responders(msg):
-                fut.set_exception(Unavailable("the registry instance is not listening"))
-            else:
-                fut.set_result(msg.data)
 
-    sub = await transport.subscribe(inbox, on_reply)
-    try:
-        await transport.publish(subject, payload, reply=inbox)
-        return await asyncio.wait_for(fut, timeout)
-    except TimeoutError:
-        raise Unavailable("the registry did not answer the enrolment in time") from None
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+class _Exchange:
+    """The agent's side: send, resend, and take only replies the registry instance signed
+    for one of the requests sent."""
+
+    def __init__(
+        self, transport: Transport, subject: str, registry_pk: VerifyKey, box_pk: PublicKey
+    ) -> None:
+        self.transport = transport
+        self.subject = subject
+        self.registry_pk = registry_pk
+        self.seal = SealedBox(box_pk)
+        self.sent: set[bytes] = set()
+        self.replies: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        self.dropped = 0
+        self.no_responders = False
+
+    async def on_reply(self, msg: InboundMessage) -> None:
+        if is_no_responders(msg):
+            self.no_responders = True  # a hint only: anyone can publish it on the inbox
+            return
+        try:
+            request, status, message, cert = open_reply(msg.data, self.registry_pk)
+        except DecodeError:
+            self.dropped += 1
+            return
+        if request not in self.sent:
+            self.dropped += 1  # signed, but for another agent's request
+            return
+        self.replies.put_nowait((status, message, cert))
+
+    async def run(
+        self, make_request: Callable[[], dict[str, Any]], end: float, now: Callable[[], float]
+    ) -> bytes:
+        """The certificate bytes of the first signed OK reply.
+
+        Raises:
+            MeshError: a signed refusal that retrying cannot change, or, at ``end``, the last
+                signed retryable refusal, else ``Unavailable``.
+        """
+        inbox = self.transport.new_inbox()
+        sub = await self.transport.subscribe(inbox, self.on_reply)
+        last: MeshError | None = None
+        attempt = 0
+        try:
+            while (left := end - now()) > 0:
+                sealed = self.seal.encrypt(msgpack.packb(make_request(), use_bin_type=True))
+                self.sent.add(hashlib.sha256(sealed).digest())
+                try:
+                    await self.transport.publish(self.subject, sealed, reply=inbox)
+                except MeshError as exc:
+                    last = exc
+                attempt_end = now() + min(ATTEMPT_WAITS[min(attempt, len(ATTEMPT_WAITS) - 1)], left)
+                attempt += 1
+                while (wait := attempt_end - now()) > 0:
+                    try:
+                        status, message, cert = await asyncio.wait_for(self.replies.get(), wait)
+                    except TimeoutError:
+                        break
+                    if status == "OK":
+                        return cert
+                    error = error_from_code(status, message)
+                    if status not in _RETRY_CODES:
+                        raise error
+                    last = error  # the registry's own trouble: try again after this wait
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if last is not None:
+            raise last
+        if self.no_responders:
+            raise Unavailable("the registry instance is not listening")
+        raise Unavailable("the registry did not answer the enrolment in time")
 
 
 def open_enrolment(sealed: bytes, box: Any, max_skew: float = 300.0) -> EnrolmentRequest:
@@ -206,36 +334,121 @@ def open_enrolment(sealed: bytes, box: Any, max_skew: float = 300.0) -> Enrolmen
     return EnrolmentRequest(agent=agent, token=token, sign_pk=sign_pk, box_pk=box_pk)
 
 
+class TokenIndex:
+    """The keys of the stored join tokens, so that a request naming an unknown token costs no
+    JetStream round trip.
+
+    A miss is only certain after a re-read that started after the request arrived; re-reads
+    happen at most every ``refresh`` seconds, and a miss in between is ``None`` ("not sure":
+    the registry drops the request and the agent's retry finds the token).
+
+    Args:
+        load: reads the stored token keys.
+        refresh: the least seconds between two re-reads.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Awaitable[set[str]]],
+        refresh: float = TOKEN_INDEX_REFRESH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._refresh = refresh
+        self._clock = clock
+        self._keys: set[str] = set()
+        self._next = -math.inf
+
+    async def known(self, key: str) -> bool | None:
+        """``True``: stored (worth a lookup); ``False``: certainly not; ``None``: not sure."""
+        if key in self._keys:
+            return True
+        now = self._clock()
+        if now < self._next:
+            return None
+        self._next = now + self._refresh
+        try:
+            self._keys = await self._load()
+        except MeshError:
+            return None
+        return key in self._keys
+
+
+class _EnrolmentServer:
+    """The registry instance's side, one request at a time (a NATS subscription's callbacks
+    run in order), cheapest checks first."""
+
+    def __init__(
+        self, mesh: MeshHandle, issue: Callable[[EnrolmentRequest], Awaitable[bytes]]
+    ) -> None:
+        self.mesh = mesh
+        self.issue = issue
+        self.box = mesh.identity.keys.box
+        self.prefix = f"{mesh.config.prefix}."
+        self.open_budget = TokenBucket(ENROL_OPEN_RATE, ENROL_OPEN_BURST)
+        self.issue_budget = TokenBucket(ENROL_ISSUE_RATE, ENROL_ISSUE_BURST)
+        self.tokens = TokenIndex(mesh.control.token_keys)
+        self.replies: OrderedDict[bytes, bytes] = OrderedDict()
+
+    async def _send(self, reply: str, payload: bytes) -> None:
+        with contextlib.suppress(MeshError):
+            await self.mesh.transport.publish(reply, payload)
+
+    def _sign(self, request: bytes, status: str, message: str = "", cert: bytes = b"") -> bytes:
+        return sign_reply(self.mesh.identity.keys.signing, request, status, message, cert)
+
+    async def on_request(self, msg: InboundMessage) -> None:
+        if not msg.reply or msg.reply.startswith(self.prefix):
+            return  # never answer into the mesh's own subjects
+        if not MIN_ENROL_FRAME < len(msg.data) <= MAX_ENROL_FRAME:
+            return
+        digest = hashlib.sha256(msg.data).digest()
+        cached = self.replies.get(digest)
+        if cached is not None:  # a replay (or a resend through the broker): the same answer
+            await self._send(msg.reply, cached)
+            return
+        if not self.open_budget.try_take():
+            return  # a flood of sealed boxes: bounded CPU; the agent's retry comes later
+        try:
+            request = open_enrolment(msg.data, self.box)
+        except Unauthenticated as exc:  # stale or no proof: cheap to answer, and useful
+            await self._send(msg.reply, self._sign(digest, exc.code, exc.message))
+            return
+        except MeshError:
+            return  # junk, or not for this instance: no answer, no more work
+        known = await self.tokens.known(ControlStore.token_key(request.token))
+        if known is None:
+            return  # maybe a token made since the last re-read: the retry will tell
+        if not known:
+            await self._send(msg.reply, self._sign(digest, "UNAUTHENTICATED", "unknown join token"))
+            return
+        if not self.issue_budget.try_take():
+            return  # a real token's holder sends faster than this: it retries
+        try:
+            out = self._sign(digest, "OK", cert=await self.issue(request))
+        except MeshError as exc:
+            out = self._sign(digest, exc.code, exc.message)
+        except Exception:  # never leak internals to an unauthenticated party
+            out = self._sign(digest, Internal.code, "enrolment failed")
+        self.replies[digest] = out
+        while len(self.replies) > REPLY_CACHE_SIZE:
+            self.replies.popitem(last=False)
+        await self._send(msg.reply, out)
+
+
 async def serve_enrolment(
     mesh: MeshHandle, issue: Callable[[EnrolmentRequest], Awaitable[bytes]]
 ) -> None:
     """Answer enrolment requests addressed to this registry instance.
 
     Args:
-        mesh: the registry's ``Mesh``; its box key opens the requests.
-        issue: checks the token and returns the new certificate's wire bytes; raises a
-            ``MeshError`` to refuse.
+        mesh: the registry's ``Mesh``; its box key opens the requests, its signing key signs
+            the replies.
+        issue: checks the token and returns the new certificate's wire bytes (the same bytes
+            again for a retry by the same keys); raises a ``MeshError`` to refuse.
     """
-    box = mesh.identity.keys.box
     if REGISTRY_ROLE not in mesh.identity.certificate.roles:
         raise PermissionDenied("serving enrolment needs an identity with the registry role")
-
-    budget = TokenBucket(ENROL_RATE, ENROL_BURST)
-    prefix = f"{mesh.config.prefix}."
-
-    async def on_request(msg: InboundMessage) -> None:
-        if not msg.reply or msg.reply.startswith(prefix):
-            return  # never answer into the mesh's own subjects
-        if not budget.try_take():
-            return  # unauthenticated work is bounded; the enrolling agent retries
-        try:
-            request = open_enrolment(msg.data, box)
-            out = {"status": "OK", "certificate": await issue(request)}
-        except MeshError as exc:
-            out = {"status": exc.code, "message": exc.message}
-        except Exception:  # never leak internals to an unauthenticated party
-            out = {"status": Internal.code, "message": "enrolment failed"}
-        with contextlib.suppress(MeshError):
-            await mesh.transport.publish(msg.reply, msgpack.packb(out, use_bin_type=True))
-
-    await mesh.subscribe_raw(enrol_subject(mesh.config.prefix, mesh.instance), on_request)
+    server = _EnrolmentServer(mesh, issue)
+    await mesh.subscribe_raw(enrol_subject(mesh.config.prefix, mesh.instance), server.on_request)

@@ -1,9 +1,10 @@
 """Signed events: publishing as this agent, and receiving the topics the agent handles.
 
-Publishing: validate the topic and trace context, encode, sign (Ed25519 over header and body),
-send on ``<prefix>.evt.<agent>.<topic>``. Receiving: size, decode, then admission
-(``mesh._core.admission.admit_event``: subject, replay, readable headers, certificate,
-signature), then each handler in a task of its own. A bad signature never reaches a handler.
+Publishing: validate the topic and trace context, encode, sign (Ed25519 over the subject
+prefix, header and body), send on ``<prefix>.evt.<agent>.<topic>``. Receiving: size, decode,
+then admission (``mesh._core.admission.admit_event``: subject, replay, readable headers,
+certificate, signature), then each handler in a task of its own. A bad signature never reaches
+a handler.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class EventPublisher:
             tracestate=tracestate,
         )
         frame, _ = encode_frame(header, payload)
-        frame += sign_frame(identity.keys.signing, frame)
+        frame += sign_frame(identity.keys.signing, frame, self._prefix)
         headers: dict[str, str] = {}
         if traceparent is not None:
             headers[HDR_TRACEPARENT] = traceparent
@@ -161,6 +162,7 @@ class EventReceiver:
                 max_signed=self._max_signed,
                 replay=self._replay,
                 verifier=self._verifier,
+                prefix=self._prefix,
             )
         except MeshError as exc:
             self._stats.refuse(exc.code)

@@ -1,8 +1,11 @@
 """Governance inside each agent process: the policy it runs, the revocations it honours, the
 renewal of its certificate, rate limits, and reports of denials to the registry.
 
+Freshness: the policy run is the one the newest signed head names (``mesh._core.head``), found
+by hash in the policy store's history (or the agent's saved state); revocations come from the
+head too. A head older than one already seen is refused, an expired one makes the agent stale.
 Fail static: the last policy that verified stays in force while the registry or JetStream is
-away; the watches are re-created after a reconnect and catch up.
+away; the watches are re-created after a reconnect or when the head goes quiet, and catch up.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from mesh._core.head import Head, check_successor
 from mesh._core.identity import Certificate
 from mesh._core.policy import PolicyEngine, Route, parse_canonical
 from mesh._core.ratelimit import RateLimiter, TokenBucket
 from mesh._log import get_logger
 from mesh._runtime.agent import Peer
 from mesh._runtime.concurrency import cancel_and_wait
-from mesh._runtime.control import ControlStore
+from mesh._runtime.control import ControlStore, PolicyRevision
+from mesh._runtime.freshness import SavedState
 from mesh._runtime.ports import MeshHandle
 from mesh._runtime.registry_api import (
     DENIAL_TOPIC,
@@ -69,47 +74,90 @@ class Governance:
         self.engine = PolicyEngine(None)
         self.revision: int | None = None
         self.error: str | None = None
+        self.head: Head | None = None
+        self.stale: str | None = None  # why this agent may not run the current state
+        self._saved = SavedState(mesh.config.state_dir, mesh.config.prefix)
+        self._policy_sha: str | None = None
+        self._known: dict[str, tuple[PolicyRevision, bytes]] = {}  # verified, by SHA-256
+        self._head_refused: str | None = None
+        self._head_unsigned = False  # the head refused was not signed by this trust root
+        self._head_quiet_since = 0.0
         self.limiter = RateLimiter()
         self.decisions: Counter[tuple[str, str]] = Counter()
         self._reports = TokenBucket(20.0, 50)
         self._suppressed = 0
         self._store: ControlStore | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._policy_ready = asyncio.Event()
+        self._policy_loaded = asyncio.Event()
+        self._head_loaded = asyncio.Event()
+        self._resolved = asyncio.Event()  # the policy the head names is running
         self._policy_seen = asyncio.Event()
-        self._revocations_ready = asyncio.Event()
-        self._policy_unauthenticated = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, store: ControlStore, timeout: float) -> None:
-        """Load the current policy and revocations, then keep watching them.
+        """Load the newest head and the policy it names, then keep watching them.
 
         Raises:
-            Unavailable: they could not be read within ``timeout``.
-            FailedPrecondition: the mesh's current policy is not signed by this agent's trust
-                root (a wrong ``--root``); a mesh with no policy yet starts.
+            Unavailable: the stores could not be read within ``timeout``.
+            FailedPrecondition: no usable head arrived within ``timeout`` (none at all, one
+                not signed by this agent's trust root, or the policy it names could not be
+                found); with ``allow_no_policy``, or for a process holding the root key, a
+                mesh with no head yet starts with no policy.
         """
         self._store = store
+        self._load_saved()
         self.restart_watches()
+        if self.head is not None:  # the saved head: the floor, and maybe the policy to run
+            self._apply_revocations(self.head)
+            self._resolve()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
         try:
             await asyncio.wait_for(
-                asyncio.gather(self._policy_ready.wait(), self._revocations_ready.wait()),
-                timeout,
+                asyncio.gather(self._policy_loaded.wait(), self._head_loaded.wait()), timeout
             )
         except TimeoutError:
-            raise Unavailable("policy and revocations did not load in time") from None
-        if self.revision is None and self._policy_unauthenticated:
+            raise Unavailable("the control plane's head and policy did not load in time") from None
+        can_sign = self._mesh.trust_root.can_sign  # the registry checks the store itself
+        if self.head is None and self._head_unsigned and not can_sign:
+            # Most likely a wrong --root: say so now rather than at the deadline (a forged
+            # head costs a fresh agent its start until the registry re-signs; it restarts).
             await self.close()
-            raise FailedPrecondition(
-                f"this agent's trust root {self._mesh.trust_root.key_id} is not the mesh's: "
-                "the current policy is not signed by it; check --root / MESH_TRUST_ROOT"
-            )
+            raise FailedPrecondition(self._why_not_ready())
+        no_head_ok = self._mesh.config.allow_no_policy or can_sign
+        if self.head is not None or not no_head_ok:
+            try:
+                await asyncio.wait_for(self._resolved.wait(), max(0.0, end - loop.time()))
+            except TimeoutError:
+                await self.close()
+                raise FailedPrecondition(self._why_not_ready()) from None
+        if self.head is None and not self._mesh.trust_root.can_sign:
+            log.warning("mesh.no_policy_head", note="development mode: no policy until a head")
         self._tasks["renew"] = asyncio.create_task(self._renew_loop(), name="mesh-renew")
+        self._tasks["quiet"] = asyncio.create_task(self._quiet_watch(), name="mesh-head-quiet")
+
+    def _why_not_ready(self) -> str:
+        root = self._mesh.trust_root.key_id
+        if self.head is None and self._head_unsigned:
+            return (
+                f"this agent's trust root {root} is not the mesh's: the mesh's head is not "
+                "signed by it; check --root / MESH_TRUST_ROOT (if the root is right, someone "
+                "replaced the head: the registry re-signs it within its refresh interval)"
+            )
+        if self.head is None and self._head_refused is not None:
+            return f"the mesh's head was refused: {self._head_refused}"
+        if self.head is None:
+            return (
+                "no signed head in the control plane: start the registry "
+                "(mesh-agent run mesh_agents.registry:registry), or, for a development mesh "
+                "without one, set allow_no_policy (MESH_ALLOW_NO_POLICY=1)"
+            )
+        return self.stale or f"the policy named by {self.head.describe()} is not available"
 
     def restart_watches(self) -> None:
-        """(Re-)create the policy and revocation watches, e.g. after a reconnect."""
-        for name, run in (("policy", self._watch_policy), ("revoked", self._watch_revocations)):
+        """(Re-)create the head and policy watches, e.g. after a reconnect."""
+        for name, run in (("policy", self._watch_policy), ("head", self._watch_head)):
             old = self._tasks.pop(name, None)
             if old is not None:
                 old.cancel()
@@ -121,8 +169,8 @@ class Governance:
 
     async def _watch(
         self,
-        open_watch: Callable[[], AsyncIterator[object]],
-        apply: Callable[[object], None],
+        open_watch: Callable[[], AsyncIterator[bytes | None]],
+        apply: Callable[[bytes], None],
         ready: asyncio.Event,
     ) -> None:
         while True:
@@ -140,36 +188,175 @@ class Governance:
 
     async def _watch_policy(self) -> None:
         assert self._store is not None
-        await self._watch(self._store.watch_policy, self._apply_policy, self._policy_ready)
+        await self._watch(self._store.watch_policy, self._apply_policy, self._policy_loaded)
 
-    async def _watch_revocations(self) -> None:
+    async def _watch_head(self) -> None:
         assert self._store is not None
-        await self._watch(
-            self._store.watch_revocations, self._apply_revocation, self._revocations_ready
-        )
+        await self._watch(self._store.watch_head, self._apply_head, self._head_loaded)
 
-    # --- policy ------------------------------------------------------------------------------
+    async def _quiet_watch(self) -> None:
+        """When the head is past half its life with no newer one, the watch may be on a store
+        that was deleted and re-created: look, and watch again. Also mark the agent stale once
+        its head expired."""
+        while True:
+            head = self.head
+            life = (head.expires_at - head.issued_at) if head is not None else 80.0
+            await asyncio.sleep(min(max(0.5, life / 8), 5.0 if head is not None else 10.0))
+            head = self.head
+            assert self._store is not None
+            if head is None:
+                # No head yet (development mode): the head store may have been deleted and
+                # re-created under this watch; look again.
+                with contextlib.suppress(MeshError):
+                    if await self._store.recover():
+                        self.restart_watches()
+                continue
+            now = time.time()
+            if head.expired(now) and self.stale is None:
+                self._set_stale(
+                    f"the newest head (v{head.version}) expired "
+                    f"{now - head.expires_at:.0f} s ago: the registry is away or the broker "
+                    "withholds newer heads"
+                )
+            if now > head.issued_at + (head.expires_at - head.issued_at) / 2:
+                with contextlib.suppress(MeshError):
+                    await self._store.recover()
+                self.restart_watches()
 
-    def _apply_policy(self, raw: object) -> None:
-        assert self._store is not None and isinstance(raw, bytes)
+    # --- head and policy ---------------------------------------------------------------------
+
+    def _load_saved(self) -> None:
+        assert self._store is not None
+        raw = self._saved.load("head")
+        if raw is not None:
+            try:
+                self.head = self._store.decode_head(raw)
+            except MeshError as exc:
+                log.warning("mesh.saved_head_refused", error=exc.message)
+        raw = self._saved.load("policy")
+        if raw is not None:
+            with contextlib.suppress(MeshError):
+                rev = self._store.decode_policy(raw)
+                self._known[rev.sha256] = (rev, raw)
+
+    def _set_stale(self, why: str | None) -> None:
+        if why != self.stale:
+            self.stale = why
+            if why is not None:
+                log.warning("mesh.control_plane_stale", reason=why)
+            self._policy_changed()
+
+    def _apply_head(self, raw: bytes) -> None:
+        assert self._store is not None
+        try:
+            head = self._store.decode_head(raw)
+        except MeshError as exc:
+            self._head_refused = exc.message
+            self._head_unsigned = isinstance(exc, Unauthenticated)
+            log.error("mesh.head_refused", error=exc.message)
+            return
+        why = check_successor(self.head, head, time.time())
+        if why is not None:
+            self._head_refused = why
+            log.error("mesh.head_refused", error=why)
+            if self.head is not None and head.version < self.head.version:
+                self._set_stale(f"the store holds an older head than v{self.head.version}: {why}")
+            return
+        self._head_refused = None
+        if head != self.head:
+            self.head = head
+            self._saved.save("head", raw)
+        self._apply_revocations(head)
+        self._set_stale(None if not head.expired(time.time()) else f"head v{head.version} expired")
+        self._resolve()
+
+    def _apply_policy(self, raw: bytes) -> None:
+        assert self._store is not None
         try:
             rev = self._store.decode_policy(raw)
+        except MeshError as exc:
+            # Not a NACK: what runs is what the head names, and this is not it.
+            log.warning("mesh.policy_document_refused", error=exc.message)
+            return
+        self._remember(rev, raw)
+        self._resolve()
+
+    def _remember(self, rev: PolicyRevision, raw: bytes) -> None:
+        self._known[rev.sha256] = (rev, raw)
+        if len(self._known) > 8:  # keep the newest few (a broker may replay old ones)
+            oldest = min(self._known.values(), key=lambda item: item[0].revision)
+            del self._known[oldest[0].sha256]
+
+    def _resolve(self) -> None:
+        """Run the policy the head names, once it is known; fetch it when it is not."""
+        head = self.head
+        if head is None:
+            return
+        if head.policy_sha256 is None:
+            self._resolved.set()  # a signed "no policy yet"
+            return
+        if head.policy_sha256 == self._policy_sha:
+            self._resolved.set()
+            return
+        if (
+            self.revision is not None
+            and head.policy_revision is not None
+            and head.policy_revision < self.revision
+        ):
+            return  # heads only grow; this cannot be newer than what runs
+        found = self._known.get(head.policy_sha256)
+        if found is None:
+            if "fetch" not in self._tasks or self._tasks["fetch"].done():
+                self._tasks["fetch"] = asyncio.create_task(
+                    self._fetch(head), name="mesh-policy-fetch"
+                )
+            return
+        rev, raw = found
+        if rev.revision != head.policy_revision:
+            self._set_stale(
+                f"{head.describe()} names revision {head.policy_revision} but the document "
+                f"with its hash is revision {rev.revision}"
+            )
+            return
+        try:
             policy = parse_canonical(rev.policy_json, source=rev.source)
         except Exception as exc:
             # NACK: keep serving on the last good policy and say why in the directory.
-            self._policy_unauthenticated = isinstance(exc, Unauthenticated)
             self.error = exc.message if isinstance(exc, MeshError) else type(exc).__name__
-            log.error("mesh.policy_refused", error=self.error)
+            log.error("mesh.policy_refused", error=self.error, revision=rev.revision)
         else:
-            if self.revision is not None and rev.revision <= self.revision:
-                return
             self.engine = PolicyEngine(policy, revision=rev.revision, source=rev.source)
             self.revision = rev.revision
+            self._policy_sha = rev.sha256
             self.error = None
+            self._saved.save("policy", raw)
             log.info("mesh.policy_applied", revision=rev.revision, source=rev.source)
+            self._resolved.set()
         self._policy_seen.set()
         self._policy_seen = asyncio.Event()
         self._policy_changed()
+
+    async def _fetch(self, head: Head) -> None:
+        """Find the revision ``head`` names in the policy store's history, retrying (the
+        registry puts it back when the store lost it)."""
+        assert self._store is not None and head.policy_sha256 is not None
+        delay = 0.2
+        while self.head is head and head.policy_sha256 not in self._known:
+            try:
+                found = await self._store.policy_by_sha(head.policy_sha256)
+            except MeshError as exc:
+                found = None
+                log.warning("mesh.policy_fetch_failed", error=exc.message)
+            if found is not None:
+                self._remember(*found)
+                break
+            self._set_stale(
+                f"{head.describe()} names policy revision {head.policy_revision}, which the "
+                "policy store does not hold (the registry puts it back)"
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        self._resolve()
 
     async def wait_for_revision(self, revision: int, timeout: float = 10.0) -> None:
         """Wait until this agent runs ``revision`` (or a later one).
@@ -186,11 +373,12 @@ class Governance:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._policy_seen.wait(), left)
 
-    def _apply_revocation(self, item: object) -> None:
-        serial = getattr(item, "serial", None)
-        if isinstance(serial, str):
-            self._mesh.verifier.revoked.add(serial)
-            if serial == self._mesh.identity.certificate.serial:
+    def _apply_revocations(self, head: Head) -> None:
+        revoked = self._mesh.verifier.revoked
+        mine = self._mesh.identity.certificate.serial
+        for serial in head.revoked_serials - revoked:
+            revoked.add(serial)
+            if serial == mine:
                 log.error("mesh.own_certificate_revoked", serial=serial)
                 if self._own_revoked is not None:
                     self._own_revoked()
@@ -306,7 +494,10 @@ class Governance:
                 except MeshError as exc:
                     left = cert.not_after - time.time()
                     log.warning("mesh.renewal_failed", error=exc.message, expires_in_s=round(left))
-                    await asyncio.sleep(min(delay, max(1.0, left / 10)))
+                    wait = min(delay, max(1.0, left / 10))
+                    if isinstance(exc, ResourceExhausted) and exc.retry_after:
+                        wait = max(wait, exc.retry_after)  # the registry's per-identity limit
+                    await asyncio.sleep(wait)
                     delay = min(delay * 2, 60.0)
 
     async def renew_now(self) -> Certificate:

@@ -106,7 +106,7 @@ class MeshRuntime:
         self.stats = MeshStats()
         self.certificate_listeners: list[Callable[[Identity], None]] = []
         self.started_at = 0.0
-        pair = PairKeys(identity.keys.box)
+        pair = PairKeys(identity.keys.box, config.prefix)
         self._inbox = Inbox(
             identity.instance,
             config.limits.max_body + NONCE_LEN + TAG_LEN,
@@ -220,7 +220,12 @@ class MeshRuntime:
         )  # fmt: skip
         await _retry_unavailable(bucket.open, deadline)
         self._directory = Directory(
-            bucket.watch, self.verifier, ttl=ttl, on_dead=self._inbox.fail_instance, bucket=bucket
+            bucket.watch,
+            self.verifier,
+            ttl=ttl,
+            on_dead=self._inbox.fail_instance,
+            bucket=bucket,
+            max_skew=timeouts.max_future,
         )
         await self._directory.start(timeouts.connect)
         self.client.directory = self._directory

@@ -2,7 +2,8 @@
 
 The record is signed with the instance's key (``mesh._core.records``) and written under
 ``<agent>.<instance>`` in the directory bucket; it carries the policy revision the instance
-runs (its ACK) or the error that made it refuse one (its NACK).
+runs (its ACK) or the error that made it refuse one (its NACK). Its signed ``ts`` rises strictly
+from one record to the next: readers ignore a record not newer than the last they accepted.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class Registration:
         self.bucket: DirectoryBucket | None = None
         identity_now = identity()
         self.key = f"{identity_now.agent}.{identity_now.instance}"
+        self._last_ms = 0  # the ts of the last record signed
+
+    def _next_ts(self) -> float:
+        """Now, in whole milliseconds, and later than the last record's ``ts``: two records in
+        one millisecond (a heartbeat, then a draining record) must not look like a replay."""
+        ms = max(int(time.time() * 1000), self._last_ms + 1)
+        self._last_ms = ms
+        return ms / 1000
 
     def record(self, state: str = STATE_SERVING) -> bytes:
         """The signed record as it stands now."""
@@ -61,7 +70,7 @@ class Registration:
             endpoints=[EndpointInfo(s.name, s.idempotent) for s in agent.endpoints.values()],
             version=agent.version,
             labels=agent.labels,
-            ts=time.time(),
+            ts=self._next_ts(),
             state=state,
             policy_revision=self._governance.revision,
             policy_error=self._governance.error,

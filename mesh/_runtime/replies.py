@@ -5,6 +5,12 @@ checked in the order of ``docs/protocol.md`` section 13 (decode, kind, ids, size
 under the pair key of the instance the attempt went to) before it resolves the attempt. Forged,
 misaddressed or malformed messages are dropped and counted; the attempt keeps waiting for the
 real reply until its timer fires.
+
+Only a sealed reply (or signed directory evidence) ends an attempt early. An unsealed REFUSAL
+is kept as a hint, quoted if the attempt times out; a NATS "no responders" status resolves the
+attempt's future with ``None`` (and arms a fresh one, so a reply arriving meanwhile is kept):
+the client re-sends the same frame to the same instance until the signed directory says it is
+gone.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 
 from mesh._core.crypto import open_frame
 from mesh._core.envelope import Kind, decode_frame
-from mesh._core.records import STATE_DRAINING, InstanceRecord
+from mesh._core.records import InstanceRecord
 from mesh._runtime.directory import Directory
 from mesh._runtime.ports import MeshStats
 from mesh._transport.base import InboundMessage, is_no_responders
@@ -31,9 +37,11 @@ from mesh.errors import (
     error_from_code,
 )
 
-__all__ = ["Inbox", "InstanceDown", "NotDelivered", "remote_error"]
+__all__ = ["Inbox", "InstanceDown", "NotDelivered", "Pending", "remote_error"]
 
 OK = "OK"
+MAX_HINT = 200
+"""Characters of an unsealed refusal's text kept to quote: it is whatever a forger wrote."""
 
 
 class NotDelivered(Unavailable):
@@ -41,18 +49,28 @@ class NotDelivered(Unavailable):
 
 
 class InstanceDown(Unavailable):
-    """The instance seems gone: "no responders", or its heartbeats stopped. The first signal
-    is unauthenticated, so it never by itself moves a keyed call to another instance."""
+    """Signed evidence that the instance is gone: its heartbeats stopped, or it announced
+    draining while the attempt got "no responders"."""
 
 
 @dataclass(slots=True)
 class Pending:
-    """One attempt waiting on the inbox."""
+    """One attempt waiting on the inbox.
 
-    fut: asyncio.Future[bytes]
+    Attributes:
+        fut: resolves with the reply body, an error, or ``None`` for "no responders" (then
+            ``signalled`` is set and ``fut`` is already a fresh future).
+        hint: the last unsealed refusal, as ``CODE: message``.
+        no_responders: how many "no responders" statuses arrived.
+    """
+
+    fut: asyncio.Future[bytes | None]
     request_id: bytes
     record: InstanceRecord
     key: bytes
+    hint: str | None = None
+    no_responders: int = 0
+    signalled: bool = False
 
 
 def remote_error(code: str, body: bytes) -> MeshError:
@@ -74,13 +92,18 @@ def remote_error(code: str, body: bytes) -> MeshError:
     )
 
 
-def _expire(fut: asyncio.Future[bytes], by_deadline: bool) -> None:
-    if not fut.done():
-        fut.set_exception(
-            DeadlineExceeded("no reply before the deadline")
-            if by_deadline
-            else Unavailable("attempt timed out (per-try timeout)")
-        )
+def _expire(p: Pending, by_deadline: bool) -> None:
+    fut = p.fut
+    if fut.done():
+        return
+    message = (
+        "no reply before the deadline" if by_deadline else "attempt timed out (per-try timeout)"
+    )
+    if p.hint is not None:
+        message += f" (unauthenticated refusal received: {p.hint})"
+    if p.no_responders:
+        message += f" (no responders at instance {p.record.key}, {p.no_responders} times)"
+    fut.set_exception(DeadlineExceeded(message) if by_deadline else Unavailable(message))
 
 
 class Inbox:
@@ -90,8 +113,12 @@ class Inbox:
         instance: this instance's id (replies must be addressed to it).
         max_sealed: the largest sealed reply body opened.
         stats: where dropped replies are counted.
-        directory: the live view, told when "no responders" shows an instance is gone.
-        eject_for: seconds an instance is set aside after "no responders".
+        directory / eject_for: no longer used ("no responders" is unauthenticated, so it
+            neither ejects an instance nor fails other attempts); accepted for compatibility.
+
+    Attributes:
+        refusal_hints: unsealed REFUSALs received for a pending attempt (kept as hints).
+        no_responders: "no responders" statuses received for a pending attempt.
     """
 
     def __init__(
@@ -99,17 +126,17 @@ class Inbox:
         instance: str,
         max_sealed: int,
         stats: MeshStats,
-        directory: Callable[[], Directory],
-        eject_for: float,
+        directory: Callable[[], Directory] | None = None,
+        eject_for: float = 0.0,
     ) -> None:
         self.subject = ""
         self._instance = instance
         self._max_sealed = max_sealed
         self._stats = stats
-        self._directory = directory
-        self._eject_for = eject_for
         self._pending: dict[str, Pending] = {}
         self._tokens = itertools.count(1)
+        self.refusal_hints = 0
+        self.no_responders = 0
 
     def add(
         self, request_id: bytes, record: InstanceRecord, key: bytes, wait: float, by_deadline: bool
@@ -121,10 +148,10 @@ class Inbox:
             timer to ``remove``.
         """
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
+        fut: asyncio.Future[bytes | None] = loop.create_future()
         token = str(next(self._tokens))
         pending = self._pending[token] = Pending(fut, request_id, record, key)
-        timer = loop.call_later(max(0.0, wait), _expire, fut, by_deadline)
+        timer = loop.call_later(max(0.0, wait), _expire, pending, by_deadline)
         return token, f"{self.subject}.{token}", pending, timer
 
     def remove(self, token: str, timer: asyncio.TimerHandle) -> None:
@@ -132,7 +159,8 @@ class Inbox:
         del self._pending[token]
 
     def fail_instance(self, record: InstanceRecord) -> None:
-        """Fail attempts waiting on an instance that is gone, so they retry elsewhere now."""
+        """Fail attempts waiting on an instance found dead by the signed directory (no
+        heartbeat for ``ttl``), so they retry elsewhere now."""
         for p in list(self._pending.values()):
             if p.record.key == record.key and not p.fut.done():
                 p.fut.set_exception(InstanceDown(f"instance {record.key} went away"))
@@ -152,15 +180,10 @@ class Inbox:
             self._stats.dropped_replies += 1
             return
         if hdr.kind == Kind.REFUSAL and hdr.reply_to == p.request_id:
-            # Unsealed: the callee could not authenticate the request. Trusted only as a hint.
-            p.fut.set_exception(
-                error_from_code(
-                    hdr.status or "INTERNAL",
-                    hdr.message or "refused",
-                    rule=hdr.rule,
-                    retry_after=hdr.retry_after_ms / 1000 if hdr.retry_after_ms else None,
-                )
-            )
+            # Unsealed: anyone can forge it, so it never ends the attempt (the handler may be
+            # running). Kept to explain a timeout: a genuine one means no reply will come.
+            p.hint = f"{hdr.status or Internal.code}: {hdr.message or 'refused'}"[:MAX_HINT]
+            self.refusal_hints += 1
             return
         if (
             hdr.kind != Kind.REPLY
@@ -184,12 +207,17 @@ class Inbox:
         p.fut.set_exception(remote_error(hdr.status or Internal.code, plaintext))
 
     def _no_responders(self, p: Pending) -> None:
-        record = p.record
-        p.fut.set_exception(InstanceDown(f"no responders at instance {record.key}"))
-        directory = self._directory()
-        live = directory.get(record.key)
-        if live is not None and live.state != STATE_DRAINING:
-            # Listed as serving but not subscribed: the process is gone. Stop picking it, and
-            # fail other attempts waiting on it so they retry elsewhere at once.
-            directory.eject(record.key, self._eject_for)
-            self.fail_instance(record)
+        """Wake the attempt (it re-sends its frame) and keep listening for its reply.
+
+        The status is unauthenticated: the request may have been delivered all the same, so
+        the attempt is not failed; a fresh future replaces the one woken, so that a reply
+        arriving before the attempt runs again is not lost.
+        """
+        p.no_responders += 1
+        self.no_responders += 1
+        if p.signalled:
+            return  # the attempt has not handled the previous one yet
+        p.signalled = True
+        woken = p.fut
+        p.fut = woken.get_loop().create_future()
+        woken.set_result(None)

@@ -5,7 +5,8 @@ first; the numbers are that section's steps)::
 
     decode      1       the frame's prefix and header                  refused unsealed
     admit       2-12    size, kind, addressing, replay, deadline, readable headers,
-                        certificate, rate-limit peek, open the seal, record the id
+                        certificate, rate-limit peek (refused sealed), open the seal,
+                        record the id
     ----------- 13      no reply subject: dropped
     endpoint    14      this instance serves it                        answered sealed
     authorize   15-16   policy decision (named rule) and rate-limit take
@@ -35,7 +36,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mesh._core.admission import admit_request, too_large
+from mesh._core.admission import SealedRefusal, admit_request, too_large
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys, ReplayGuard, seal_frame
 from mesh._core.envelope import (
@@ -179,6 +180,9 @@ class ServerPipeline:
             # The caller has stopped waiting (its own timer fired): nothing to answer.
             self._stats.refuse(DeadlineExceeded.code)
             return
+        except SealedRefusal as refusal:
+            await self._refuse_sealed(msg, hdr, refusal.key, refusal.error)
+            return
         except MeshError as exc:
             await self._refuse(msg, hdr.id, exc)
             return
@@ -211,8 +215,24 @@ class ServerPipeline:
         assert ex.spec is not None
         ex.route = self._governance.incoming(ex.peer, ex.spec.name)
 
+    async def _refuse_sealed(
+        self, msg: InboundMessage, hdr: Header, key: bytes, exc: MeshError
+    ) -> None:
+        """A refusal once the pair key is known (step 10): a sealed error REPLY, which the
+        caller may act on (an unsealed REFUSAL is only a hint to it)."""
+        self._stats.refuse(exc.code)
+        if not msg.reply:
+            return
+        aad = reply_header(
+            os.urandom(16), int(time.time() * 1000), self.name, self.instance, hdr.from_agent,
+            hdr.from_instance, hdr.id, exc.code,
+        )  # fmt: skip
+        with contextlib.suppress(MeshError):
+            await self._transport.publish(msg.reply, seal_frame(key, aad, error_body(exc)))
+
     async def _refuse(self, msg: InboundMessage, request_id: bytes, exc: MeshError) -> None:
-        """An unsealed REFUSAL: the request could not be authenticated (steps 1 to 12)."""
+        """An unsealed REFUSAL: the request could not be authenticated (steps 1 to 11, except
+        the rate-limit peek). Callers keep it as a hint only."""
         self._stats.refuse(exc.code)
         if not msg.reply:
             return

@@ -260,6 +260,10 @@ class MemoryTransport:
         kv = self.broker.kvs.get(bucket)
         return None if kv is None else str(id(kv))
 
+    async def stream_id(self, name: str) -> str | None:
+        stream = self.broker.streams.get(name)
+        return None if stream is None else str(id(stream))
+
     async def stream(self, name: str, subject: str, *, replicas: int = 1) -> _MemStream:
         return self.broker.streams.setdefault(name, _MemStream())
 

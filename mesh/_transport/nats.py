@@ -430,10 +430,13 @@ class NatsTransport:
         self._kvs.pop(bucket, None)
 
     async def bucket_id(self, bucket: str) -> str | None:
+        return await self.stream_id(f"KV_{bucket}")
+
+    async def stream_id(self, name: str) -> str | None:
         js = self.nc.jetstream(timeout=5.0)
-        with map_nats_errors(f"looking up the JetStream key-value bucket {bucket!r}"):
+        with map_nats_errors(f"looking up the JetStream stream {name!r}"):
             try:
-                info = await js.stream_info(f"KV_{bucket}")
+                info = await js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 return None
         return str(info.created)

@@ -47,7 +47,12 @@ def warn_if_expiring(cert: Certificate, what: str) -> None:
 
 def _config(args: argparse.Namespace) -> MeshConfig:
     servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
-    return MeshConfig(servers=servers, prefix=args.prefix)
+    # An admin client serves nothing: it starts without a fresh head (the registry may be
+    # down, which `audit verify` and `agents` must still show), keeping the newest head it
+    # saw in its identity directory so it notices a rollback.
+    return MeshConfig(
+        servers=servers, prefix=args.prefix, allow_no_policy=True, state_dir=args.identity
+    )
 
 
 @asynccontextmanager

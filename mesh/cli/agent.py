@@ -120,6 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         timeouts=Timeouts(drain=parse_duration(args.drain)),
         access_log=args.access_log,
+        state_dir=args.identity,  # the newest signed head and policy seen, kept across restarts
+        allow_no_policy=args.allow_no_policy,
     )
     install_tracing(args.traces, agent.name)
     if args.metrics_port:
@@ -184,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=(env_default("ACCESS_LOG", "") or "").lower() in ("1", "true", "yes"),
     )
     run.add_argument("--log-format", choices=["console", "json"], default="console")
+    run.add_argument(
+        "--allow-no-policy",
+        action="store_true",
+        default=(env_default("ALLOW_NO_POLICY", "") or "").lower() in ("1", "true", "yes"),
+        help="development mode: start with no policy when the mesh has no registry's head",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run a demo mesh on an embedded NATS server")

@@ -21,7 +21,7 @@ def _audit_line(rec: AuditRecord) -> str:
 async def cmd_audit_tail(args: argparse.Namespace) -> int:
     """Print the last records; with -f, follow new ones (each verified)."""
     async with admin_mesh(args) as mesh:
-        records, problems = await mesh.control.read_audit()
+        records, problems = await mesh.control.read_audit(mesh.governance.head)
         for rec in records[-args.lines :] if args.lines > 0 else []:
             out.print(_audit_line(rec), markup=False)
         for p in problems:
@@ -44,7 +44,7 @@ async def cmd_audit_tail(args: argparse.Namespace) -> int:
 async def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check every signature and link; exit 1 on any problem."""
     async with admin_mesh(args) as mesh:
-        records, problems = await mesh.control.read_audit()
+        records, problems = await mesh.control.read_audit(mesh.governance.head)
     for p in problems:
         out.print(f"FAIL {p}", markup=False)
     if problems:

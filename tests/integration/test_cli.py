@@ -161,6 +161,30 @@ def test_run_without_identity_explains() -> None:
     assert result.returncode == 2 and "MESH_IDENTITY" in result.stderr
 
 
+async def test_run_without_a_registry_refuses_to_start(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Fail closed: with no signed head in the mesh (no registry ever ran) an agent does not
+    start, and says how to start the registry or allow a development mesh without one."""
+    root = TrustRoot.generate()
+    save_trust_root(root, tmp_path / "root")
+    mesh.save_identity(root.issue_identity("worker"), tmp_path / "worker")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
+        "MESH_SERVERS": nats_server.url,
+        "MESH_IDENTITY": str(tmp_path / "worker"),
+        "MESH_TRUST_ROOT": str(tmp_path / "root" / "root.pub"),
+    }
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "mesh-agent"), "run", "tests.integration.workers:worker"],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "no signed head" in result.stderr and "MESH_ALLOW_NO_POLICY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_run_serves_then_drains_on_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
     """A runner-started agent serves calls, and on SIGTERM deregisters and exits 0."""
     root = TrustRoot.generate()
@@ -171,6 +195,7 @@ async def test_run_serves_then_drains_on_sigterm(nats_server: NatsServer, tmp_pa
         "MESH_SERVERS": nats_server.url,
         "MESH_IDENTITY": str(tmp_path / "worker"),
         "MESH_TRUST_ROOT": str(tmp_path / "root" / "root.pub"),
+        "MESH_ALLOW_NO_POLICY": "1",  # no registry in this mesh
     }
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "mesh-agent"),

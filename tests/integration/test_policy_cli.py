@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -82,6 +83,13 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def forget_saved_state(keys: Path) -> None:
+    """Each test has a new nats-server, so a new mesh: the heads the shared identities saved
+    for the last test's mesh would be newer than this one's (a rollback, rightly refused)."""
+    for name in ("admin", "registry"):
+        shutil.rmtree(keys / name / "state", ignore_errors=True)
+
+
 @dataclass
 class World:
     """A nats-server, the registry (in-process, from the `init` keys) and an in-process admin
@@ -140,6 +148,7 @@ class World:
 
 @pytest.fixture
 async def world(nats_server: NatsServer, keys: Path) -> AsyncIterator[World]:
+    forget_saved_state(keys)
     root = load_trust_root(keys)
     cfg = test_config([nats_server.url], signals_interval=0.2)
     async with AsyncExitStack() as stack:
@@ -567,6 +576,7 @@ async def registry_process(
 ) -> AsyncIterator[mesh.Mesh]:
     """The documented way: `mesh-agent run mesh_agents.registry:registry --identity
     DIR/registry --root-key DIR`. Yields an in-process admin connected to the same server."""
+    forget_saved_state(keys)
     log = (tmp_path / "registry.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "mesh-agent"),

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from mesh import Identity
-from mesh._core.admission import admit_request
+from mesh._core.admission import SealedRefusal, admit_request
 from mesh._core.crypto import PairKeys, ReplayGuard, derive_pair_key, seal_frame
 from mesh._core.envelope import HDR_DEADLINE, decode_frame, request_header
 from mesh._core.identity import CertificateVerifier
@@ -60,10 +60,22 @@ class TestRecording:
         frame, headers = _request(alice, bob)
         guard = ReplayGuard()
 
-        with pytest.raises(ResourceExhausted):
+        with pytest.raises(SealedRefusal) as refused:
             _admit(bob, frame, headers, guard, _full)
+        assert isinstance(refused.value.error, ResourceExhausted)
         with pytest.raises(Unauthenticated, match="replayed message id"):
             _admit(bob, frame, headers, guard, _open)
+
+    def test_peek_refusal_carries_the_pair_key(self) -> None:
+        """The peek refusal comes with the pair key, so that the callee answers it sealed."""
+        trust = Trust()
+        alice, bob = trust.identity("alice"), trust.identity("bob")
+        frame, headers = _request(alice, bob)
+
+        with pytest.raises(SealedRefusal) as refused:
+            _admit(bob, frame, headers, ReplayGuard(), _full)
+        assert refused.value.key == derive_pair_key(alice.keys.box, bob.certificate.box_pk)
+        assert refused.value.error.retry_after == 1.0
 
     def test_seal_failure_records_nothing(self) -> None:
         """A request whose seal does not open leaves no id behind (nothing vouches for it)."""

@@ -59,6 +59,15 @@ class TestPairKeys:
 
         assert pairs.get(bytes(b.public_key)) != pairs.get(bytes(c.public_key))
 
+    def test_prefix_bound_into_the_key(self) -> None:
+        """The same two keys under another subject prefix give another pair key."""
+        a, b = PrivateKey.generate(), PrivateKey.generate()
+        peer = bytes(b.public_key)
+
+        assert derive_pair_key(a, peer, "mesh") != derive_pair_key(a, peer, "mesh2")
+        assert PairKeys(a, "mesh2").get(peer) == derive_pair_key(b, bytes(a.public_key), "mesh2")
+        assert PairKeys(a, "mesh2").get(peer) != PairKeys(a, "mesh").get(peer)
+
     def test_bad_peer_key_length_refused(self) -> None:
         """A peer box key that is not 32 bytes is Unauthenticated."""
         with pytest.raises(Unauthenticated, match="32 bytes"):
@@ -145,6 +154,15 @@ class TestEventSignature:
 
         with pytest.raises(Unauthenticated):
             verify_frame(bytes(sk.verify_key), signed)
+
+    def test_other_prefix_refused(self) -> None:
+        """A frame signed under one subject prefix does not verify under another."""
+        sk = SigningKey.generate()
+        signed = b"header+body" + sign_frame(sk, b"header+body", "mesh")
+
+        assert verify_frame(bytes(sk.verify_key), signed, "mesh") == b"header+body"
+        with pytest.raises(Unauthenticated, match="does not verify"):
+            verify_frame(bytes(sk.verify_key), signed, "mesh2")
 
     def test_too_short_refused(self) -> None:
         """A frame shorter than a signature is Unauthenticated."""

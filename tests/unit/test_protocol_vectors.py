@@ -35,6 +35,7 @@ from mesh._core.crypto import (
     open_body,
     seal_body,
     sign_frame,
+    signed_event_bytes,
     verify_frame,
 )
 from mesh._core.envelope import (
@@ -57,7 +58,7 @@ from mesh._core.identity import Certificate, CertificateVerifier, TrustRoot, new
 from mesh._core.names import event_subject, rpc_subject
 from mesh._runtime.control import ControlStore
 from mesh._runtime.enrol import _proof_bytes
-from mesh.errors import DecodeError
+from mesh.errors import DecodeError, Unauthenticated
 from mesh.testing import FakeClock
 
 PROTOCOL = Path(__file__).parents[2] / "docs" / "protocol.md"
@@ -70,7 +71,7 @@ EXPECTED_VALUES = {
     "request": 4,
     "reply": 2,
     "refusal": 1,
-    "event": 5,
+    "event": 6,
     "enrolment": 3,
 }
 LAYOUT_ROWS = 18  # rows of the request's byte-layout table
@@ -315,7 +316,8 @@ def test_section_35_has_every_vector(vectors: Vectors) -> None:
 
 def test_keys_from_seeds_and_the_pair_key(vectors: Vectors) -> None:
     """Ed25519 and X25519 keys from the seeds, the root's key id, and the pair key of
-    section 6, computed by the code and by the formula of section 6 with raw libsodium."""
+    section 6 under the subject prefix, computed by the code and by the formula of section 6
+    with raw libsodium; another prefix gives another key."""
     v = vectors.check("keys")
     root = SigningKey(v.bytes("root seed"))
     caller_sign = SigningKey(v.bytes("caller sign seed"))
@@ -335,14 +337,21 @@ def test_keys_from_seeds_and_the_pair_key(vectors: Vectors) -> None:
     assert crypto_scalarmult(bytes(caller_box), bytes(callee_box.public_key)) == shared
     assert crypto_scalarmult(bytes(callee_box), bytes(caller_box.public_key)) == shared
     person = find(r'person=b"([^"]+)"', SECTIONS["6"], "the pair key's personalization")
+    find(r"K += BLAKE2b\(shared \|\| lo \|\| hi \|\| p,", SECTIONS["6"], "the pair key's input")
+    prefix = v.text("subject prefix")
+    assert prefix == MeshConfig().prefix
     lo, hi = sorted((bytes(caller_box.public_key), bytes(callee_box.public_key)))
     by_formula = blake2b(
-        shared + lo + hi, digest_size=32, person=person.group(1).encode(), encoder=RawEncoder
+        shared + lo + hi + prefix.encode(),
+        digest_size=32,
+        person=person.group(1).encode(),
+        encoder=RawEncoder,
     )
     k = v.bytes("pair key K")
     assert by_formula == k
-    assert derive_pair_key(caller_box, bytes(callee_box.public_key)) == k
-    assert derive_pair_key(callee_box, bytes(caller_box.public_key)) == k
+    assert derive_pair_key(caller_box, bytes(callee_box.public_key), prefix) == k
+    assert derive_pair_key(callee_box, bytes(caller_box.public_key), prefix) == k
+    assert derive_pair_key(caller_box, bytes(callee_box.public_key), f"{prefix}2") != k
     vectors.done()
 
 
@@ -442,7 +451,8 @@ def test_request_frame(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> Non
     assert decoded.to_map() == hdr
     assert end == len(aad)
 
-    assert rpc_subject(MeshConfig().prefix, hdr["ta"], hdr["ti"], hdr["ep"]) == v.text("subject")
+    prefix = vectors["keys"].text("subject prefix")
+    assert rpc_subject(prefix, hdr["ta"], hdr["ti"], hdr["ep"]) == v.text("subject")
     assert v.text(HDR_DEADLINE) == str(hdr["dl"])
     assert v.text(HDR_TRACEPARENT) == hdr["tp"]
     vectors.done()
@@ -510,9 +520,11 @@ def test_refusal_frame(vectors: Vectors) -> None:
 
 
 def test_event_frame(vectors: Vectors) -> None:
-    """The event's signed bytes, their digest, the caller's signature over them, the frame
-    and its subject."""
+    """The event's frame bytes, the signed bytes (subject prefix, then the frame bytes), their
+    digest, the caller's signature over them, the frame and its subject; the frame does not
+    verify under another prefix."""
     v, keys = vectors.check("event"), vectors["keys"]
+    prefix = keys.text("subject prefix")
     hdr = v.header(TYPES)
     assert hdr["k"] == Kind.EVENT
     assert hdr["ct"] == vectors["certificate"].bytes("wire")
@@ -526,21 +538,27 @@ def test_event_frame(vectors: Vectors) -> None:
         cert=hdr["ct"],
     )
     body = v.bytes("body")
-    signed, end = encode_frame(header, body)
-    assert signed == v.bytes("signed bytes")
+    unsigned, end = encode_frame(header, body)
+    assert unsigned == v.bytes("frame bytes")
     assert end == PREFIX_LEN + v.integer("hlen")
-    assert signed[end:] == body
-    assert list(msgpack.unpackb(signed[PREFIX_LEN:end], raw=False)) == list(hdr)
+    assert unsigned[end:] == body
+    assert list(msgpack.unpackb(unsigned[PREFIX_LEN:end], raw=False)) == list(hdr)
+    signed = v.bytes("signed bytes")
+    assert signed_event_bytes(prefix, unsigned) == signed
+    assert signed == bytes([len(prefix)]) + prefix.encode() + unsigned  # the formula of §8
     assert hashlib.sha256(signed).digest() == v.bytes("signed bytes SHA-256")
 
-    signature = sign_frame(SigningKey(keys.bytes("caller sign seed")), signed)
+    signature = sign_frame(SigningKey(keys.bytes("caller sign seed")), unsigned, prefix)
     assert signature == v.bytes("signature")
-    frame = signed + signature
+    VerifyKey(keys.bytes("caller sign_pk")).verify(signed, signature)
+    frame = unsigned + signature
     assert len(frame) == v.integer("frame length")
-    assert verify_frame(keys.bytes("caller sign_pk"), frame) == signed
+    assert verify_frame(keys.bytes("caller sign_pk"), frame, prefix) == unsigned
+    with pytest.raises(Unauthenticated):
+        verify_frame(keys.bytes("caller sign_pk"), frame, f"{prefix}2")
     decoded, _ = decode_frame(frame)
     assert decoded.to_map() == hdr
-    assert event_subject(MeshConfig().prefix, hdr["fa"], hdr["ep"]) == v.text("subject")
+    assert event_subject(prefix, hdr["fa"], hdr["ep"]) == v.text("subject")
     vectors.done()
 
 
