@@ -121,26 +121,35 @@ async def _install(
     _require_root(mesh)
     keeper = _keeper(mesh)
     new = parse_canonical(policy_json, source=source)
-    stored, expect = await mesh.control.policy_entry()
     running = keeper.policy  # the revision the newest head names
     old = parse_canonical(running.policy_json, source=running.source) if running else None
     if running is not None and running.policy_json == policy_json and rollback_of is None:
         return ApplyReply(revision=running.revision, changes=[], unchanged=True)
-    revision = keeper.next_revision(stored)
-    rev = PolicyRevision(
-        revision=revision,
-        policy_json=policy_json,
-        source=source,
-        applied_by=_actor(ctx),
-        applied_at=time.time(),
-        rollback_of=rollback_of,
-    )
-    try:
-        raw = await mesh.control.write_policy(rev, expect)
-    except FailedPrecondition:
-        raise FailedPrecondition(
-            "another revision was applied at the same time; look at `mesh-policy get` and retry"
-        ) from None
+    for _ in range(5):
+        stored, expect = await mesh.control.policy_entry()
+        rev = PolicyRevision(
+            revision=keeper.next_revision(stored),
+            policy_json=policy_json,
+            source=source,
+            applied_by=_actor(ctx),
+            applied_at=time.time(),
+            rollback_of=rollback_of,
+        )
+        try:
+            raw = await mesh.control.write_policy(rev, expect)
+            break
+        except FailedPrecondition:
+            # `current` changed under us: another registry applied (then stop), or someone
+            # rewrote it with garbage or an older revision (then write over it).
+            now, _ = await mesh.control.policy_entry()
+            if now is not None and now.revision >= rev.revision:
+                raise FailedPrecondition(
+                    "another revision was applied at the same time; look at `mesh-policy get` "
+                    "and retry"
+                ) from None
+    else:
+        raise FailedPrecondition("the policy store is too contended to apply; retry")
+    revision = rev.revision
     await keeper.policy_applied(rev, raw)
     changes = diff_policies(old, new)
     await _audit(

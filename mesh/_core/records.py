@@ -51,6 +51,7 @@ class InstanceRecord:
     policy_revision: int | None = None
     policy_error: str | None = None
     topics: tuple[str, ...] = field(default=())
+    stale: str | None = None
 
     @property
     def agent(self) -> str:
@@ -77,6 +78,7 @@ def encode_record(
     policy_revision: int | None = None,
     policy_error: str | None = None,
     topics: tuple[str, ...] = (),
+    stale: str | None = None,
 ) -> bytes:
     """Sign a record with the instance's key: ``msgpack([body, signature])``."""
     body: dict[str, Any] = {
@@ -92,6 +94,8 @@ def encode_record(
         body["policy_revision"] = policy_revision
     if policy_error is not None:
         body["policy_error"] = policy_error
+    if stale is not None:
+        body["stale"] = stale
     return sign_document(body, lambda packed: signing.sign(packed).signature)
 
 
@@ -115,7 +119,7 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
             raise DecodeError(f"{what} endpoint field 'idempotent' must be bool")
         endpoints[name] = EndpointInfo(name, idempotent)
     version = typed_field(body, "version", str, what)
-    labels = body.get("labels") or {}
+    labels = body.get("labels", {})
     if not isinstance(labels, dict) or not all(
         type(k) is str and type(v) is str for k, v in labels.items()
     ):
@@ -125,10 +129,12 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
     rev = body.get("policy_revision")
     policy_error = body.get("policy_error")
     topics = body.get("topics", [])
+    stale = body.get("stale")
     if (
         type(state) is not str
         or (rev is not None and type(rev) is not int)
         or (policy_error is not None and type(policy_error) is not str)
+        or (stale is not None and type(stale) is not str)
         or type(topics) is not list
         or not all(type(t) is str for t in topics)
     ):
@@ -147,4 +153,5 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
         policy_revision=rev,
         policy_error=policy_error,
         topics=tuple(topics),
+        stale=stale,
     )

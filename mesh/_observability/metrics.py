@@ -108,6 +108,24 @@ class _MetricsHub:
                 unit="s",
                 description="unix time by which the trust root should be rotated (where known)",
             ),
+            gauge(
+                "mesh.control.head.version",
+                [each(_head_version)],
+                unit="{version}",
+                description="version of the newest signed control-plane head accepted",
+            ),
+            gauge(
+                "mesh.control.head.expiry",
+                [each(_head_expiry)],
+                unit="s",
+                description="unix time at which the newest accepted head expires",
+            ),
+            gauge(
+                "mesh.control.stale",
+                [each(_stale)],
+                unit="1",
+                description="1 when the instance may not run the mesh's current state",
+            ),
         ]
 
     def _each(
@@ -172,6 +190,20 @@ def _cert_left(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
 def _root_expiry(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
     if m.trust_root.not_after is not None:
         yield Observation(m.trust_root.not_after, {**base, "mesh.root": m.trust_root.key_id})
+
+
+def _head_version(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
+    if m.head is not None:
+        yield Observation(m.head.version, base)
+
+
+def _head_expiry(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
+    if m.head is not None:
+        yield Observation(m.head.expires_at, base)
+
+
+def _stale(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
+    yield Observation(1 if m.stale is not None else 0, base)
 
 
 _HUBS: WeakKeyDictionary[otel_metrics.MeterProvider, _MetricsHub] = WeakKeyDictionary()

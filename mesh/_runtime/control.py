@@ -327,8 +327,9 @@ class ControlStore:
         except MeshError:
             return None, found[1]
 
-    async def policy_by_sha(self, sha256: str) -> tuple[PolicyRevision, bytes] | None:
-        """The kept revision whose canonical JSON has this SHA-256, with its signed bytes."""
+    async def policy_named(self, revision: int, sha256: str) -> tuple[PolicyRevision, bytes] | None:
+        """The kept revision with this number whose canonical JSON has this SHA-256 (as a head
+        names it: a rollback re-applies the same JSON under a new number), with its bytes."""
         for raw, _rev in reversed(await (await self.policy_bucket()).history(POLICY_KEY)):
             if raw is None:
                 continue
@@ -336,7 +337,7 @@ class ControlStore:
                 rev = self.decode_policy(raw)
             except MeshError:
                 continue
-            if rev.sha256 == sha256:
+            if rev.revision == revision and rev.sha256 == sha256:
                 return rev, raw
         return None
 

@@ -155,7 +155,6 @@ class Directory:
         self.refused: Counter[str] = Counter()  # records dropped, by reason
         self._listed: dict[str, InstanceRecord] = {}  # those whose key is not deleted
         self._by_agent: dict[str, list[InstanceRecord]] = {}
-        self._ejected: dict[str, float] = {}
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -293,10 +292,6 @@ class Directory:
             await asyncio.sleep(self._ttl / 4)
             self._sweep_once()
 
-    def eject(self, key: str, seconds: float) -> None:
-        """Stop picking an instance for new calls for ``seconds``."""
-        self._ejected[key] = self._clock() + seconds
-
     def get(self, key: str) -> InstanceRecord | None:
         """The listed record of an instance, if any."""
         return self._listed.get(key)
@@ -322,18 +317,13 @@ class Directory:
         return True
 
     def instances(self, agent: str) -> list[InstanceRecord]:
-        """Live, serving, not ejected instances of ``agent``."""
+        """Live, serving instances of ``agent``."""
         now = self._clock()
         out = []
         for r in self._by_agent.get(agent, ()):
             key = r.key
             if r.state != STATE_SERVING or self._seen[key] + self._ttl < now:
                 continue
-            until = self._ejected.get(key)
-            if until is not None:
-                if until > now:
-                    continue
-                del self._ejected[key]
             out.append(r)
         return out
 

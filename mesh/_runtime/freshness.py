@@ -134,7 +134,8 @@ class HeadKeeper:
         # The policy: the one the newest head names, found in the store or the saved file.
         current, _ = await store.policy_entry()
         want = self.head.policy_sha256 if self.head is not None else None
-        if want is None:
+        want_rev = self.head.policy_revision if self.head is not None else None
+        if want is None or want_rev is None:
             # No head yet (a mesh from before heads, or a new one): adopt the newest revision
             # that verifies.
             history = await store.policy_history()
@@ -142,15 +143,15 @@ class HeadKeeper:
                 history.append(current)
             if history:
                 self.policy = max(history, key=lambda r: r.revision)
-                found = await store.policy_by_sha(self.policy.sha256)
+                found = await store.policy_named(self.policy.revision, self.policy.sha256)
                 self._policy_raw = found[1] if found else None
         else:
-            found = await store.policy_by_sha(want)
+            found = await store.policy_named(want_rev, want)
             saved_policy = self._state.load("registry-policy")
             if found is None and saved_policy is not None:
                 with contextlib.suppress(MeshError):
                     rev = store.decode_policy(saved_policy)
-                    if rev.sha256 == want:
+                    if (rev.revision, rev.sha256) == (want_rev, want):
                         found = (rev, saved_policy)
             if found is None:
                 log.error(
@@ -218,7 +219,9 @@ class HeadKeeper:
                     and (policy is None or policy.revision < base.policy_revision)
                 ):
                     # Another registry instance applied a newer revision: follow it.
-                    found = await self.store.policy_by_sha(base.policy_sha256 or "")
+                    found = await self.store.policy_named(
+                        base.policy_revision, base.policy_sha256 or ""
+                    )
                     if found is not None:
                         self.policy, self._policy_raw = found
                         policy = self.policy

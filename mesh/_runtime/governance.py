@@ -75,10 +75,12 @@ class Governance:
         self.revision: int | None = None
         self.error: str | None = None
         self.head: Head | None = None
+        self.document: PolicyRevision | None = None  # the revision in force, as signed
         self.stale: str | None = None  # why this agent may not run the current state
         self._saved = SavedState(mesh.config.state_dir, mesh.config.prefix)
-        self._policy_sha: str | None = None
-        self._known: dict[str, tuple[PolicyRevision, bytes]] = {}  # verified, by SHA-256
+        self._running: tuple[int, str] | None = None  # (revision, SHA-256) in force
+        # Verified revisions by (revision, SHA-256): what a head names.
+        self._known: dict[tuple[int, str], tuple[PolicyRevision, bytes]] = {}
         self._head_refused: str | None = None
         self._head_unsigned = False  # the head refused was not signed by this trust root
         self._head_quiet_since = 0.0
@@ -237,7 +239,7 @@ class Governance:
         if raw is not None:
             with contextlib.suppress(MeshError):
                 rev = self._store.decode_policy(raw)
-                self._known[rev.sha256] = (rev, raw)
+                self._known[(rev.revision, rev.sha256)] = (rev, raw)
 
     def _set_stale(self, why: str | None) -> None:
         if why != self.stale:
@@ -282,10 +284,9 @@ class Governance:
         self._resolve()
 
     def _remember(self, rev: PolicyRevision, raw: bytes) -> None:
-        self._known[rev.sha256] = (rev, raw)
+        self._known[(rev.revision, rev.sha256)] = (rev, raw)
         if len(self._known) > 8:  # keep the newest few (a broker may replay old ones)
-            oldest = min(self._known.values(), key=lambda item: item[0].revision)
-            del self._known[oldest[0].sha256]
+            del self._known[min(self._known)]
 
     def _resolve(self) -> None:
         """Run the policy the head names, once it is known; fetch it when it is not."""
@@ -295,7 +296,7 @@ class Governance:
         if head.policy_sha256 is None:
             self._resolved.set()  # a signed "no policy yet"
             return
-        if head.policy_sha256 == self._policy_sha:
+        if (head.policy_revision, head.policy_sha256) == self._running:
             self._resolved.set()
             return
         if (
@@ -304,7 +305,8 @@ class Governance:
             and head.policy_revision < self.revision
         ):
             return  # heads only grow; this cannot be newer than what runs
-        found = self._known.get(head.policy_sha256)
+        named = (head.policy_revision or 0, head.policy_sha256)
+        found = self._known.get(named)
         if found is None:
             if "fetch" not in self._tasks or self._tasks["fetch"].done():
                 self._tasks["fetch"] = asyncio.create_task(
@@ -312,12 +314,6 @@ class Governance:
                 )
             return
         rev, raw = found
-        if rev.revision != head.policy_revision:
-            self._set_stale(
-                f"{head.describe()} names revision {head.policy_revision} but the document "
-                f"with its hash is revision {rev.revision}"
-            )
-            return
         try:
             policy = parse_canonical(rev.policy_json, source=rev.source)
         except Exception as exc:
@@ -327,11 +323,14 @@ class Governance:
         else:
             self.engine = PolicyEngine(policy, revision=rev.revision, source=rev.source)
             self.revision = rev.revision
-            self._policy_sha = rev.sha256
+            self.document = rev
+            self._running = (rev.revision, rev.sha256)
             self.error = None
             self._saved.save("policy", raw)
             log.info("mesh.policy_applied", revision=rev.revision, source=rev.source)
             self._resolved.set()
+            if not head.expired(time.time()):
+                self.stale = None  # (the ACK below re-announces the record)
         self._policy_seen.set()
         self._policy_seen = asyncio.Event()
         self._policy_changed()
@@ -341,9 +340,10 @@ class Governance:
         registry puts it back when the store lost it)."""
         assert self._store is not None and head.policy_sha256 is not None
         delay = 0.2
-        while self.head is head and head.policy_sha256 not in self._known:
+        named = (head.policy_revision or 0, head.policy_sha256)
+        while self.head is head and named not in self._known:
             try:
-                found = await self._store.policy_by_sha(head.policy_sha256)
+                found = await self._store.policy_named(*named)
             except MeshError as exc:
                 found = None
                 log.warning("mesh.policy_fetch_failed", error=exc.message)

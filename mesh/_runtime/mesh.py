@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys
+from mesh._core.head import Head
 from mesh._core.identity import Certificate, CertificateVerifier, Identity, TrustRoot
 from mesh._core.names import directory_bucket, event_subject, rpc_listen_subject
 from mesh._core.records import STATE_DRAINING
@@ -111,8 +112,6 @@ class MeshRuntime:
             identity.instance,
             config.limits.max_body + NONCE_LEN + TAG_LEN,
             self.stats,
-            lambda: self.directory,
-            config.directory.ttl * 2,
         )
         self.client = ClientPipeline(
             name=self.name,
@@ -184,6 +183,16 @@ class MeshRuntime:
     def decisions(self) -> Counter[tuple[str, str]]:
         """Authorization decisions taken as callee, by (result, rule)."""
         return self.governance.decisions
+
+    @property
+    def head(self) -> Head | None:
+        """The newest signed control-plane head this instance accepted."""
+        return self.governance.head
+
+    @property
+    def stale(self) -> str | None:
+        """Why this instance may not run the mesh's current state (``None``: it does)."""
+        return self.governance.stale
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from mesh._core.config import MeshConfig
+    from mesh._core.head import Head
     from mesh._core.identity import CertificateVerifier, Identity, TrustRoot
     from mesh._core.signals import EdgeStats
     from mesh._runtime.agent import Agent
@@ -64,11 +65,17 @@ class MeshStats:
         refused: requests and events refused before a handler, by code.
         dropped_replies: inbox messages dropped (malformed, misaddressed, forged, too large).
         fates: client calls by fate (``ok``, ``ok_after_retry``, ``retries_exhausted``, ...).
+        refusal_hints: unsealed refusals received for a pending attempt (kept as hints: they
+            never end an attempt).
+        no_responders: NATS "no responders" statuses received for a pending attempt (the
+            frame is re-sent to the same instance).
     """
 
     refused: dict[str, int] = field(default_factory=dict)
     dropped_replies: int = 0
     fates: dict[str, int] = field(default_factory=dict)
+    refusal_hints: int = 0
+    no_responders: int = 0
 
     def refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
@@ -190,6 +197,10 @@ class StatsSource(Protocol):
     def stats(self) -> MeshStats: ...
     @property
     def decisions(self) -> Counter[tuple[str, str]]: ...
+    @property
+    def head(self) -> Head | None: ...
+    @property
+    def stale(self) -> str | None: ...
 
 
 class MeshHandle(Protocol):

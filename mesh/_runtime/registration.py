@@ -74,6 +74,7 @@ class Registration:
             state=state,
             policy_revision=self._governance.revision,
             policy_error=self._governance.error,
+            stale=self._governance.stale,
         )
 
     async def register(self, state: str = STATE_SERVING) -> None:

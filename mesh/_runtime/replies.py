@@ -18,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh._core.crypto import open_frame
 from mesh._core.envelope import Kind, decode_frame
 from mesh._core.records import InstanceRecord
-from mesh._runtime.directory import Directory
 from mesh._runtime.ports import MeshStats
 from mesh._transport.base import InboundMessage, is_no_responders
 from mesh.errors import (
@@ -112,13 +110,7 @@ class Inbox:
     Args:
         instance: this instance's id (replies must be addressed to it).
         max_sealed: the largest sealed reply body opened.
-        stats: where dropped replies are counted.
-        directory / eject_for: no longer used ("no responders" is unauthenticated, so it
-            neither ejects an instance nor fails other attempts); accepted for compatibility.
-
-    Attributes:
-        refusal_hints: unsealed REFUSALs received for a pending attempt (kept as hints).
-        no_responders: "no responders" statuses received for a pending attempt.
+        stats: where dropped replies, refusal hints and "no responders" are counted.
     """
 
     def __init__(
@@ -126,8 +118,6 @@ class Inbox:
         instance: str,
         max_sealed: int,
         stats: MeshStats,
-        directory: Callable[[], Directory] | None = None,
-        eject_for: float = 0.0,
     ) -> None:
         self.subject = ""
         self._instance = instance
@@ -135,8 +125,6 @@ class Inbox:
         self._stats = stats
         self._pending: dict[str, Pending] = {}
         self._tokens = itertools.count(1)
-        self.refusal_hints = 0
-        self.no_responders = 0
 
     def add(
         self, request_id: bytes, record: InstanceRecord, key: bytes, wait: float, by_deadline: bool
@@ -183,7 +171,7 @@ class Inbox:
             # Unsealed: anyone can forge it, so it never ends the attempt (the handler may be
             # running). Kept to explain a timeout: a genuine one means no reply will come.
             p.hint = f"{hdr.status or Internal.code}: {hdr.message or 'refused'}"[:MAX_HINT]
-            self.refusal_hints += 1
+            self._stats.refusal_hints += 1
             return
         if (
             hdr.kind != Kind.REPLY
@@ -214,7 +202,7 @@ class Inbox:
         arriving before the attempt runs again is not lost.
         """
         p.no_responders += 1
-        self.no_responders += 1
+        self._stats.no_responders += 1
         if p.signalled:
             return  # the attempt has not handled the previous one yet
         p.signalled = True

@@ -132,10 +132,10 @@ async def cmd_diff(args: argparse.Namespace) -> int:
     (like ``diff`` and ``git diff --exit-code``; errors exit 2)."""
     new = load_policy(args.path)
     async with admin_mesh(args) as mesh:
-        current = await mesh.control.current_policy()
-    old = parse_canonical(current[0].policy_json, current[0].source) if current else None
+        current = mesh.governance.document  # what the newest signed head names
+    old = parse_canonical(current.policy_json, current.source) if current else None
     lines = diff_policies(old, new)
-    base = f"revision {current[0].revision}" if current else "no policy"
+    base = f"revision {current.revision}" if current else "no policy"
     out.print(f"{args.path} against {base}:")
     for line in lines or ["no changes"]:
         out.print(f"  {line}", markup=False)
@@ -146,8 +146,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
     """Print the current revision (or an earlier one with --revision)."""
     async with admin_mesh(args) as mesh:
         if args.revision is None:
-            current = await mesh.control.current_policy()
-            found = current[0] if current else None
+            found = mesh.governance.document  # what the newest signed head names
         else:
             kept = {r.revision: r for r in await mesh.control.policy_history()}
             found = kept.get(args.revision)
@@ -206,7 +205,7 @@ async def cmd_explain(args: argparse.Namespace) -> int:
         engine = PolicyEngine(load_policy(args.file), source=args.file)
     else:
         async with admin_mesh(args) as mesh:
-            current = await mesh.control.current_policy()
+            current = mesh.governance.document
             if not roles:
                 for rec in mesh.directory.all():
                     if rec.agent == args.caller:
@@ -215,7 +214,7 @@ async def cmd_explain(args: argparse.Namespace) -> int:
         if current is None:
             engine = PolicyEngine(None)
         else:
-            rev = current[0]
+            rev = current
             engine = PolicyEngine(
                 parse_canonical(rev.policy_json, rev.source),
                 revision=rev.revision,
@@ -240,10 +239,11 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     """Every live instance: version, certificate expiry, policy revision, staleness; an
     instance whose certificate is revoked shows as revoked (it is draining)."""
     async with admin_mesh(args) as mesh:
-        current = await mesh.control.current_policy()
+        head = mesh.governance.head  # the newest signed head: the current revision
         revoked = {r.serial for r in await mesh.control.revocations()}
+        revoked |= head.revoked_serials if head is not None else set()
         records = sorted(mesh.directory.all(), key=lambda r: (r.agent, r.instance))
-    latest = current[0].revision if current else None
+    latest = head.policy_revision if head is not None else None
     table = Table(
         "agent", "instance", "version", "state", "certificate expires", "policy", "status"
     )
@@ -253,6 +253,8 @@ async def cmd_agents(args: argparse.Namespace) -> int:
             status = "[red]revoked[/]"
         elif rec.policy_error:
             status = f"[red]refused: {rec.policy_error}[/]"
+        elif rec.stale:
+            status = f"[yellow]stale: {rec.stale}[/]"
         elif latest is not None and rec.policy_revision != latest:
             status = f"[yellow]stale (current is {latest})[/]"
         else:

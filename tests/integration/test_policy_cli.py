@@ -737,6 +737,48 @@ async def test_audit_verify_says_ok_for_an_intact_log(world: World) -> None:
     assert f"audit log OK: {len(records)} records" in result.stdout
 
 
+async def test_audit_verify_fails_when_the_log_was_deleted_or_cut_short(world: World) -> None:
+    """The whole mesh-audit stream deleted by someone with NATS access: `audit verify` does
+    not say "OK: 0 records"; it exits 1 saying how many records the signed head counts."""
+    await world.apply(RESEARCH)
+    await world.apply(OPEN)
+    records, _ = await world.ops.control.read_audit()
+
+    def counted() -> bool:  # a head counts audit appends within about half a second
+        head = world.ops.governance.head
+        return head is not None and head.audit_length == len(records)
+
+    await wait_until(counted)
+    # The admin CLI has seen that head (it keeps the newest in its identity directory).
+    first = await run("mesh-policy", "audit", "verify", env=world.env())
+    assert first.returncode == 0, first.stdout + first.stderr
+    nc = await nats.connect(world.url)
+    try:
+        await nc.jetstream().delete_stream("mesh-audit")
+    finally:
+        await nc.close()
+    result = await run("mesh-policy", "audit", "verify", env=world.env())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"counts {len(records)} records" in result.stdout or "records were deleted" in (
+        result.stdout
+    ), result.stdout
+
+
+async def test_get_prints_the_signed_revision_when_current_holds_garbage(world: World) -> None:
+    """Garbage put in the policy store's `current` key: `get` still prints the revision the
+    signed head names."""
+    rev = await world.apply(RESEARCH)
+    nc = await nats.connect(world.url)
+    try:
+        kv = await nc.jetstream().key_value("mesh-policy")
+        await kv.put("current", b"garbage")
+    finally:
+        await nc.close()
+    result = await run("mesh-policy", "get", env=world.env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"revision {rev} from" in result.stdout
+
+
 async def delete_audit_record(url: str, seq: int) -> None:
     """What an attacker with access to the server does: no mesh, a plain nats-py client."""
     nc = await nats.connect(url)

@@ -239,7 +239,7 @@ def test_records_of_one_writer_have_strictly_rising_times(
     """Two records signed in the same millisecond (a heartbeat, then draining) differ in ``ts``
     so that the second is not taken for a replay of the first."""
     identity = trust.identity("bob")
-    governance = cast(Governance, SimpleNamespace(revision=None, error=None))
+    governance = cast(Governance, SimpleNamespace(revision=None, error=None, stale=None))
     registration = Registration(Agent("bob"), lambda: identity, governance, heartbeat=1.0)
     monkeypatch.setattr("mesh._runtime.registration.time.time", lambda: NOW)
     verifier = CertificateVerifier(trust.root.public_key)

@@ -335,3 +335,5 @@ async def test_a_frozen_head_makes_agents_stale_not_silent(world: World) -> None
     await wait_until(lambda: bob.governance.stale is not None, timeout=10)
     assert "expired" in (bob.governance.stale or "")
     assert bob.governance.revision == rev
+    # ... and says so in its signed directory record (`mesh-policy agents` shows it).
+    await wait_until(lambda: any(r.stale for r in world.admin.directory.all() if r.agent == "bob"))
