@@ -24,6 +24,7 @@ from weakref import WeakKeyDictionary
 
 from mesh import (
     Agent,
+    Certificate,
     Context,
     FailedPrecondition,
     MeshError,
@@ -343,6 +344,12 @@ def _renewal_limiter(mesh: MeshHandle) -> RenewalLimiter:
 async def _redeliver(mesh: MeshHandle, raw: bytes, grant: JoinToken) -> None:
     """Make sure a certificate delivered again is in the certificate store: an idempotent put
     (the first delivery may have failed between redeeming the token and recording it)."""
+    await _store_certificate(mesh, raw, "token", grant.used_at or time.time())
+
+
+async def _store_certificate(
+    mesh: MeshHandle, raw: bytes, via: str, issued_at: float
+) -> Certificate:
     cert = mesh.verifier.verify(raw)
     await mesh.control.record_certificate(
         IssuedCertificate(
@@ -351,11 +358,12 @@ async def _redeliver(mesh: MeshHandle, raw: bytes, grant: JoinToken) -> None:
             instance=cert.instance,
             roles=list(cert.roles),
             not_after=cert.not_after,
-            issued_at=grant.used_at or time.time(),
-            via="token",
+            issued_at=issued_at,
+            via=via,
             certificate=raw,
         )
     )
+    return cert
 
 
 @registry.endpoint(name="renew")
@@ -381,19 +389,7 @@ async def renew(_: RenewRequest, ctx: Context) -> CertificateReply:
 
 
 async def _record_issue(mesh: MeshHandle, raw: bytes, via: str, actor: str, **details: Any) -> None:
-    cert = mesh.verifier.verify(raw)
-    await mesh.control.record_certificate(
-        IssuedCertificate(
-            serial=cert.serial,
-            agent=cert.agent,
-            instance=cert.instance,
-            roles=list(cert.roles),
-            not_after=cert.not_after,
-            issued_at=time.time(),
-            via=via,
-            certificate=raw,
-        )
-    )
+    cert = await _store_certificate(mesh, raw, via, time.time())
     kind = "identity.renewed" if via == "renewal" else "identity.issued"
     await _audit(
         mesh,
