@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mesh._core.head import Head, live_revocations
 from mesh._core.identity import write_private_file
+from mesh._core.names import directory_bucket
 from mesh._log import get_logger
 from mesh._runtime.concurrency import cancel_and_wait
 from mesh._runtime.control import AUDIT_LOST, AuditRecord, ControlStore, PolicyRevision, Revocation
@@ -103,6 +104,7 @@ class HeadKeeper:
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._directory_id: str | None = None
 
     # --- start and stop ----------------------------------------------------------------------
 
@@ -275,6 +277,14 @@ class HeadKeeper:
         """
         store = self.store
         fixed = [f"store {name} was deleted and is re-created" for name in await store.recover()]
+        # The directory bucket is re-created by its writers and watchers (``DirectoryBucket``);
+        # the keeper notices the new incarnation so that the fact is audited too.
+        directory = directory_bucket(store.prefix)
+        found = await store.transport.bucket_id(directory)
+        if found is not None:
+            if self._directory_id is not None and found != self._directory_id:
+                fixed.append(f"store {directory} was deleted and is re-created by its writers")
+            self._directory_id = found
         current, expect = await store.policy_entry()
         policy = self.policy
         if (

@@ -337,3 +337,21 @@ async def test_a_frozen_head_makes_agents_stale_not_silent(world: World) -> None
     assert bob.governance.revision == rev
     # ... and says so in its signed directory record (`mesh-policy agents` shows it).
     await wait_until(lambda: any(r.stale for r in world.admin.directory.all() if r.agent == "bob"))
+
+
+async def test_a_deleted_directory_is_audited(world: World) -> None:
+    """Item 8, surfaced: the directory bucket deleted: its writers re-create it (see
+    test_directory_deleted.py) and the registry writes the fact into the audit log."""
+    nc = await attacker(world)
+    await nc.jetstream().delete_key_value("mesh-directory")
+
+    async def audited() -> bool:
+        records, _ = await world.admin.control.read_audit()
+        return any(
+            r.kind == "store.repaired" and "mesh-directory" in str(r.details.get("repair"))
+            for r in records
+        )
+
+    await until(audited)
+    await world.admin.wait_for("registry")  # and the registry is listed again
+    await nc.close()
