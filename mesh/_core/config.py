@@ -86,13 +86,11 @@ class DirectoryConfig:
         ttl: a record older than this is treated as a dead instance.
         drain_grace: after deregistering, how long a draining instance keeps its subscription
             so callers see the change before it stops listening.
-        replicas: JetStream replicas of the bucket when the mesh creates it (3 on a cluster).
     """
 
     heartbeat: float = 1.0
     ttl: float = 4.0
     drain_grace: float = 0.3
-    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +107,9 @@ class MeshConfig:
         state_dir: where the agent keeps the newest signed head and policy it accepted, so
             that after a restart it refuses older state (``mesh-agent run`` uses the identity
             directory). ``None`` keeps nothing: a restarted agent trusts any unexpired head.
+        replicas: JetStream replicas of the stores (directory, control plane, audit) the mesh
+            creates; ``None``: 3 when the server is in a cluster of three or more servers,
+            else 1. An existing store with fewer is scaled up when opened (never down).
         allow_no_policy: start with no policy (everything allowed) when the mesh has no
             signed head: no registry has run, or someone deleted the head. On in the library
             (embedded meshes, tests and the quickstart run without a registry); ``mesh-agent
@@ -124,6 +125,7 @@ class MeshConfig:
     signals_interval: float = 5.0
     state_dir: str | None = None
     allow_no_policy: bool = True
+    replicas: int | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)

@@ -155,12 +155,13 @@ class GraphEdge(BaseModel):
 class EdgeStats:
     """The golden signals of one agent instance, per edge.
 
-    The counters only grow (OpenTelemetry's observable instruments read them through
-    ``totals``, ``cumulative_buckets`` and ``inflight_by_edge``); ``snapshot_and_reset``
-    reports what changed since the previous snapshot, for the registry.
+    The counters only grow (OpenTelemetry's observable instruments and the Prometheus
+    collector read them through ``totals``, ``cumulative_buckets``, ``histograms`` and
+    ``inflight_by_edge``); ``snapshot_and_reset`` reports what changed since the previous
+    snapshot, for the registry.
 
     ``record``, ``enter``, ``exit`` and ``snapshot_and_reset`` run on the event loop's thread;
-    the three readers may run on a metrics exporter's thread (they copy before iterating, and
+    the readers may run on a metrics exporter's thread (they copy before iterating, and
     every counter they read only grows).
 
     Args:
@@ -305,6 +306,22 @@ class EdgeStats:
                 out.append((key, le, running))
         return out
 
+    def histograms(self) -> list[tuple[EdgeKey, list[tuple[str, int]], float]]:
+        """``(key, [(le, requests at or under le seconds), ..., ("+Inf", total)], seconds)``
+        per edge: one Prometheus histogram per edge, whatever the codes. The count is the
+        ``+Inf`` bucket, so it always matches the buckets (a reader on another thread may see
+        the sum one request behind them)."""
+        out: list[tuple[EdgeKey, list[tuple[str, int]], float]] = []
+        for key, slot in sorted(list(self._slots.items())):
+            running = 0
+            cumulative: list[tuple[str, int]] = []
+            for le, n in zip(_LE, list(slot.buckets), strict=True):
+                running += n
+                cumulative.append((le, running))
+            seconds = slot.ok_seconds + sum(list(slot.error_seconds.values()))
+            out.append((key, cumulative, seconds))
+        return out
+
     def inflight_by_edge(self) -> list[tuple[EdgeKey, int]]:
         """``(key, requests in flight)`` for every edge seen (zero when none is in flight)."""
         inflight = dict(self.inflight)
@@ -376,10 +393,13 @@ class _Agg:
 class SignalTable:
     """Reports from many instances over a sliding window, summed into rows and graph edges.
 
-    Rates: each instance's requests are divided by the time its reports in the window cover
-    (the sum of their intervals), and the instances' rates are added. So the rate is right
-    from the first report on, whatever each instance's reporting period. Latency quantiles
-    come from the merged histograms; in-flight gauges from each instance's latest report.
+    Rates: the requests in the window divided by the time the window covers, which is the
+    window itself once the table is older than it, and before that the time since the start
+    of the first report it took. Instances send no report for an interval without traffic,
+    so the intervals of the reports received say nothing about the time that passed: one
+    request in a minute is 1/60 rps, not one request over the 5 s that report covered.
+    Latency quantiles come from the merged histograms; in-flight gauges from each instance's
+    latest report.
 
     Args:
         window: seconds a report counts after it arrived.
@@ -394,14 +414,28 @@ class SignalTable:
         self._clock = clock
         self._reports: list[tuple[float, EdgeReport]] = []
         self._remaps: dict[tuple[float, ...], list[int]] = {}
+        self._since: float | None = None  # the start of the earliest report taken
 
     def add(self, report: EdgeReport) -> None:
         """Take one instance's report (stamped with the table's clock on arrival)."""
-        self._reports.append((self._clock(), report))
+        now = self._clock()
+        start = now - report.interval_s
+        if self._since is None or start < self._since:
+            self._since = start
+        self._reports.append((now, report))
+
+    def covered(self) -> float:
+        """Seconds the rates are over: the window, or the time since the start of the first
+        report when the table is younger than the window (0 before any report)."""
+        if self._since is None:
+            return 0.0
+        return max(0.0, min(self.window, self._clock() - self._since))
 
     def _live(self) -> list[tuple[float, EdgeReport]]:
+        # A report counts for ``window`` seconds after it arrived, the boundary excluded: with
+        # a steady reporting period the reports in the window then hold one window of traffic.
         cutoff = self._clock() - self.window
-        self._reports = [(t, r) for t, r in self._reports if t >= cutoff]
+        self._reports = [(t, r) for t, r in self._reports if t > cutoff]
         return self._reports
 
     def _remap(self, bounds_ms: list[float]) -> list[int] | None:
@@ -420,17 +454,15 @@ class SignalTable:
     def _collect(self, reporter: Reporter) -> dict[tuple[str, str, str], _Agg]:
         """Sums per ``(callee, endpoint, caller)``."""
         live = self._live()
-        covered: dict[tuple[str, str], float] = {}
+        span = max(self.covered(), 1e-3)
         latest: dict[tuple[str, str], tuple[float, EdgeReport]] = {}
         for arrived, rep in live:
             inst = (rep.agent, rep.instance)
-            covered[inst] = covered.get(inst, 0.0) + rep.interval_s
             prev = latest.get(inst)
             if prev is None or (arrived, rep.at) >= (prev[0], prev[1].at):
                 latest[inst] = (arrived, rep)
         out: dict[tuple[str, str, str], _Agg] = {}
         for _, rep in live:
-            span = max(covered[(rep.agent, rep.instance)], 1e-3)
             remap = self._remap(rep.bucket_bounds_ms)
             for s in rep.edges:
                 if s.reporter != reporter or s.requests <= 0:

@@ -143,20 +143,22 @@ class Tracing:
         return span, tp or traceparent, ts if ts is not None else tracestate
 
 
-def install_tracing(exporter: str, service_name: str) -> trace.TracerProvider | None:
+def install_tracing(
+    exporter: str, service_name: str, instance: str | None = None
+) -> trace.TracerProvider | None:
     """Install a global tracer provider exporting spans to ``exporter``.
 
     Args:
         exporter: ``none``, ``console`` (JSON spans on stderr) or ``otlp`` (OTLP over HTTP,
             configured by the standard ``OTEL_EXPORTER_OTLP_*`` variables; needs the
             ``natsmesh[otlp]`` extra).
-        service_name: the ``service.name`` resource attribute.
+        service_name: the default ``service.name`` (``OTEL_SERVICE_NAME`` overrides it).
+        instance: the default ``service.instance.id``.
 
     Raises:
         InvalidArgument: unknown exporter.
         FailedPrecondition: the OTLP exporter is not installed.
     """
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
@@ -164,11 +166,12 @@ def install_tracing(exporter: str, service_name: str) -> trace.TracerProvider | 
         SimpleSpanProcessor,
     )
 
+    from mesh._observability.resource import service_resource
     from mesh.errors import FailedPrecondition, InvalidArgument
 
     if exporter == "none":
         return None
-    provider = SdkTracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = SdkTracerProvider(resource=service_resource(service_name, instance))
     if exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     elif exporter == "otlp":

@@ -218,11 +218,11 @@ class ControlStore:
         transport: a connected transport.
         prefix: the mesh's subject prefix.
         root: the trust root (public, or with the private key for writing).
-        replicas: JetStream replicas when creating buckets (3 on a cluster).
+        replicas: JetStream replicas when creating stores (``None``: 3 on a cluster).
     """
 
     def __init__(
-        self, transport: Transport, prefix: str, root: TrustRoot, *, replicas: int = 1
+        self, transport: Transport, prefix: str, root: TrustRoot, *, replicas: int | None = None
     ) -> None:
         self.transport = transport
         self.prefix = prefix

@@ -42,7 +42,9 @@ class DirectoryBucket:
         replicas: its replicas.
     """
 
-    def __init__(self, transport: Transport, name: str, *, ttl: float, replicas: int) -> None:
+    def __init__(
+        self, transport: Transport, name: str, *, ttl: float, replicas: int | None
+    ) -> None:
         self._transport = transport
         self.name = name
         self._ttl = ttl

@@ -184,7 +184,7 @@ async def enrol(
         kv = await transport.key_value(
             directory_bucket(config.prefix),
             ttl=max(3 * config.directory.ttl, 10.0),
-            replicas=config.directory.replicas,
+            replicas=config.replicas,
         )
         directory = Directory(
             kv.watch, verifier, ttl=config.directory.ttl, max_skew=config.timeouts.max_future

@@ -280,11 +280,11 @@ class HeadKeeper:
         # The directory bucket is re-created by its writers and watchers (``DirectoryBucket``);
         # the keeper notices the new incarnation so that the fact is audited too.
         directory = directory_bucket(store.prefix)
-        found = await store.transport.bucket_id(directory)
-        if found is not None:
-            if self._directory_id is not None and found != self._directory_id:
+        incarnation = await store.transport.bucket_id(directory)
+        if incarnation is not None:
+            if self._directory_id is not None and incarnation != self._directory_id:
                 fixed.append(f"store {directory} was deleted and is re-created by its writers")
-            self._directory_id = found
+            self._directory_id = incarnation
         current, expect = await store.policy_entry()
         policy = self.policy
         if (

@@ -94,7 +94,7 @@ class MeshRuntime:
         self.name = identity.agent
         self.instance = identity.instance
         self.control = ControlStore(
-            transport, config.prefix, self.trust_root, replicas=config.directory.replicas
+            transport, config.prefix, self.trust_root, replicas=config.replicas
         )
         self.verifier = CertificateVerifier(identity.root_public_key)
         self.governance = Governance(
@@ -225,7 +225,7 @@ class MeshRuntime:
         deadline = time.monotonic() + timeouts.connect
         bucket = DirectoryBucket(
             self.transport, self.bucket, ttl=max(3 * ttl, 10.0),
-            replicas=self.config.directory.replicas,
+            replicas=self.config.replicas,
         )  # fmt: skip
         await _retry_unavailable(bucket.open, deadline)
         self._directory = Directory(
@@ -348,6 +348,12 @@ class MeshRuntime:
                         "mesh.stop_hook_failed", agent=self.name, error_type=type(exc).__name__
                     )
                     log.debug("mesh.stop_hook_traceback", agent=self.name, exc_info=True)
+        if self._reporter is not None and self.transport.connected:
+            # The last counts, after in-flight work and stop hooks (not when NATS is gone).
+            try:
+                await asyncio.wait_for(self._report_signals(final=True), 1.0)
+            except TimeoutError:
+                log.warning("mesh.signals_report_failed", error_type="TimeoutError")
         await self.governance.close()
         if registration is not None:
             with contextlib.suppress(MeshError):
@@ -520,16 +526,23 @@ class MeshRuntime:
         if self._registration is not None and self._state == "ready":
             await self._registration.register_quietly()
 
-    async def _report_signals(self) -> None:
-        """Send this instance's golden signals per edge to the registry, periodically."""
-        while self._state == "ready" or self._state == "starting":
-            await asyncio.sleep(self.config.signals_interval)
+    async def _report_signals(self, *, final: bool = False) -> None:
+        """Send this instance's golden signals per edge to the registry: periodically, or
+        once with ``final`` (from ``drain``: a caller that lives less than an interval is
+        counted too). Failures are logged, never raised."""
+        while final or self._state == "ready" or self._state == "starting":
+            if not final:
+                await asyncio.sleep(self.config.signals_interval)
             try:
                 report = self.signals.snapshot_and_reset(time.time())
                 if report.edges:
                     await self.publish(SIGNALS_TOPIC, report)
-            except Exception as exc:  # reporting must never stop
+                    if final:
+                        await self.transport.flush(1.0)  # out before the connection closes
+            except Exception as exc:  # reporting must never stop, nor fail a drain
                 log.warning("mesh.signals_report_failed", error_type=type(exc).__name__)
+            if final:
+                return
 
 
 def _json_body(body: bytes | str | Mapping[str, Any]) -> bytes:

@@ -114,8 +114,17 @@ class Transport(Protocol):
     async def flush(self, timeout: float = 5.0) -> None: ...
 
     async def key_value(
-        self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
-    ) -> KeyValueBucket: ...
+        self,
+        bucket: str,
+        *,
+        ttl: float | None = None,
+        replicas: int | None = None,
+        history: int = 1,
+    ) -> KeyValueBucket:
+        """The bucket, created if missing. ``replicas=None``: 3 when the server is in a
+        cluster of three or more, else 1. An existing bucket with fewer replicas than asked is
+        scaled up (or, if the server refuses, used as it is with a warning)."""
+        ...
 
     def forget_bucket(self, bucket: str) -> None:
         """Drop a cached bucket object: the next ``key_value(bucket)`` opens (or re-creates)
@@ -136,7 +145,9 @@ class Transport(Protocol):
         it changes when the stream is deleted and created again."""
         ...
 
-    async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream: ...
+    async def stream(self, name: str, subject: str, *, replicas: int | None = None) -> Stream:
+        """The stream, created if missing; ``replicas`` as for ``key_value``."""
+        ...
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None: ...
 

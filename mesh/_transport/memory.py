@@ -249,7 +249,12 @@ class MemoryTransport:
         await asyncio.sleep(0)
 
     async def key_value(
-        self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
+        self,
+        bucket: str,
+        *,
+        ttl: float | None = None,
+        replicas: int | None = None,
+        history: int = 1,
     ) -> _MemKV:
         return self.broker.kvs.setdefault(bucket, _MemKV(history))
 
@@ -264,7 +269,7 @@ class MemoryTransport:
         stream = self.broker.streams.get(name)
         return None if stream is None else str(id(stream))
 
-    async def stream(self, name: str, subject: str, *, replicas: int = 1) -> _MemStream:
+    async def stream(self, name: str, subject: str, *, replicas: int | None = None) -> _MemStream:
         return self.broker.streams.setdefault(name, _MemStream())
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:

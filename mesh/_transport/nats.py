@@ -13,6 +13,7 @@ import contextlib
 import errno
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,10 +25,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamCon
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue as NatsKeyValue
 
+from mesh._log import get_logger
 from mesh._transport.base import Handler, KeyValueBucket, Stream, Subscription
 from mesh.errors import FailedPrecondition, MeshError, Unavailable
 
 __all__ = ["NATS_ERRORS", "NatsTransport", "map_nats_errors", "mesh_error"]
+
+log = get_logger(__name__)
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream API errors: wrong last sequence
 
@@ -406,13 +410,29 @@ class NatsTransport:
         with map_nats_errors("flush"):
             await self.nc.flush(timeout=max(1, int(timeout)))
 
+    def replicas(self, asked: int | None) -> int:
+        """The replica count to create stores with: ``asked``, or 3 when the server we are
+        connected to is in a cluster of three or more servers (its INFO lists their client
+        URLs), else 1; never more than the servers known."""
+        if asked is not None:
+            return asked
+        info = self.nc._server_info  # nats-py keeps the server's INFO here
+        servers = len(info.get("connect_urls") or ()) if info.get("cluster") else 1
+        return 3 if servers >= 3 else 1
+
     async def key_value(
-        self, bucket: str, *, ttl: float | None = None, replicas: int = 1, history: int = 1
+        self,
+        bucket: str,
+        *,
+        ttl: float | None = None,
+        replicas: int | None = None,
+        history: int = 1,
     ) -> KeyValueBucket:
         kv = self._kvs.get(bucket)
         if kv is not None:
             return kv
         js = self.nc.jetstream(timeout=5.0)
+        want = self.replicas(replicas)
         with map_nats_errors(
             f"opening the JetStream key-value bucket {bucket!r}",
             jetstream_off_at=self._jetstream_off_at(),
@@ -421,10 +441,32 @@ class NatsTransport:
                 raw = await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 raw = await js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=replicas)
+                    KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=want)
                 )
+            else:
+                await self._ensure_replicas(js, f"KV_{bucket}", want)
         kv = self._kvs[bucket] = _NatsKV(raw)
         return kv
+
+    async def _ensure_replicas(self, js: JetStreamContext, stream: str, want: int) -> None:
+        """Scale an existing stream up to ``want`` replicas (never down): another process may
+        have created it with fewer (an R1 default, a command run during a registry start)."""
+        info = await js.stream_info(stream)
+        have = info.config.num_replicas or 1
+        if have >= want:
+            return
+        try:
+            await js.update_stream(replace(info.config, num_replicas=want))
+        except nats.errors.Error as exc:
+            log.warning(
+                "mesh.store_under_replicated",
+                store=stream,
+                replicas=have,
+                wanted=want,
+                error=str(exc) or type(exc).__name__,
+            )
+        else:
+            log.warning("mesh.store_replicas_raised", store=stream, replicas=want, were=have)
 
     def forget_bucket(self, bucket: str) -> None:
         self._kvs.pop(bucket, None)
@@ -441,17 +483,18 @@ class NatsTransport:
                 return None
         return str(info.created)
 
-    async def stream(self, name: str, subject: str, *, replicas: int = 1) -> Stream:
+    async def stream(self, name: str, subject: str, *, replicas: int | None = None) -> Stream:
         js = self.nc.jetstream(timeout=5.0)
+        want = self.replicas(replicas)
         with map_nats_errors(
             f"opening the JetStream stream {name!r}", jetstream_off_at=self._jetstream_off_at()
         ):
             try:
                 await js.stream_info(name)
             except nats.js.errors.NotFoundError:
-                await js.add_stream(
-                    StreamConfig(name=name, subjects=[subject], num_replicas=replicas)
-                )
+                await js.add_stream(StreamConfig(name=name, subjects=[subject], num_replicas=want))
+            else:
+                await self._ensure_replicas(js, name, want)
         return _NatsStream(js, name, subject)
 
     def _jetstream_off_at(self) -> str | None:

@@ -50,8 +50,13 @@ def _config(args: argparse.Namespace) -> MeshConfig:
     # An admin client serves nothing: it starts without a fresh head (the registry may be
     # down, which `audit verify` and `agents` must still show), keeping the newest head it
     # saw in its identity directory so it notices a rollback.
+    replicas = getattr(args, "replicas", None)
     return MeshConfig(
-        servers=servers, prefix=args.prefix, allow_no_policy=True, state_dir=args.identity
+        servers=servers,
+        prefix=args.prefix,
+        allow_no_policy=True,
+        state_dir=args.identity,
+        replicas=int(replicas) if replicas is not None else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""``mesh-agent``: run an agent from a module path (``run``), or the demo mesh (``demo``).
+"""``mesh-agent``: run an agent from a module path or a file (``run``), or the demo mesh (``demo``).
 
 ``run`` reads its settings from options or ``MESH_*`` environment variables:
 
@@ -14,10 +14,21 @@ option             environment            meaning
 ``--root-key``     ``MESH_ROOT_KEY``      trust root private key (the registry only)
 ``--traces``       ``MESH_TRACES``        span exporter: none, console or otlp
 ``--metrics-port`` ``MESH_METRICS_PORT``  serve Prometheus metrics on this port
+``--metrics-addr`` ``MESH_METRICS_ADDR``  the address it binds (default 0.0.0.0)
 ``--access-log``   ``MESH_ACCESS_LOG``    one JSON line per served request (1/true)
 ``--drain``        ``MESH_DRAIN_TIMEOUT`` bound on finishing in-flight work
+``--replicas``     ``MESH_REPLICAS``      JetStream replicas of stores it creates
+                                          (default: 3 on a cluster of 3+, else 1)
+``--allow-no-policy`` ``MESH_ALLOW_NO_POLICY`` start with no policy when the mesh
+                                          has no registry's head (development)
 ``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
 =================  =====================  ==========================================
+
+and ``--connect-timeout`` (``MESH_CONNECT_TIMEOUT``, 10 s): the bound on reaching NATS and
+loading the directory and the policy at start. The target is ``MODULE:ATTR`` or
+``path/to/file.py:ATTR``. ``--reload`` (development) runs the agent under a supervisor that
+restarts it when its sources change (``mesh.cli._reload``). SIGINT or SIGTERM stops every phase
+at once: the exit code is 128 + the signal's number before the agent serves, 0 after a drain.
 """
 
 from __future__ import annotations
@@ -26,16 +37,22 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import os
 import signal
 import sys
+import traceback
+from collections.abc import Awaitable
 from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
 
 from mesh._connect import Mesh, enrol
 from mesh._core.config import MeshConfig, Timeouts
 from mesh._core.identity import (
     IDENTITY_KEY_FILE,
     Identity,
+    TrustRoot,
     load_identity,
     load_trust_root,
     save_identity,
@@ -48,41 +65,235 @@ from mesh.errors import FailedPrecondition, InvalidArgument
 
 from ._common import add_version, configure_logging, env_default, parse_duration, run_command
 
-log = get_logger(__name__)
+log = get_logger("mesh.cli.agent")  # also when run as `python -m mesh.cli.agent`
+T = TypeVar("T")
+
+
+# Installed under other names (pyproject.toml): ``examples.research:planner`` works from any
+# directory, not only from a clone's root.
+_INSTALLED_AS = {"examples": "mesh_examples", "agents": "mesh_agents"}
+_TARGET_HELP = "expected MODULE:ATTR or FILE.py:ATTR, e.g. examples.research:planner"
+
+
+def _is_file_target(module: str) -> bool:
+    return module.endswith(".py") or "/" in module or os.sep in module
+
+
+def _module_of_file(path: Path) -> tuple[Path, str]:
+    """The folder to put on ``sys.path`` and the dotted name that ``path`` imports as: its
+    enclosing packages (folders with ``__init__.py``) included, so relative imports work."""
+    parts = [] if path.name == "__init__.py" else [path.stem]
+    folder = path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return folder, ".".join(parts)
+
+
+def _on_path(folder: str) -> None:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # as `python -m` and `python FILE` do
+
+
+def _missing(exc: ModuleNotFoundError, name: str) -> bool:
+    """Whether the module ``name`` itself (or a package above it) is missing, rather than
+    something that its code imports."""
+    return exc.name is not None and (name == exc.name or name.startswith(exc.name + "."))
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of an exception raised by a user's module, without the frames of the
+    import machinery and of the mesh (the runner that imported it)."""
+    internal = (
+        str(Path(importlib.__file__).parent) + os.sep,
+        str(Path(__file__).resolve().parents[1]) + os.sep,
+    )
+
+    def trim(te: traceback.TracebackException | None) -> None:
+        while te is not None:
+            te.stack = traceback.StackSummary.from_list(
+                [f for f in te.stack if not f.filename.startswith(("<frozen ", *internal))]
+            )
+            trim(te.__cause__)
+            te = te.__context__
+
+    shown = traceback.TracebackException.from_exception(exc)
+    trim(shown)
+    return "".join(shown.format())
+
+
+def _import(name: str, shown: str) -> ModuleType:
+    """Import a user's module; a failure inside it prints its own traceback.
+
+    Raises:
+        InvalidArgument: the module is missing, or raised while being imported.
+    """
+    try:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            top, _, rest = name.partition(".")
+            if not _missing(exc, name) or top not in _INSTALLED_AS:
+                raise
+            installed = f"{_INSTALLED_AS[top]}.{rest}" if rest else _INSTALLED_AS[top]
+            try:
+                return importlib.import_module(installed)
+            except ModuleNotFoundError as again:
+                if not _missing(again, installed):
+                    raise
+                raise exc from None
+    except ModuleNotFoundError as exc:
+        if not _missing(exc, name):
+            print(_user_traceback(exc), end="", file=sys.stderr)
+            raise InvalidArgument(
+                f"cannot import {shown}: {type(exc).__name__}: {exc} (traceback above)"
+            ) from None
+        raise InvalidArgument(
+            f"cannot import module {name!r}: {exc} (run from the folder that holds it, or give "
+            "its file: path/to/file.py:ATTR)"
+        ) from None
+    except Exception as exc:  # whatever the module's own code raised, SyntaxError included
+        print(_user_traceback(exc), end="", file=sys.stderr)
+        raise InvalidArgument(
+            f"cannot import {shown}: {type(exc).__name__}: {exc} (traceback above)"
+        ) from None
 
 
 def load_agent(spec: str) -> Agent:
-    """Import ``module:attr`` and return the ``Agent`` it names.
+    """Import ``module:attr`` or ``path/to/file.py:attr`` and return the ``Agent`` it names.
+
+    A module path is looked up from the current directory first (as ``python -m`` does);
+    ``examples.*`` and ``agents.*`` fall back to the installed ``mesh_examples`` and
+    ``mesh_agents``. A file is imported under the dotted name its packages give it. When the
+    module raises while it is imported, its traceback is printed to stderr, with only its own
+    frames (not the runner's).
 
     Raises:
-        InvalidArgument: the module or attribute is missing, or is not an ``Agent``.
+        InvalidArgument: the module or attribute is missing, is not an ``Agent``, or the
+            module raised while it was imported.
     """
-    module_name, _, attr = spec.partition(":")
+    module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise InvalidArgument(f"{spec!r}: expected MODULE:ATTR, e.g. examples.research:planner")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does, so local modules import
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InvalidArgument(f"cannot import module {module_name!r}: {exc}") from exc
+        raise InvalidArgument(f"{spec!r}: {_TARGET_HELP}")
+    if _is_file_target(module_name):
+        path = Path(module_name).resolve()
+        if not path.is_file():
+            raise InvalidArgument(f"{module_name}: no such file ({_TARGET_HELP})")
+        folder, name = _module_of_file(path)
+        _on_path(str(folder))
+        module = _import(name, module_name)
+        loaded = getattr(module, "__file__", None)
+        if loaded is None or Path(loaded).resolve() != path:
+            raise InvalidArgument(
+                f"{module_name} imports as module {name!r}, but that name is taken by "
+                f"{loaded or 'a built-in module'}: rename the file"
+            )
+    else:
+        _on_path(os.getcwd())
+        module = _import(module_name, repr(module_name))
     agent = getattr(module, attr, None)
     if not isinstance(agent, Agent):
-        raise InvalidArgument(f"{spec!r} is {type(agent).__name__}, not a mesh.Agent")
+        found = sorted(k for k, v in vars(module).items() if isinstance(v, Agent))
+        problem = (
+            f"{module_name} has no {attr!r}"
+            if not hasattr(module, attr)
+            else f"{spec!r} is {type(agent).__name__}, not a mesh.Agent"
+        )
+        raise InvalidArgument(problem + (f" (its agents: {', '.join(found)})" if found else ""))
     return agent
 
 
-async def serve(agent: Agent, mesh: Mesh) -> None:
+def watched_sources(spec: str) -> tuple[list[Path], list[Path]]:
+    """What ``--reload`` watches for ``spec``, without importing it: ``(files, trees)``, the
+    whole top-level package of the target's module, or the target's file and the ``*.py``
+    files beside it when it is in no package."""
+    module_name = spec.rpartition(":")[0]
+    if _is_file_target(module_name):
+        origin = Path(module_name).resolve()
+        folder, name = _module_of_file(origin)
+        if "." in name or origin.name == "__init__.py":
+            return [origin], [folder / name.partition(".")[0]]
+    else:
+        _on_path(os.getcwd())
+        top = module_name.partition(".")[0]
+        found = importlib.util.find_spec(top) if top else None
+        if found is None and top in _INSTALLED_AS:
+            found = importlib.util.find_spec(_INSTALLED_AS[top])
+        if found is not None and found.submodule_search_locations:
+            return [], [Path(p) for p in found.submodule_search_locations]
+        if found is None or found.origin is None or not Path(found.origin).is_file():
+            return [], []  # the runner will say what is wrong with it
+        origin = Path(found.origin)
+    return sorted({origin, *origin.parent.glob("*.py")}), []
+
+
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM arrived before the agent was serving."""
+
+    def __init__(self, signum: int, phase: str) -> None:
+        super().__init__(signum, phase)
+        self.signum = signum
+        self.phase = phase
+
+
+class StopSignals:
+    """SIGTERM and SIGINT as an event the runner watches in every phase (enrolling,
+    connecting, loading the directory and the policy, serving), so that neither waits for a
+    network timeout. Use as ``with StopSignals() as stop:`` inside the event loop."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signum: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> StopSignals:
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._received, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                assert self._loop is not None
+                self._loop.remove_signal_handler(sig)
+
+    def _received(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
+
+    async def unless(self, work: Awaitable[T], phase: str) -> T:
+        """``await work``, unless a signal arrives first: then cancel it.
+
+        Raises:
+            _Interrupted: a signal arrived first (``phase`` names what it interrupted).
+        """
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self.event.wait())
+        interrupted = False
+        try:
+            await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                interrupted = True
+                task.cancel()
+                await asyncio.wait((task,))
+        if not interrupted:
+            return task.result()
+        if not task.cancelled():
+            task.exception()  # what it raised while being cancelled: nobody waits for it
+        assert self.signum is not None
+        raise _Interrupted(self.signum, phase)
+
+
+async def serve(agent: Agent, mesh: Mesh, stop: StopSignals) -> None:
     """Serve until SIGTERM or SIGINT, then drain (deregister, finish in-flight work, close).
 
     Raises:
         FailedPrecondition: the agent drained by itself (its certificate was revoked).
     """
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await mesh.start()
     log.info(
         "agent.ready",
         agent=agent.name,
@@ -91,7 +302,7 @@ async def serve(agent: Agent, mesh: Mesh) -> None:
         endpoints=sorted(agent.endpoints),
         servers=list(mesh.config.servers),
     )
-    stopping = asyncio.ensure_future(stop.wait())
+    stopping = asyncio.ensure_future(stop.event.wait())
     closed = asyncio.ensure_future(mesh.wait_closed())
     try:
         await asyncio.wait((stopping, closed), return_when=asyncio.FIRST_COMPLETED)
@@ -104,52 +315,107 @@ async def serve(agent: Agent, mesh: Mesh) -> None:
         log.info("agent.draining", agent=agent.name, instance=mesh.instance)
         await mesh.drain()
         log.info("agent.stopped", agent=agent.name, instance=mesh.instance)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
+
+
+async def run_agent(
+    agent: Agent,
+    config: MeshConfig,
+    *,
+    identity_dir: Path,
+    token: str | None,
+    root_public_key: bytes | None,
+    root_key: TrustRoot | None,
+) -> int:
+    """Enrol if needed, start, serve, drain; a signal stops any phase at once.
+
+    Returns:
+        0 after a clean drain; 128 + the signal number when a signal came before serving.
+    """
+    with StopSignals() as stop:
+        try:
+            if token and not (identity_dir / IDENTITY_KEY_FILE).exists():
+                if root_public_key is None:
+                    raise InvalidArgument(
+                        "enrolling with --token needs --root (the trust root's root.pub)"
+                    )
+                enrolling = enrol(
+                    config, agent=agent.name, token=token, root_public_key=root_public_key
+                )
+                identity = await stop.unless(enrolling, "enrolling")
+                save_identity(identity, identity_dir)
+                log.info("agent.enrolled", agent=agent.name, serial=identity.certificate.serial)
+            identity = load_identity(identity_dir, root_public_key=root_public_key)
+            mesh = Mesh(identity, config, agent=agent, trust_root=root_key)
+
+            def keep(renewed: Identity) -> None:  # renewed certificates survive restarts
+                save_identity(renewed, identity_dir)
+
+            mesh.certificate_listeners.append(keep)
+            log.info("agent.starting", agent=agent.name, servers=list(config.servers))
+            try:
+                await stop.unless(mesh.start(), "starting")
+            except _Interrupted:
+                # Close what the start opened; briefly: nothing was served yet.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(mesh.drain(), min(config.timeouts.drain, 2.0))
+                raise
+            await serve(agent, mesh, stop)
+            return 0
+        except _Interrupted as exc:
+            log.info(
+                "agent.interrupted",
+                agent=agent.name,
+                phase=exc.phase,
+                signal=signal.Signals(exc.signum).name,
+            )
+            return 128 + exc.signum
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run one agent instance."""
+    """Run one agent instance (under a reloading supervisor with ``--reload``)."""
     configure_logging(args.log_level, args.log_format)
+    drain = parse_duration(args.drain)
+    if args.reload:
+        from ._reload import supervise
+
+        files, trees = watched_sources(args.target)
+        main_call = "import sys; from mesh.cli.agent import main; sys.exit(main())"
+        runner = [sys.executable, "-c", main_call, *args.argv, "--no-reload"]
+        return supervise(runner, files=files, trees=trees, stop_timeout=drain + 5)
     agent = load_agent(args.target)
     if not args.identity:
         raise InvalidArgument("no identity: pass --identity DIR or set MESH_IDENTITY")
     config = MeshConfig(
         servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
         prefix=args.prefix,
-        timeouts=Timeouts(drain=parse_duration(args.drain)),
+        timeouts=Timeouts(drain=drain, connect=parse_duration(args.connect_timeout)),
         access_log=args.access_log,
         state_dir=args.identity,  # the newest signed head and policy seen, kept across restarts
         allow_no_policy=args.allow_no_policy,
+        replicas=int(args.replicas) if args.replicas is not None else None,
     )
-    install_tracing(args.traces, agent.name)
-    if args.metrics_port:
-        serve_prometheus(int(args.metrics_port))
     root_key = load_trust_root(args.root_key) if args.root_key else None
     if root_key is not None and not root_key.can_sign:
         raise InvalidArgument(f"{args.root_key}: --root-key needs root.key, not root.pub")
     root_pk = load_trust_root(args.root).public_key if args.root else None
     root_pk = root_pk or (root_key.public_key if root_key else None)
-    identity_dir = Path(args.identity)
-    if args.token and not (identity_dir / IDENTITY_KEY_FILE).exists():
-        if root_pk is None:
-            raise InvalidArgument("enrolling with --token needs --root (the trust root's root.pub)")
-        identity = asyncio.run(
-            enrol(config, agent=agent.name, token=args.token, root_public_key=root_pk)
+    instance: str | None = None  # known once enrolled: names the OpenTelemetry resource
+    with contextlib.suppress(InvalidArgument):
+        instance = load_identity(args.identity, root_public_key=root_pk).instance
+    install_tracing(args.traces, agent.name, instance)
+    if args.metrics_port:
+        serve_prometheus(
+            int(args.metrics_port), args.metrics_addr, service_name=agent.name, instance=instance
         )
-        save_identity(identity, identity_dir)
-        log.info("agent.enrolled", agent=agent.name, serial=identity.certificate.serial)
-    identity = load_identity(identity_dir, root_public_key=root_pk)
-    mesh = Mesh(identity, config, agent=agent, trust_root=root_key)
-
-    # Keep renewed certificates across restarts.
-    def keep(renewed: Identity) -> None:
-        save_identity(renewed, identity_dir)
-
-    mesh.certificate_listeners.append(keep)
-    asyncio.run(serve(agent, mesh))
-    return 0
+    running = run_agent(
+        agent,
+        config,
+        identity_dir=Path(args.identity),
+        token=args.token,
+        root_public_key=root_pk,
+        root_key=root_key,
+    )
+    return asyncio.run(running)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -166,20 +432,46 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run an agent defined in MODULE:ATTR")
-    run.add_argument("target", help="MODULE:ATTR of a mesh.Agent, e.g. examples.research:planner")
+    run = sub.add_parser("run", help="run an agent defined in MODULE:ATTR or FILE.py:ATTR")
+    run.add_argument(
+        "target",
+        help="MODULE:ATTR or FILE.py:ATTR of a mesh.Agent, e.g. examples.research:planner",
+    )
     run.add_argument("--servers", default=env_default("SERVERS", "nats://127.0.0.1:4222"))
     run.add_argument("--identity", default=env_default("IDENTITY"))
     run.add_argument("--root", default=env_default("TRUST_ROOT"))
     run.add_argument("--token", default=env_default("JOIN_TOKEN"))
     run.add_argument("--root-key", default=env_default("ROOT_KEY"))
     run.add_argument("--prefix", default=env_default("PREFIX", "mesh"))
+    run.add_argument(
+        "--replicas",
+        type=int,
+        default=env_default("REPLICAS"),
+        help="JetStream replicas of the stores this agent creates (MESH_REPLICAS; default: 3 on "
+        "a cluster of three or more servers, else 1)",
+    )
     run.add_argument("--drain", default=env_default("DRAIN_TIMEOUT", "10s"))
+    run.add_argument(
+        "--connect-timeout",
+        default=env_default("CONNECT_TIMEOUT", "10s"),
+        help="bound on reaching NATS and loading the directory and policy at start",
+    )
+    run.add_argument(
+        "--reload",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="development: restart the agent when its module or package changes",
+    )
     run.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"))
     run.add_argument(
         "--traces", choices=["none", "console", "otlp"], default=env_default("TRACES", "none")
     )
     run.add_argument("--metrics-port", type=int, default=env_default("METRICS_PORT"))
+    run.add_argument(
+        "--metrics-addr",
+        default=env_default("METRICS_ADDR", "0.0.0.0"),  # noqa: S104  (a scrape target)
+        help="address the metrics port binds: 0.0.0.0 (default), :: or 127.0.0.1",
+    )
     run.add_argument(
         "--access-log",
         action="store_true",
@@ -202,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mesh-agent``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what --reload passes on to the runner it supervises
     return int(run_command(lambda: args.func(args)))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -133,7 +134,22 @@ async def _intruder(config: MeshConfig, root: TrustRoot, res: Mesh) -> None:
 
 
 async def run_demo(*, keep: bool = False) -> int:
-    """Run the demo; returns the process exit code."""
+    """Run the demo; returns the process exit code.
+
+    Its throwaway trust root and identities live in a temporary folder, deleted at the end
+    (Ctrl-C included); with ``keep`` the mesh stays up until Ctrl-C and the folder remains.
+    """
+    keys = Path(tempfile.mkdtemp(prefix="mesh-demo-"))
+    try:
+        return await _run_demo(keys, keep=keep)
+    finally:
+        if keep:
+            say(f"the demo's trust root and identities are kept in {keys}")
+        else:
+            shutil.rmtree(keys, ignore_errors=True)
+
+
+async def _run_demo(keys: Path, *, keep: bool) -> int:
     from mesh_agents.registry import registry
     from mesh_examples import research
     from mesh_examples.research import Answer, Question, librarian, planner, researcher
@@ -141,7 +157,6 @@ async def run_demo(*, keep: bool = False) -> int:
     research.narrate = say
     async with NatsServer() as server:
         say(f"embedded nats-server with JetStream at {server.url}")
-        keys = Path(tempfile.mkdtemp(prefix="mesh-demo-"))
         root = TrustRoot.generate()
         save_trust_root(root, keys)
         ids = {

@@ -29,10 +29,16 @@ async def fetch_signals(
     )
 
 
-def render_top(reply: SignalsReply) -> Table:
-    """The `top` table: per agent and endpoint, rps, success rate, p50, p99, in flight."""
+def render_top(reply: SignalsReply, *, client: bool = False) -> Table:
+    """The `top` table: per agent and endpoint, rps, success rate, p50, p99, in flight.
+
+    Args:
+        reply: the registry's signals.
+        client: ``reply`` holds the callers' view (``top --client``); the caption says so.
+    """
     cells = top_table(reply.rows)
-    table = Table(*cells[0], title=f"golden signals, last {reply.window_s:.0f} s (server side)")
+    side = "client side" if client else "server side"
+    table = Table(*cells[0], title=f"golden signals, last {reply.window_s:.0f} s ({side})")
     for row in cells[1:]:
         table.add_row(*row)
     return table

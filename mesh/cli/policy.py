@@ -13,6 +13,7 @@ modules; ``top`` and ``graph`` in ``observe``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -45,7 +46,7 @@ from mesh.control_plane import (
     save_trust_root,
 )
 
-from . import audit, identity, observe
+from . import audit, check, identity, observe
 from ._admin import add_command, admin_mesh, call_registry, err, online, out, when
 from ._common import add_version, configure_logging, env_default, parse_duration, run_command
 
@@ -82,8 +83,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate policy files; exit 1 naming the file, line and problem of each error."""
+    """Validate policy files; exit 1 naming the file, line and problem of each error. With
+    ``--live``, also warn about names no live instance has (exit 1 for them with
+    ``--strict``)."""
     failed = 0
+    valid = []
     for path in args.paths:
         try:
             policy = load_policy(path)
@@ -92,11 +96,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for e in getattr(exc, "errors", None) or [exc]:
                 err.print(e.message, markup=False)
             continue
+        valid.append((path, policy))
         spec = policy.spec
         out.print(
             f"{path}: OK ({policy.metadata.name}: {len(spec.rules)} rules, "
             f"{len(spec.endpoints)} endpoint settings, default {spec.defaults.authorization})"
         )
+    if args.live and valid:
+        unknown = asyncio.run(check.analyze_live(args, valid))
+        failed += 1 if unknown and args.strict else 0
     return 1 if failed else 0
 
 
@@ -113,11 +121,19 @@ def _read(path: str) -> str:
 async def cmd_apply(args: argparse.Namespace) -> int:
     """Validate, then apply a policy as the next revision."""
     text = _read(args.path)
-    parse_policy(text, source=args.path, require_units=True)  # fail before connecting
+    policy = parse_policy(text, source=args.path, require_units=True)  # fail before connecting
     async with admin_mesh(args) as mesh:
+        unknown = check.unknown_names(args.path, policy, mesh.directory.all())
+        if unknown and args.strict:
+            check.print_warnings(unknown)
+            raise FailedPrecondition(
+                f"{args.path}: not applied: it names {len(unknown)} agents, endpoints or "
+                "roles that no live instance has (--strict)"
+            )
         reply = await call_registry(
             mesh, "apply", ApplyRequest(policy=text, source=args.path), ApplyReply
         )
+    check.print_warnings(unknown)  # after the registry accepted: a refusal comes first
     if reply.unchanged:
         out.print(f"unchanged: revision {reply.revision} already has this policy")
     else:
@@ -305,7 +321,7 @@ async def cmd_top(args: argparse.Namespace) -> int:
         reply = await observe.fetch_signals(
             mesh, "client" if args.client else "server", not args.totals
         )
-    out.print(observe.render_top(reply))
+    out.print(observe.render_top(reply, client=args.client))
     return 0
 
 
@@ -336,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument(
         "--prefix", default=env_default("PREFIX", "mesh"), help="subject prefix (MESH_PREFIX)"
     )
+    conn.add_argument(
+        "--replicas",
+        type=int,
+        default=env_default("REPLICAS"),
+        help="JetStream replicas of stores this command creates (MESH_REPLICAS; default: 3 on "
+        "a cluster of three or more servers, else 1)",
+    )
 
     p = argparse.ArgumentParser(
         prog="mesh-policy",
@@ -358,10 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--force", action="store_true", help="replace an existing trust root")
 
-    v = cmd("validate", cmd_validate, "check policy files; name file, line and problem")
+    v = cmd("validate", cmd_validate, "check policy files; name file, line and problem", True)
     v.add_argument("paths", nargs="+", metavar="PATH")
+    v.add_argument("--live", action="store_true", help="warn of names no live instance has")
+    v.add_argument("--strict", action="store_true", help="with --live: exit 1 on such names")
     a = cmd("apply", online(cmd_apply), "apply a policy file as the next revision", True)
     a.add_argument("path", metavar="PATH")
+    a.add_argument(
+        "--strict", action="store_true", help="refuse (exit 2) if it names anything not live"
+    )
     d = cmd("diff", online(cmd_diff), "show what applying a policy file would change", True)
     d.add_argument("path", metavar="PATH")
     g = cmd("get", online(cmd_get), "print the current policy revision", True)
@@ -399,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     identity.add_parser(sub, conn)
+    check.add_parser(sub, conn)
     audit.add_parser(sub, conn)
     return p
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import nats
+from nats.js.api import KeyValueConfig
 from pydantic import BaseModel
 
 import mesh
@@ -38,7 +40,7 @@ async def test_caller_survives_loss_of_its_node_and_sees_new_instances(
     re-created, so an instance started afterwards is found."""
     urls = nats_cluster.urls
     cfg = test_config(
-        urls, directory=mesh.DirectoryConfig(heartbeat=0.25, ttl=3.0, drain_grace=0.1, replicas=3)
+        urls, directory=mesh.DirectoryConfig(heartbeat=0.25, ttl=3.0, drain_grace=0.1)
     )
     agent = doubler()
     async with (
@@ -62,3 +64,37 @@ async def test_caller_survives_loss_of_its_node_and_sees_new_instances(
             await wait_until(
                 lambda: alice.directory.get(f"doubler.{late.instance}") is not None, timeout=20
             )
+
+
+async def replicas_of(url: str, stream: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return info.config.num_replicas or 1
+    finally:
+        await nc.close()
+
+
+async def test_stores_are_replicated_three_times_on_a_cluster(
+    nats_cluster: NatsCluster, trust: Trust
+) -> None:
+    """On a cluster of three, every store the mesh creates has three replicas without any
+    setting, and a store someone created with one (an R1 default, a command run during a
+    registry start) is scaled up to three when a mesh opens it."""
+    urls = nats_cluster.urls
+    nc = await nats.connect(urls[0])
+    try:
+        await nc.jetstream().create_key_value(KeyValueConfig(bucket="mesh-head", replicas=1))
+    finally:
+        await nc.close()
+    async with mesh.Mesh(trust.identity("doubler"), test_config(urls), agent=doubler()):
+        for stream in ("KV_mesh-directory", "KV_mesh-policy", "KV_mesh-head"):
+            assert await replicas_of(urls[0], stream) == 3, stream
+
+
+async def test_a_configured_replica_count_is_used(nats_cluster: NatsCluster, trust: Trust) -> None:
+    """`MeshConfig.replicas` overrides the cluster default."""
+    urls = nats_cluster.urls
+    cfg = test_config(urls, replicas=2, prefix="two")
+    async with mesh.Mesh(trust.identity("doubler"), cfg, agent=doubler()):
+        assert await replicas_of(urls[0], "KV_two-directory") == 2

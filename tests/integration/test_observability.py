@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -21,15 +23,19 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 import mesh
 from mesh._core.crypto import PairKeys, seal_body
 from mesh._core.envelope import HDR_DEADLINE, HDR_TRACEPARENT, MAGIC, PREFIX, Kind
-from mesh.control_plane import PolicyEngine, SignalsReply, SignalsRequest, TrustRoot
+from mesh._observability.metrics import serve_prometheus
+from mesh.control_plane import PolicyEngine, SignalRow, SignalsReply, SignalsRequest, TrustRoot
 from mesh.testing import NatsServer, Trust, test_config
 
 REPO = Path(__file__).resolve().parents[2]
+PROMTOOL = shutil.which("promtool")
+NO_PROMTOOL = "promtool is not installed (Debian: apt-get install prometheus)"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 
@@ -279,6 +285,8 @@ async def test_prometheus_endpoint_and_access_log_from_the_runner(
         "tests.integration.workers:worker",
         "--metrics-port",
         str(port),
+        "--metrics-addr",
+        "127.0.0.1",
         "--access-log",
         cwd=REPO,
         env=env,
@@ -302,6 +310,12 @@ async def test_prometheus_endpoint_and_access_log_from_the_runner(
         ok = [ln for ln in lines if 'mesh_reporter="server"' in ln and 'mesh_code="OK"' in ln]
         assert ok and ok[0].endswith(" 3.0"), lines
         assert "mesh_certificate_expiry" in text
+        [target] = [f for f in text_string_to_metric_families(text) if f.name == "target_info"]
+        labels = target.samples[0].labels
+        assert labels["service_name"] == "worker"  # not unknown_service
+        assert labels["service_instance_id"] == mesh.load_identity(tmp_path / "worker").instance
+        if PROMTOOL is not None:
+            assert await promtool_check(text) == ""
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 20)
@@ -351,3 +365,144 @@ async def test_golden_signals_reach_the_registry(nats_server: NatsServer) -> Non
     assert row.p50_ms is not None and row.p99_ms is not None
     assert ("admin", "back") in [(e.caller, e.callee) for e in reply.edges]
     assert "back" in reply.nodes
+
+
+async def promtool_check(text: str) -> str:
+    """``promtool check metrics`` of an exposition: its complaints ("" when it has none)."""
+    assert PROMTOOL is not None
+    proc = await asyncio.create_subprocess_exec(
+        PROMTOOL,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 30)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def scrape_after_requests(
+    nats_server: NatsServer, trust: Trust, ok: int, failed: int
+) -> tuple[str, str]:
+    """Serve the process's metrics on a free port, make ``ok`` good and ``failed`` failing
+    calls from alice to back, and return the scraped text and back's instance."""
+    server = serve_prometheus(0, "127.0.0.1", service_name="back")
+    try:
+        cfg = test_config([nats_server.url])
+        _front, back = three_hops(Counter())
+        async with (
+            mesh.Mesh(trust.identity("back"), cfg, agent=back) as b,
+            mesh.Mesh(trust.identity("alice"), cfg) as alice,
+        ):
+            await alice.wait_for("back")
+            for _ in range(ok):
+                await alice.request("back", "leaf", Text(text="a"), Text)
+            for _ in range(failed):
+                with pytest.raises(mesh.NotFound):
+                    await alice.request("back", "leaf", Text(text="fail"), Text)
+
+            def scrape() -> str:
+                url = f"http://127.0.0.1:{server.server_port}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    return str(r.read().decode())
+
+            return await asyncio.to_thread(scrape), b.instance
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_prometheus_latency_is_a_histogram_counting_every_request(
+    nats_server: NatsServer, trust: Trust
+) -> None:
+    """The live endpoint parses as Prometheus text; latency is one histogram per edge whose
+    buckets only grow and whose _count is the number of requests served, every code."""
+    text, instance = await scrape_after_requests(nats_server, trust, ok=6, failed=1)
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    hist = families["mesh_request_duration_seconds"]
+
+    def served(labels: dict[str, str]) -> bool:
+        return labels["mesh_instance"] == instance and labels["mesh_reporter"] == "server"
+
+    buckets = [
+        (float(s.labels["le"]), s.value)
+        for s in hist.samples
+        if s.name == "mesh_request_duration_seconds_bucket" and served(s.labels)
+    ]
+    [count] = [
+        s.value
+        for s in hist.samples
+        if s.name == "mesh_request_duration_seconds_count" and served(s.labels)
+    ]
+    [total] = [
+        s.value
+        for s in hist.samples
+        if s.name == "mesh_request_duration_seconds_sum" and served(s.labels)
+    ]
+    requests = {
+        s.labels["mesh_code"]: s.value
+        for s in families["mesh_requests"].samples
+        if s.name == "mesh_requests_total" and served(s.labels)
+    }
+    assert hist.type == "histogram"
+    assert [le for le, _ in buckets] == sorted(le for le, _ in buckets)
+    assert buckets[-1] == (math.inf, 7)
+    counts = [n for _, n in buckets]
+    assert counts == sorted(counts)
+    assert count == 7 and total > 0
+    assert requests == {"OK": 6, "NOT_FOUND": 1}
+    assert "mesh_request_duration_bucket_total" not in text  # the old counters are gone
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMTOOL)
+async def test_prometheus_endpoint_passes_promtool(nats_server: NatsServer, trust: Trust) -> None:
+    """`promtool check metrics` finds nothing to say about the live endpoint."""
+    text, _instance = await scrape_after_requests(nats_server, trust, ok=3, failed=1)
+
+    assert await promtool_check(text) == ""
+
+
+async def test_a_short_lived_callers_last_report_reaches_the_registry(
+    nats_server: NatsServer,
+) -> None:
+    """A caller that closes before its first reporting interval still reports: drain sends a
+    final report, and closing stays quick."""
+    from mesh_agents import registry as reg
+
+    root = TrustRoot.generate()
+    fast = test_config([nats_server.url], signals_interval=0.2)
+    never = test_config([nats_server.url], signals_interval=3600.0)  # only the final report
+    _front, back = three_hops(Counter())
+    async with (
+        mesh.Mesh(
+            root.issue_identity("registry", roles=["registry"]),
+            fast,
+            agent=reg.registry,
+            trust_root=root,
+        ),
+        mesh.Mesh(root.issue_identity("back"), never, agent=back),
+        mesh.Mesh(root.issue_identity("admin", roles=["admin"]), fast) as admin,
+    ):
+        caller = mesh.Mesh(root.issue_identity("shortlived"), never)
+        await caller.start()
+        await caller.wait_for("back")
+        for _ in range(4):
+            await caller.request("back", "leaf", Text(text="x"), Text)
+        started = time.monotonic()
+        await caller.drain()
+        closing = time.monotonic() - started
+
+        async def rows() -> list[SignalRow]:
+            ask = SignalsRequest(reporter="client")
+            return (await admin.request("registry", "signals", ask, SignalsReply)).rows
+
+        end = time.monotonic() + 5
+        found = [r for r in await rows() if r.caller == "shortlived"]
+        while not found and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+            found = [r for r in await rows() if r.caller == "shortlived"]
+    assert [(r.callee, r.endpoint, r.requests, r.errors) for r in found] == [("back", "leaf", 4, 0)]
+    assert closing < 3.0

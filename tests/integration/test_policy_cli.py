@@ -60,6 +60,7 @@ TOP_COMMANDS = [
     "top",
     "graph",
     "identity",
+    "check",
     "audit",
 ]
 GROUP_COMMANDS = {"identity": ["issue", "token", "list", "revoke"], "audit": ["tail", "verify"]}

@@ -157,6 +157,25 @@ class TestEdgeStats:
         stats.exit(key)
         assert stats.inflight_by_edge() == [(key, 0)]  # the series stays, at zero
 
+    def test_histograms_are_per_edge_whatever_the_code(self) -> None:
+        """The Prometheus reader: one cumulative histogram per edge, its +Inf bucket the
+        edge's request count and its sum the time of every request, OK or not."""
+        stats = EdgeStats("r", "r1", now=0.0)
+        key: EdgeKey = ("p", "r", "e", "server")
+        stats.record(*key, "OK", 0.002)
+        stats.record(*key, "INTERNAL", 0.5)
+        stats.snapshot_and_reset(1.0)
+        stats.record(*key, "OK", 0.004)
+
+        [(edge, buckets, seconds)] = stats.histograms()
+
+        counts = [n for _, n in buckets]
+        assert edge == key
+        assert [le for le, _ in buckets][-1] == "+Inf"
+        assert len(buckets) == len(BUCKET_BOUNDS_S) + 1
+        assert counts == sorted(counts) and counts[-1] == 3
+        assert seconds == pytest.approx(0.506)
+
     def test_report_json_is_small_and_round_trips(self) -> None:
         rep = report("researcher", "r1", [("planner", "researcher", "answer", 99, 1, 0.002)])
 
@@ -270,7 +289,46 @@ class TestSignalTable:
             rates.append(row(table.rows(), "researcher", "answer").rps)
 
         assert rates == pytest.approx([10.0] * 12)
-        assert row(table.rows(), "researcher", "answer").requests == 700  # 7 reports in 60 s
+        # 6 reports arrived in the last 60 s (the one exactly 60 s old has left).
+        assert row(table.rows(), "researcher", "answer").requests == 600
+
+    def test_rate_divides_by_the_window_not_by_the_reports_with_traffic(self) -> None:
+        """One request in a minute is 1/60 rps: instances send no report for an interval
+        without traffic, so the rate divides by the time covered, not by the 5 s of the one
+        report that came."""
+        clock = FakeClock()
+        table = SignalTable(window=60.0, clock=clock)
+        stats = EdgeStats("researcher", "r1", now=clock.now)
+        for tick in range(12):  # a report every 5 s, published only when it holds traffic
+            clock.advance(5.0)
+            if tick == 0:
+                stats.record("planner", "researcher", "answer", "server", "OK", 0.002)
+            snapshot = stats.snapshot_and_reset(clock.now)
+            if snapshot.edges:
+                table.add(snapshot)
+        clock.advance(0.5)  # the one report arrived 55.5 s ago: still in the window
+
+        total = row(table.rows(), "researcher", "answer")
+        [edge] = table.edges()
+
+        assert total.requests == 1
+        assert total.rps == pytest.approx(1 / 60)
+        assert edge.rps == pytest.approx(1 / 60)
+        assert table.covered() == 60.0
+
+    def test_a_young_table_divides_by_the_time_since_its_first_report(self) -> None:
+        """Before the table is a window old, the rate is over the time since the start of the
+        first report it took (so a registry that just started shows the right rate)."""
+        clock = FakeClock()
+        table = SignalTable(window=60.0, clock=clock)
+        assert table.covered() == 0.0
+        table.add(report("researcher", "r1", [("planner", "researcher", "answer", 50, 0, 0.002)]))
+        clock.advance(15.0)  # that report covered 10 s before it arrived: 25 s so far
+
+        total = row(table.rows(), "researcher", "answer")
+
+        assert table.covered() == pytest.approx(25.0)
+        assert total.rps == pytest.approx(50 / 25)
 
     def test_success_rate_with_a_mix_of_codes(self) -> None:
         stats = EdgeStats("researcher", "r1", now=0.0)

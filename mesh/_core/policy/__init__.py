@@ -31,11 +31,14 @@ The package owns, one idea per module:
   (``parse_policy``, ``parse_canonical``, ``load_policy``), the canonical bytes and the schema.
 - ``diff``: ``diff_policies``, what changes between two policies, as lines for people.
 - ``engine``: ``Decision``, ``Route`` and ``PolicyEngine`` (compiled rules, cached answers).
+- ``analyze``: ``analyze_policy``, the agents, endpoints and roles a policy names that no live
+  instance has (an ``Inventory`` of the directory), with "did you mean" suggestions.
 - ``__main__``: ``python -m mesh._core.policy --export-schema schemas/policy.schema.json``.
 
 Import from the package (``from mesh._core.policy import PolicyEngine``), not the modules.
 """
 
+from mesh._core.policy.analyze import Finding, Inventory, analyze_policy
 from mesh._core.policy.diff import diff_policies
 from mesh._core.policy.engine import Decision, PolicyEngine, Route
 from mesh._core.policy.load import (
@@ -70,6 +73,8 @@ __all__ = [
     "Decision",
     "Defaults",
     "EndpointPolicy",
+    "Finding",
+    "Inventory",
     "Match",
     "Metadata",
     "Policy",
@@ -80,6 +85,7 @@ __all__ = [
     "Route",
     "Rule",
     "Spec",
+    "analyze_policy",
     "canonical_policy_bytes",
     "diff_policies",
     "load_policy",

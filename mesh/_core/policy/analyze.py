@@ -1,0 +1,167 @@
+"""Names a policy uses that nothing live has: the analysis behind ``validate --live`` and
+``apply`` (``istioctl analyze`` for mesh policies).
+
+A rule or an endpoints key that names an agent, an endpoint or a role no live instance has is
+usually a typo: the rule silently never matches. ``analyze_policy`` compares the names and
+patterns of a policy with an ``Inventory`` of the live directory and returns one ``Finding``
+per unknown plain name, with close matches (``difflib``). Patterns (``*``, ``drop*``,
+``role:ops-*``) are never reported: a glob is open-ended on purpose (a deny rule on
+``delete*`` guards endpoints nobody has written yet). They still decide whether an endpoint is
+known: an endpoint is looked up in every live agent the rule's agent pattern matches, as the
+engine matches names (case-sensitive ``fnmatch``). ``role:<name>`` callers are looked up in
+the roles of the live instances' certificates. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mesh._core.policy.model import Policy, _is_glob
+from mesh._core.records import InstanceRecord
+
+__all__ = ["Finding", "Inventory", "analyze_policy"]
+
+Kind = Literal["agent", "endpoint", "role"]
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """What the live directory has: agents, each agent's endpoints, and the roles certificates
+    carry.
+
+    Attributes:
+        endpoints: every live agent's name and the endpoint names its instances announce.
+        roles: every role in a live instance's certificate.
+    """
+
+    endpoints: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    roles: frozenset[str] = frozenset()
+
+    @property
+    def agents(self) -> frozenset[str]:
+        """Every live agent's name."""
+        return frozenset(self.endpoints)
+
+    @classmethod
+    def of(cls, records: Iterable[InstanceRecord]) -> Inventory:
+        """The inventory of verified directory records."""
+        endpoints: dict[str, set[str]] = {}
+        roles: set[str] = set()
+        for rec in records:
+            endpoints.setdefault(rec.agent, set()).update(rec.endpoints)
+            roles.update(rec.certificate.roles)
+        return cls({a: frozenset(e) for a, e in endpoints.items()}, frozenset(roles))
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A name a policy uses that nothing live has.
+
+    Attributes:
+        where: what uses it: ``rule "x"`` or ``endpoints key "a.b"``.
+        kind: ``"agent"``, ``"endpoint"`` or ``"role"``.
+        name: the name as written.
+        agent: for an endpoint, the callee agent (pattern) it belongs to.
+        suggestions: live names close to ``name``, closest first.
+    """
+
+    where: str
+    kind: Kind
+    name: str
+    agent: str | None = None
+    suggestions: tuple[str, ...] = ()
+
+    @property
+    def message(self) -> str:
+        """``rule "x" names agent "librarain", which no live instance has (did you mean
+        "librarian"?)``."""
+        what = f'{self.kind} "{self.name}"'
+        if self.agent is not None:
+            what += f' of agent "{self.agent}"'
+        has = (
+            "no live instance's certificate carries"
+            if self.kind == "role"
+            else "no live instance has"
+        )
+        text = f"{self.where} names {what}, which {has}"
+        if self.suggestions:
+            quoted = " or ".join(f'"{s}"' for s in self.suggestions)
+            text += f" (did you mean {quoted}?)"
+        return text
+
+
+def _matching(pattern: str, names: Iterable[str]) -> list[str]:
+    if pattern == "*":
+        return sorted(names)
+    if _is_glob(pattern):
+        return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    return [pattern] if pattern in names else []
+
+
+def _unknown(
+    where: str, kind: Kind, name: str, known: frozenset[str], agent: str | None = None
+) -> Finding | None:
+    """A finding when the plain name ``name`` is none of ``known`` (a glob: never)."""
+    if _is_glob(name) or name in known:
+        return None
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.7)
+    return Finding(where, kind, name, agent=agent, suggestions=tuple(close))
+
+
+def _endpoints(
+    where: str, agent: str, endpoints: Iterable[str], inventory: Inventory
+) -> list[Finding]:
+    """Endpoint names none of the live agents ``agent`` matches announces (none reported
+    when ``agent`` matches no live agent: that is reported about the agent)."""
+    agents = _matching(agent, inventory.agents)
+    if not agents:
+        return []
+    offered = frozenset(e for a in agents for e in inventory.endpoints[a])
+    found = (_unknown(where, "endpoint", e, offered, agent) for e in endpoints)
+    return [f for f in found if f is not None]
+
+
+def analyze_policy(policy: Policy, inventory: Inventory) -> list[Finding]:
+    """The agents, endpoints and roles ``policy`` names that nothing in ``inventory`` has.
+
+    Rules are checked in file order (callers, then the callee agent, then its endpoints), then
+    the keys of ``spec.endpoints``; each unknown plain name is reported once per rule or key
+    (patterns never are).
+
+    Args:
+        policy: a validated policy.
+        inventory: what the live directory has (``Inventory.of(records)``).
+
+    Returns:
+        One ``Finding`` per unknown name or pattern, in that order (empty when all are known).
+    """
+    found: list[Finding] = []
+    for rule in policy.spec.rules:
+        where = f'rule "{rule.name}"'
+        m = rule.match
+        for caller in m.callers:
+            if caller.startswith("role:"):
+                f = _unknown(where, "role", caller[5:], inventory.roles)
+            else:
+                f = _unknown(where, "agent", caller, inventory.agents)
+            if f is not None:
+                found.append(f)
+        f = _unknown(where, "agent", m.agent, inventory.agents)
+        if f is not None:
+            found.append(f)
+        found.extend(_endpoints(where, m.agent, m.endpoints, inventory))
+    for key in policy.spec.endpoints:
+        where = f'endpoints key "{key}"'
+        agent, endpoint = key.split(".")
+        f = _unknown(where, "agent", agent, inventory.agents)
+        if f is not None:
+            found.append(f)
+        found.extend(_endpoints(where, agent, [endpoint], inventory))
+    unique: dict[tuple[str, str, str, str | None], Finding] = {}
+    for f in found:
+        unique.setdefault((f.where, f.kind, f.name, f.agent), f)
+    return list(unique.values())
