@@ -1,4 +1,4 @@
-"""The access log: one JSON line per served request, never the payload."""
+"""The access log: one JSON line per served or refused request, never the payload."""
 
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ class AccessLog:
         reply_bytes: int,
         traceparent: str | None,
         attempt: int,
+        rule: str | None = None,
     ) -> None:
-        """One JSON line for a served request; never the payload."""
+        """One JSON line for a served or refused request (``rule``: the policy rule of a
+        denial, when one decided); never the payload."""
         if self._logger is None:
             self._logger = _access_logger()
         self._logger.info(
@@ -62,4 +64,5 @@ class AccessLog:
             reply_bytes=reply_bytes,
             trace_id=traceparent.split("-")[1] if traceparent and "-" in traceparent else None,
             attempt=attempt,
+            rule=rule,
         )

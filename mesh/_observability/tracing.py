@@ -9,11 +9,15 @@ Sampling follows the parent (the SDK's default ``ParentBased`` sampler).
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
 
 __all__ = ["Tracing", "install_tracing"]
 
@@ -87,8 +91,9 @@ class Tracing:
             span.set_attribute("mesh.attempts", attempt)
 
     def retry(self, span: Span | None, attempt: int, code: str, fate: str, delay: float) -> None:
-        """Record a retry (or the decision not to) as a span event."""
-        if span is not None:
+        """Record a retry as a span event; a call that is over (``fate`` other than
+        ``retried``) gets no event: its fate is the span's ``mesh.fate`` attribute."""
+        if span is not None and fate == "retried":
             span.add_event(
                 "retry",
                 {
@@ -99,13 +104,17 @@ class Tracing:
                 },
             )
 
-    def end(self, span: Span | None, code: str, fate: str | None = None) -> None:
-        """Finish a span with the mesh status code."""
+    def end(
+        self, span: Span | None, code: str, fate: str | None = None, rule: str | None = None
+    ) -> None:
+        """Finish a span with the mesh status code, the call's fate and a denial's rule."""
         if span is None:
             return
         span.set_attribute("rpc.natsmesh.status_code", code)
         if fate is not None:
             span.set_attribute("mesh.fate", fate)
+        if rule is not None:
+            span.set_attribute("mesh.rule", rule)
         if code != OK:
             span.set_attribute("error.type", code)
             span.set_status(Status(StatusCode.ERROR, code))
@@ -143,15 +152,19 @@ class Tracing:
         return span, tp or traceparent, ts if ts is not None else tracestate
 
 
+def _one_line(span: ReadableSpan) -> str:
+    return str(span.to_json(indent=None)) + "\n"
+
+
 def install_tracing(
     exporter: str, service_name: str, instance: str | None = None
 ) -> trace.TracerProvider | None:
     """Install a global tracer provider exporting spans to ``exporter``.
 
     Args:
-        exporter: ``none``, ``console`` (JSON spans on stderr) or ``otlp`` (OTLP over HTTP,
-            configured by the standard ``OTEL_EXPORTER_OTLP_*`` variables; needs the
-            ``natsmesh[otlp]`` extra).
+        exporter: ``none``, ``console`` (one JSON object per span and line, on stderr) or
+            ``otlp`` (OTLP over HTTP, configured by the standard ``OTEL_EXPORTER_OTLP_*``
+            variables; needs the ``natsmesh[otlp]`` extra).
         service_name: the default ``service.name`` (``OTEL_SERVICE_NAME`` overrides it).
         instance: the default ``service.instance.id``.
 
@@ -173,7 +186,10 @@ def install_tracing(
         return None
     provider = SdkTracerProvider(resource=service_resource(service_name, instance))
     if exporter == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        # One JSON object per line: stderr also carries the log (JSON lines with
+        # --log-format json), and the SDK's default dump spans many lines.
+        exporter_ = ConsoleSpanExporter(out=sys.stderr, formatter=_one_line)
+        provider.add_span_processor(SimpleSpanProcessor(exporter_))
     elif exporter == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

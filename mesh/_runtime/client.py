@@ -61,6 +61,7 @@ from mesh.errors import (
 __all__ = ["MAX_IDEMPOTENCY_KEY", "Call", "ClientPipeline"]
 
 OK = "OK"
+DENIED = "denied"
 MAX_IDEMPOTENCY_KEY = 256
 
 Next = Callable[["Call"], Awaitable[bytes]]
@@ -85,6 +86,7 @@ class Call:
         attempt: the number of the current attempt (1 for the first).
         record: the instance of the current attempt; ``idempotent`` its endpoint's flag.
         pinned: the instance a keyed call stays on; ``avoid`` instances not to pick again.
+        fate: how the call ended (``ok``, ``ok_after_retry``, ``retries_exhausted``, ...).
     """
 
     agent: str
@@ -103,6 +105,7 @@ class Call:
     idempotent: bool = False
     pinned: InstanceRecord | None = None
     avoid: set[str] | None = None
+    fate: str | None = None
 
 
 def compose(stages: Sequence[AttemptStage], last: Next) -> Next:
@@ -185,7 +188,11 @@ class ClientPipeline:
             MeshError: the subclass matching the failure.
         """
         self.prepare(agent, endpoint, idempotency_key, traceparent, tracestate)
-        route = self.route(agent, endpoint)
+        try:
+            route = self.route(agent, endpoint)
+        except MeshError as exc:
+            self._refused(agent, endpoint, exc, traceparent, tracestate)
+            raise
         dl = self.deadline(agent, endpoint, route, timeout, deadline)
         if len(body) > self._max_body:
             raise MessageTooLarge(
@@ -221,7 +228,23 @@ class ClientPipeline:
             raise
         finally:
             self._signals.finish(edge, code, time.perf_counter() - started)
-            self._observer.end(span, code)
+            self._observer.end(span, code, c.fate)
+
+    def _refused(
+        self,
+        agent: str,
+        endpoint: str,
+        exc: MeshError,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> None:
+        """A call this caller's own policy refused (``route``): counted as a call with its
+        code in the client-side signals, with the fate ``denied``, and a CLIENT span with
+        error status naming the rule, like a call the callee refused."""
+        self._stats.fate(DENIED)
+        self._signals.record(self.name, agent, endpoint, "client", exc.code, 0.0)
+        span, _, _ = self._observer.start_client(agent, endpoint, traceparent, tracestate)
+        self._observer.end(span, exc.code, DENIED, exc.rule)
 
     # --- stages before the first attempt -----------------------------------------------------
 
@@ -298,7 +321,8 @@ class ClientPipeline:
             except MeshError as exc:
                 await self._after_failure(call, exc)
                 continue
-            self._stats.fate("ok" if call.attempt == 1 else "ok_after_retry")
+            call.fate = "ok" if call.attempt == 1 else "ok_after_retry"
+            self._stats.fate(call.fate)
             return payload
 
     async def _after_failure(self, call: Call, exc: MeshError) -> None:
@@ -308,6 +332,7 @@ class ClientPipeline:
         delay, fate = self._retry_delay(exc, may_retry, call.attempt, call.attempts, call.deadline)
         self._observer.retry(call.span, call.attempt, exc.code, fate, delay or 0.0)
         if delay is None:
+            call.fate = fate
             self._stats.fate(fate)
             raise exc
         if record is not None and idempotent:

@@ -48,13 +48,25 @@ Span = Any
 
 @dataclass(slots=True)
 class EndpointStats:
-    """Counters of one served endpoint (the NATS services protocol reports them)."""
+    """Counters of one served endpoint (the NATS services protocol reports them).
+
+    ``requests`` and ``errors`` include the requests refused before the handler (``refused``,
+    by code): an operator counting requests sees every one the endpoint was sent.
+    """
 
     requests: int = 0
     errors: int = 0
     processing_ns: int = 0
     replayed_from_cache: int = 0
     last_error: str = ""
+    refused: dict[str, int] = field(default_factory=dict)
+
+    def refuse(self, code: str) -> None:
+        """Count one request refused with ``code`` before its handler ran."""
+        self.requests += 1
+        self.errors += 1
+        self.last_error = code
+        self.refused[code] = self.refused.get(code, 0) + 1
 
 
 @dataclass(slots=True)
@@ -104,8 +116,9 @@ class Observer(Protocol):
         """An attempt failed with ``code``; ``fate`` says whether the call goes on."""
         ...
 
-    def end(self, span: Span, code: str, fate: str | None = None) -> None:
-        """The call (or served request) ended with ``code``."""
+    def end(self, span: Span, code: str, fate: str | None = None, rule: str | None = None) -> None:
+        """The call (or served request) ended with ``code``; ``rule`` names the policy rule
+        of a denial."""
         ...
 
     def start_server(
@@ -133,8 +146,9 @@ class Observer(Protocol):
         reply_bytes: int,
         traceparent: str | None,
         attempt: int,
+        rule: str | None = None,
     ) -> None:
-        """One access-log line for a served request; never the payload."""
+        """One access-log line for a served or refused request; never the payload."""
         ...
 
     def register_metrics(self, source: StatsSource) -> None:
@@ -158,7 +172,7 @@ class NoObserver:
     def retry(self, span: Span, attempt: int, code: str, fate: str, delay: float) -> None:
         pass
 
-    def end(self, span: Span, code: str, fate: str | None = None) -> None:
+    def end(self, span: Span, code: str, fate: str | None = None, rule: str | None = None) -> None:
         pass
 
     def start_server(

@@ -52,9 +52,10 @@ from mesh._core.policy import Route
 from mesh._core.signals import EdgeKey, EdgeStats
 from mesh._log import get_logger
 from mesh._runtime.agent import Agent, Context, EndpointSpec, Peer
-from mesh._runtime.concurrency import ConcurrencyLimit, ReplyCache
+from mesh._runtime.concurrency import DEFAULT_MAX_QUEUE, ConcurrencyLimit, ReplyCache
 from mesh._runtime.governance import Governance
 from mesh._runtime.ports import EndpointStats, MeshHandle, MeshStats, Observer
+from mesh._runtime.registry_api import ADMIN_ROLE, REGISTRY
 from mesh._transport.base import InboundMessage, Transport
 from mesh.errors import (
     DeadlineExceeded,
@@ -64,6 +65,7 @@ from mesh.errors import (
     MeshError,
     MessageTooLarge,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 
@@ -72,6 +74,9 @@ __all__ = ["Exchange", "ServerPipeline", "error_body"]
 log = get_logger(__name__)
 OK = "OK"
 NO_ID = bytes(16)
+UNAUTHENTICATED = "(unauthenticated)"
+"""The caller of a request refused before its certificate verified, in signals and logs."""
+UNKNOWN_ENDPOINT = "(unknown)"
 
 
 def error_body(exc: MeshError) -> bytes:
@@ -149,6 +154,10 @@ class ServerPipeline:
         )
         self.replies = ReplyCache(limits.reply_cache_ttl)
         self.endpoint_stats = {name: EndpointStats() for name in agent.endpoints}
+        # Admins' control-plane calls to the registry (`mesh-policy top`, `apply`, ...) are
+        # not the mesh's traffic: the registry keeps their signals aside, never reported.
+        self._quiet_role = ADMIN_ROLE if agent.name == REGISTRY else None
+        self._quiet_signals = EdgeStats(agent.name, mesh.instance)
         self._limits = {
             s.name: ConcurrencyLimit(s.concurrency or limits.endpoint_concurrency)
             for s in agent.endpoints.values()
@@ -167,7 +176,9 @@ class ServerPipeline:
             hdr, end = decode_frame(data)  # 1; bounded: a header is at most 16 KiB
         except DecodeError as exc:
             too_big = len(data) > self._max_frame
-            await self._refuse(msg, NO_ID, too_large(len(data)) if too_big else exc)
+            refusal = too_large(len(data)) if too_big else exc
+            self._stats.refuse(refusal.code)  # no header: nothing more to count it by
+            await self._refuse(msg, NO_ID, refusal)
             return
         try:
             cert, key, body = admit_request(
@@ -176,14 +187,18 @@ class ServerPipeline:
                 max_sealed=self._max_sealed, replay=self.replay, verifier=self._verifier,
                 pair=self._pair, peek=self._governance.rate_peek,
             )  # fmt: skip
-        except DeadlineExceeded:
+        except DeadlineExceeded as exc:
             # The caller has stopped waiting (its own timer fired): nothing to answer.
-            self._stats.refuse(DeadlineExceeded.code)
+            self._refused(msg, hdr, None, exc)
             return
         except SealedRefusal as refusal:
+            # The rate-limit peek runs once the certificate verified (step 9 matched it to
+            # the header's sender): the caller is known.
+            self._refused(msg, hdr, hdr.from_agent, refusal.error)
             await self._refuse_sealed(msg, hdr, refusal.key, refusal.error)
             return
         except MeshError as exc:
+            self._refused(msg, hdr, None, exc)
             await self._refuse(msg, hdr.id, exc)
             return
         if not msg.reply:  # 13
@@ -195,13 +210,52 @@ class ServerPipeline:
             for stage in self.accept_stages:
                 stage(ex)
         except MeshError as exc:
-            self._stats.refuse(exc.code)
-            # Unknown endpoint names are folded into one label: callers cannot grow the table.
-            endpoint = ex.spec.name if ex.spec is not None else "(unknown)"
-            self._signals.record(ex.peer.agent, self.name, endpoint, "server", exc.code, 0.0)
+            self._refused(msg, hdr, ex.peer.agent, exc)
             await self.reply(ex, exc.code, error_body(exc))
             return
         self._spawn(self.serve(ex))
+
+    def _refused(
+        self, msg: InboundMessage, hdr: Header, caller: str | None, exc: MeshError
+    ) -> None:
+        """Count a request refused after its header decoded, wherever served requests are
+        counted: by code, in the endpoint's stats, the edge signals and the access log, and,
+        once the caller is authenticated (``caller`` set), as a SERVER span naming the rule.
+
+        Before authentication the caller is one bucket, and the endpoint name is folded to
+        ``(unknown)`` unless this instance serves it: senders cannot grow the tables.
+        """
+        code = exc.code
+        self._stats.refuse(code)
+        name = hdr.name or ""
+        stats = self.endpoint_stats.get(name)
+        if stats is not None:
+            stats.refuse(code)
+        endpoint = name if stats is not None else UNKNOWN_ENDPOINT
+        who = caller if caller is not None else UNAUTHENTICATED
+        self._signals.record(who, self.name, endpoint, "server", code, 0.0)
+        observer = self._observer
+        # The trace context is only checked (step 7) and the sender only verified (step 9)
+        # for an authenticated caller: nothing unverified reaches a span or a log line.
+        traceparent = hdr.traceparent if caller is not None else None
+        if caller is not None:
+            span, _, _ = observer.start_server(
+                self.name, endpoint, msg.subject, hdr.id, caller, traceparent, hdr.tracestate
+            )
+            observer.end(span, code, rule=exc.rule)
+        if observer.access_log:
+            observer.log_access(
+                caller=who,
+                caller_instance=(hdr.from_instance or "") if caller is not None else "",
+                endpoint=endpoint,
+                code=code,
+                seconds=0.0,
+                request_bytes=len(msg.data),
+                reply_bytes=0,
+                traceparent=traceparent,
+                attempt=hdr.attempt or 1,
+                rule=exc.rule,
+            )
 
     def endpoint(self, ex: Exchange) -> None:
         """14: this instance serves the endpoint."""
@@ -220,7 +274,6 @@ class ServerPipeline:
     ) -> None:
         """A refusal once the pair key is known (step 10): a sealed error REPLY, which the
         caller may act on (an unsealed REFUSAL is only a hint to it)."""
-        self._stats.refuse(exc.code)
         if not msg.reply:
             return
         aad = reply_header(
@@ -233,7 +286,6 @@ class ServerPipeline:
     async def _refuse(self, msg: InboundMessage, request_id: bytes, exc: MeshError) -> None:
         """An unsealed REFUSAL: the request could not be authenticated (steps 1 to 11, except
         the rate-limit peek). Callers keep it as a hint only."""
-        self._stats.refuse(exc.code)
         if not msg.reply:
             return
         header = Header(
@@ -264,6 +316,7 @@ class ServerPipeline:
             try:
                 owner, cached = self.replies.claim(cache_key, hashlib.blake2b(ex.body).digest())
             except MeshError as exc:
+                self._refused(ex.msg, hdr, ex.peer.agent, exc)
                 await self.reply(ex, exc.code, error_body(exc))
                 return
             if not owner:
@@ -271,7 +324,10 @@ class ServerPipeline:
                 return
         started = time.perf_counter_ns()
         edge: EdgeKey = (ex.peer.agent, self.name, spec.name, "server")
-        self._signals.enter(edge)
+        signals = self._signals
+        if self._quiet_role is not None and self._quiet_role in ex.peer.roles:
+            signals = self._quiet_signals
+        signals.enter(edge)
         span, traceparent, tracestate = self._observer.start_server(
             self.name, spec.name, ex.msg.subject, hdr.id, ex.peer.agent, hdr.traceparent,
             hdr.tracestate,
@@ -284,14 +340,14 @@ class ServerPipeline:
                 self.replies.forget(cache_key)
                 cached.cancel()
             gone = Unavailable(f"{self.name} shut down before {spec.name} finished")
-            self._signals.finish(edge, gone.code, (time.perf_counter_ns() - started) / 1e9)
+            signals.finish(edge, gone.code, (time.perf_counter_ns() - started) / 1e9)
             self._observer.end(span, gone.code)
             with contextlib.suppress(Exception):
                 await self.reply(ex, gone.code, error_body(gone))
             raise
         elapsed = time.perf_counter_ns() - started
         self._account(ex, status, payload, elapsed)
-        self._signals.finish(edge, status, elapsed / 1e9)
+        signals.finish(edge, status, elapsed / 1e9)
         self._observer.end(span, status)
         if cache_key is not None and cached is not None:
             if ran:
@@ -333,10 +389,7 @@ class ServerPipeline:
         ran = False
         try:
             if not limit.try_acquire():
-                try:
-                    await asyncio.wait_for(limit.acquire(), max(0.0, deadline - time.time()))
-                except TimeoutError:
-                    raise DeadlineExceeded("deadline passed while the request was queued") from None
+                await self._queue(ex, limit, deadline)
             try:
                 remaining = deadline - time.time()
                 if remaining <= 0:
@@ -382,6 +435,31 @@ class ServerPipeline:
         if isinstance(result, BaseModel):
             return ran, OK, result.__pydantic_serializer__.to_json(result)
         return ran, OK, b"null"
+
+    async def _queue(self, ex: Exchange, limit: ConcurrencyLimit, deadline: float) -> None:
+        """18, no free slot: wait in the endpoint's bounded queue, at most until the deadline.
+
+        Raises:
+            ResourceExhausted: shed, at once, with a retry-after: the queue is full (policy's
+                ``max_queue``), or a caller within its fair share took this one's place.
+            DeadlineExceeded: the deadline passed while the request was queued.
+        """
+        assert ex.spec is not None
+        route = ex.route
+        max_queue = route.max_queue if route is not None else None
+        if max_queue is None:
+            max_queue = DEFAULT_MAX_QUEUE
+        try:
+            got = await asyncio.wait_for(
+                limit.acquire(ex.peer.agent, max_queue), max(0.0, deadline - time.time())
+            )
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed while the request was queued") from None
+        if not got:
+            raise ResourceExhausted(
+                f"{self.name}.{ex.spec.name} is at capacity ({limit.queued} queued)",
+                retry_after=limit.retry_after(),
+            )
 
     def _account(self, ex: Exchange, status: str, payload: bytes, elapsed_ns: int) -> None:
         """Endpoint counters and, where asked for, the access log line."""

@@ -157,11 +157,13 @@ def info_response(mesh: Mesh) -> dict[str, Any]:
 def stats_response(mesh: Mesh) -> dict[str, Any]:
     """The ``io.nats.micro.v1.stats_response`` document of a serving ``mesh``.
 
-    ``num_requests`` counts requests that reached the handler (after authentication,
-    authorization and rate limits), ``num_errors`` those that ended in an error status, and
-    ``last_error`` is that status code (for example ``INVALID_ARGUMENT``), never a message.
-    Replies answered from the idempotency reply cache are not requests here; ``data`` counts them
-    as ``replayed_from_cache``.
+    ``num_requests`` counts every request sent to the endpoint whose header decoded, including
+    those refused before the handler (unauthenticated, denied, rate-limited, ...);
+    ``num_errors`` those that ended in an error status or were refused, and ``last_error`` is
+    that status code (for example ``RESOURCE_EXHAUSTED``), never a message. ``data.refused``
+    (present once there is one) counts the refusals by code; ``average_processing_time`` is
+    over the requests that reached the handler. Replies answered from the idempotency reply
+    cache are not requests here; ``data`` counts them as ``replayed_from_cache``.
     """
     agent = mesh.agent
     assert agent is not None
@@ -172,6 +174,8 @@ def stats_response(mesh: Mesh) -> dict[str, Any]:
         stats = mesh.endpoint_stats.get(spec.name)
         requests = stats.requests if stats is not None else 0
         processing = stats.processing_ns if stats is not None else 0
+        refused = dict(stats.refused) if stats is not None else {}
+        handled = requests - sum(refused.values())
         endpoints.append(
             {
                 "name": spec.name,
@@ -181,10 +185,11 @@ def stats_response(mesh: Mesh) -> dict[str, Any]:
                 "num_errors": stats.errors if stats is not None else 0,
                 "last_error": stats.last_error if stats is not None else "",
                 "processing_time": processing,
-                "average_processing_time": processing // requests if requests else 0,
+                "average_processing_time": processing // handled if handled > 0 else 0,
                 # Always an object: older jsm.go schemas require one, newer ones allow anything.
                 "data": {
-                    "replayed_from_cache": stats.replayed_from_cache if stats is not None else 0
+                    "replayed_from_cache": stats.replayed_from_cache if stats is not None else 0,
+                    **({"refused": refused} if refused else {}),
                 },
             }
         )

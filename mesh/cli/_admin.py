@@ -49,7 +49,8 @@ def _config(args: argparse.Namespace) -> MeshConfig:
     servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
     # An admin client serves nothing: it starts without a fresh head (the registry may be
     # down, which `audit verify` and `agents` must still show), keeping the newest head it
-    # saw in its identity directory so it notices a rollback.
+    # saw in its identity directory so it notices a rollback. It reports no golden signals:
+    # the CLI's own calls are not the mesh's traffic (`top` and `graph` would show them).
     replicas = getattr(args, "replicas", None)
     return MeshConfig(
         servers=servers,
@@ -57,6 +58,7 @@ def _config(args: argparse.Namespace) -> MeshConfig:
         allow_no_policy=True,
         state_dir=args.identity,
         replicas=int(replicas) if replicas is not None else None,
+        signals_interval=0,
     )
 
 

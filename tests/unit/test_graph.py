@@ -271,7 +271,7 @@ class TestTop:
                 "INFLIGHT",
             ]
         )
-        assert table[1] == ["researcher", "answer", "12.3", "99.50 %", "420 µs", "18.2 ms", "3"]
+        assert table[1] == ["researcher", "answer", "12.3", "99.5 %", "420 µs", "18.2 ms", "3"]
         assert table[2] == ["", "  ← planner", "10.0", "100 %", "2.50 ms", "1.50 s", "2"]
         assert table[3] == ["librarian", "lookup ← cli", "0.0", "-", "-", "-", "1"]
         assert all(len(r) == len(TOP_HEADER) for r in table)

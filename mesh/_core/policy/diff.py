@@ -51,6 +51,8 @@ def _endpoint_fields(ep: EndpointPolicy) -> dict[str, str]:
         if rl.total is not None:
             out["rate_limit.total"] = _fmt_rate(rl.total)
             out["rate_limit.total_burst"] = str(rl.total_capacity)
+    if ep.max_queue is not None:
+        out["max_queue"] = str(ep.max_queue)
     if ep.access_log is not None:
         out["access_log"] = str(ep.access_log).lower()
     return out

@@ -78,6 +78,8 @@ class Route:
             default applies.
         retries: the entry's ``retries``, if any.
         rate_limit: the entry's ``rate_limit``, if any.
+        max_queue: the entry's ``max_queue``: how many requests may wait for a concurrency
+            slot; ``None``: the runtime's default.
         access_log: whether to write an access-log line: the entry's ``access_log``, else
             ``defaults.access_log``; ``False`` with no policy.
     """
@@ -88,6 +90,7 @@ class Route:
     retries: RetrySpec | None
     rate_limit: RateLimitSpec | None
     access_log: bool
+    max_queue: int | None = None
 
 
 class _Names:
@@ -312,6 +315,7 @@ class PolicyEngine:
             retries=None if settings is None else settings.retries,
             rate_limit=None if settings is None else settings.rate_limit,
             access_log=access_log,
+            max_queue=None if settings is None else settings.max_queue,
         )
         if len(self._routes) >= _CACHE_MAX:
             self._routes.clear()

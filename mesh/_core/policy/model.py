@@ -24,6 +24,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     WrapSerializer,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -429,7 +430,22 @@ class EndpointPolicy(_Model):
     timeout: Duration | None = Field(None, description="request timeout")
     retries: RetrySpec | None = None
     rate_limit: RateLimitSpec | None = None
+    max_queue: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="requests that may wait for a concurrency slot; more are refused at once "
+        "with RESOURCE_EXHAUSTED and a retry-after (default 1024; 0: no queue)",
+    )
     access_log: StrictBool | None = Field(None, description="overrides defaults.access_log")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_max_queue(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A policy that does not set max_queue keeps the canonical bytes (and signatures) it
+        # had before the field existed, and stays readable by agents that do not know it.
+        out: dict[str, Any] = handler(self)
+        if self.max_queue is None:
+            out.pop("max_queue", None)
+        return out
 
 
 class Spec(_Model):

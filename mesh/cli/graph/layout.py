@@ -61,19 +61,19 @@ def fmt_rps(rps: float) -> str:
     return f"{rps:.2f}"
 
 
-def fmt_pct(rate: float, decimals: int) -> str:
-    """A success rate as a percentage that never rounds a failure up to 100."""
+def fmt_pct(rate: float) -> str:
+    """A success rate as a percentage, ``"99.5 %"``: one decimal wherever the mesh shows one
+    (``top``, ``graph``), ``"100 %"`` only when nothing failed (a failure never rounds up)."""
     if rate >= 1.0:
-        return "100"
-    top = 100 - 10.0**-decimals
-    return f"{min(rate * 100, top):.{decimals}f}"
+        return "100 %"
+    return f"{min(rate * 100, 99.9):.1f} %"
 
 
 def edge_label(edge: GraphEdge) -> str:
     """``"12.3 rps, 99.5 %"`` (the rate alone when the window has no finished request)."""
     text = f"{fmt_rps(edge.rps)} rps"
     if edge.success_rate is not None:
-        text += f", {fmt_pct(edge.success_rate, 1)} %"
+        text += f", {fmt_pct(edge.success_rate)}"
     return text
 
 

@@ -78,7 +78,7 @@ def top_table(rows: Sequence[SignalRow]) -> list[list[str]]:
         else:
             agent, endpoint = r.callee, f"{r.endpoint} ← {r.caller}"
         prev = here
-        success = "-" if r.success_rate is None else f"{fmt_pct(r.success_rate, 2)} %"
+        success = "-" if r.success_rate is None else fmt_pct(r.success_rate)
         table.append(
             [
                 agent,
@@ -122,7 +122,7 @@ def to_text(edges: Sequence[GraphEdge], nodes: Iterable[str] = ()) -> str:
         lines.append(name)
         for i, e in enumerate(outs):
             branch = "└──" if i == len(outs) - 1 else "├──"
-            success = "-" if e.success_rate is None else f"{fmt_pct(e.success_rate, 1)} %"
+            success = "-" if e.success_rate is None else fmt_pct(e.success_rate)
             lines.append(
                 f"{branch} {e.callee:<{width}}  {fmt_rps(e.rps):>7} rps  {success:>7}"
                 f"  p99 {_fmt_ms(e.p99_ms)}"

@@ -1,0 +1,116 @@
+"""Load shedding on a real nats-server: a bounded queue per endpoint (policy ``max_queue``)
+answers the overflow at once with RESOURCE_EXHAUSTED and a retry-after, fairly per caller."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pydantic import BaseModel
+
+import mesh
+from mesh._core.policy import PolicyEngine
+from mesh.testing import NatsServer, Trust, test_config, wait_until
+
+POLICY = """
+apiVersion: mesh/v1
+kind: Policy
+metadata: {name: shedding}
+spec:
+  defaults: {authorization: allow}
+  endpoints:
+    worker.slow: {max_queue: 5}
+"""
+
+
+class Job(BaseModel):
+    n: int
+
+
+def make_worker(seconds: float) -> mesh.Agent:
+    agent = mesh.Agent("worker")
+
+    @agent.endpoint(concurrency=1)
+    async def slow(job: Job) -> Job:
+        await asyncio.sleep(seconds)
+        return job
+
+    return agent
+
+
+async def _timed(caller: mesh.Mesh, n: int) -> tuple[float, Job | mesh.MeshError]:
+    start = time.perf_counter()
+    try:
+        result: Job | mesh.MeshError = await caller.request(
+            "worker", "slow", Job(n=n), Job, timeout=20
+        )
+    except mesh.MeshError as exc:
+        result = exc
+    return time.perf_counter() - start, result
+
+
+async def test_overflow_is_shed_at_once_with_a_retry_after(
+    nats_server: NatsServer, trust: Trust
+) -> None:
+    """Concurrency 1, max_queue 5, 50 calls at once: 6 are served, 44 are refused with
+    RESOURCE_EXHAUSTED and a retry-after within a fraction of a second, and the queue empties."""
+    cfg = test_config([nats_server.url], retry=mesh.RetryPolicy(attempts=1))
+    async with (
+        mesh.Mesh(trust.identity("worker"), cfg, agent=make_worker(0.5)) as worker,
+        mesh.Mesh(trust.identity("alice"), cfg) as alice,
+    ):
+        worker.governance.engine = PolicyEngine(mesh.parse_policy(POLICY), revision=1)
+        await alice.wait_for("worker")
+        results = await asyncio.gather(*(_timed(alice, i) for i in range(50)))
+        served = [r for _t, r in results if isinstance(r, Job)]
+        shed = [(t, r) for t, r in results if isinstance(r, mesh.ResourceExhausted)]
+        assert len(served) == 6 and len(shed) == 44, results
+        for elapsed, exc in shed:
+            assert elapsed < 0.5, elapsed  # answered at once, not at the 20 s deadline
+            assert exc.retry_after is not None and 0.01 <= exc.retry_after <= 5.0
+        assert sorted(t for t, _ in shed)[len(shed) // 2] < 0.1  # the median: well under
+        assert worker.server is not None
+        limit = worker.server._limits["slow"]
+        await wait_until(lambda: limit.active == 0)
+        assert limit.queued == 0 and limit._queued == {}
+
+
+async def test_a_noisy_caller_does_not_shed_a_quiet_callers_call(
+    nats_server: NatsServer, trust: Trust
+) -> None:
+    """With the queue full of one caller's requests, another caller's single call is queued
+    (one of the noisy caller's is shed instead) and served."""
+    cfg = test_config([nats_server.url], retry=mesh.RetryPolicy(attempts=1))
+    async with (
+        mesh.Mesh(trust.identity("worker"), cfg, agent=make_worker(0.2)) as worker,
+        mesh.Mesh(trust.identity("noisy"), cfg) as noisy,
+        mesh.Mesh(trust.identity("quiet"), cfg) as quiet,
+    ):
+        worker.governance.engine = PolicyEngine(mesh.parse_policy(POLICY), revision=1)
+        await noisy.wait_for("worker")
+        await quiet.wait_for("worker")
+        assert worker.server is not None
+        limit = worker.server._limits["slow"]
+        flood = [asyncio.create_task(_timed(noisy, i)) for i in range(20)]
+        await wait_until(lambda: limit.queued == 5)
+        _elapsed, mine = await _timed(quiet, 99)
+        assert mine == Job(n=99)
+        noisy_results = [r for _t, r in await asyncio.gather(*flood)]
+        assert sum(isinstance(r, mesh.ResourceExhausted) for r in noisy_results) >= 14
+        await wait_until(lambda: limit.active == 0)
+        assert limit.queued == 0
+
+
+async def test_max_queue_zero_serves_only_free_slots(nats_server: NatsServer, trust: Trust) -> None:
+    """With no queue, a call that finds the slot taken is refused at once."""
+    cfg = test_config([nats_server.url], retry=mesh.RetryPolicy(attempts=1))
+    policy = POLICY.replace("max_queue: 5", "max_queue: 0")
+    async with (
+        mesh.Mesh(trust.identity("worker"), cfg, agent=make_worker(0.3)) as worker,
+        mesh.Mesh(trust.identity("alice"), cfg) as alice,
+    ):
+        worker.governance.engine = PolicyEngine(mesh.parse_policy(policy), revision=1)
+        await alice.wait_for("worker")
+        results = await asyncio.gather(*(_timed(alice, i) for i in range(3)))
+        assert sum(isinstance(r, Job) for _t, r in results) == 1
+        assert sum(isinstance(r, mesh.ResourceExhausted) for _t, r in results) == 2
