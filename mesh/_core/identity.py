@@ -461,15 +461,39 @@ def load_trust_root(path: str | Path) -> TrustRoot:
     return TrustRoot(None, raw, not_after)
 
 
+def save_keys(keys: InstanceKeys, path: Path) -> None:
+    """Write an instance's private keys to ``path`` (JSON, mode 0600)."""
+    saved = {"sign_seed": bytes(keys.signing).hex(), "box_sk": bytes(keys.box).hex()}
+    write_private_file(path, json.dumps(saved).encode() + b"\n")
+
+
+def load_keys(path: Path, what: str = "identity key file") -> InstanceKeys:
+    """Read keys written by ``save_keys``, refusing a file group or others can access.
+
+    Raises:
+        FileNotFoundError: there is no such file (the caller says what that means).
+        InvalidArgument: naming the file and the problem (mode, unreadable, malformed).
+    """
+    try:
+        _check_private_mode(path)
+        saved = json.loads(path.read_text())
+        return InstanceKeys(
+            SigningKey(bytes.fromhex(saved["sign_seed"])),
+            PrivateKey(bytes.fromhex(saved["box_sk"])),
+        )
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot read ({exc.strerror})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"{path}: not a valid {what}") from exc
+
+
 def save_identity(identity: Identity, directory: str | Path) -> Path:
     """Write ``identity.key`` (0600), ``identity.cert`` and ``root.pub`` into ``directory``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    keys = {
-        "sign_seed": bytes(identity.keys.signing).hex(),
-        "box_sk": bytes(identity.keys.box).hex(),
-    }
-    write_private_file(d / IDENTITY_KEY_FILE, json.dumps(keys).encode() + b"\n")
+    save_keys(identity.keys, d / IDENTITY_KEY_FILE)
     (d / IDENTITY_CERT_FILE).write_bytes(identity.certificate.raw)
     (d / ROOT_PUB_FILE).write_text(identity.root_public_key.hex() + "\n")
     return d
@@ -490,18 +514,9 @@ def load_identity(directory: str | Path, *, root_public_key: bytes | None = None
     d = Path(directory)
     key_file, cert_file = d / IDENTITY_KEY_FILE, d / IDENTITY_CERT_FILE
     try:
-        _check_private_mode(key_file)
-        keys_json = json.loads(key_file.read_text())
-        keys = InstanceKeys(
-            SigningKey(bytes.fromhex(keys_json["sign_seed"])),
-            PrivateKey(bytes.fromhex(keys_json["box_sk"])),
-        )
+        keys = load_keys(key_file)
     except FileNotFoundError as exc:
         raise InvalidArgument(f"{key_file}: identity key file not found") from exc
-    except OSError as exc:
-        raise InvalidArgument(f"{key_file}: cannot read ({exc.strerror})") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument(f"{key_file}: not a valid identity key file") from exc
     try:
         cert = Certificate.decode(cert_file.read_bytes())[0]
     except FileNotFoundError as exc:

@@ -11,6 +11,8 @@ option             environment            meaning
 ``--prefix``       ``MESH_PREFIX``        subject prefix (default ``mesh``)
 ``--token``        ``MESH_JOIN_TOKEN``    one-time join token: enrol, then save the
                                           identity into ``--identity``
+``--enrol-timeout`` ``MESH_ENROL_TIMEOUT`` how long to retry enrolment while no
+                                          registry answers (default 5m)
 ``--root-key``     ``MESH_ROOT_KEY``      trust root private key (the registry only)
 ``--traces``       ``MESH_TRACES``        span exporter: none, console or otlp
 ``--metrics-port`` ``MESH_METRICS_PORT``  serve Prometheus metrics on this port
@@ -25,10 +27,20 @@ option             environment            meaning
 =================  =====================  ==========================================
 
 and ``--connect-timeout`` (``MESH_CONNECT_TIMEOUT``, 10 s): the bound on reaching NATS and
-loading the directory and the policy at start. The target is ``MODULE:ATTR`` or
-``path/to/file.py:ATTR``. ``--reload`` (development) runs the agent under a supervisor that
-restarts it when its sources change (``mesh.cli._reload``). SIGINT or SIGTERM stops every phase
-at once: the exit code is 128 + the signal's number before the agent serves, 0 after a drain.
+loading the directory and the policy at start, and on each enrolment attempt. The target is
+``MODULE:ATTR`` or ``path/to/file.py:ATTR``. ``--reload`` (development) runs the agent under a
+supervisor that restarts it when its sources change (``mesh.cli._reload``). SIGINT or SIGTERM
+stops every phase at once: the exit code is 128 + the signal's number before the agent serves,
+0 after a drain.
+
+Enrolling with ``--token`` survives a registry that is not up yet: while an attempt fails as
+unavailable (NATS unreachable, no registry listed, no answer), it is made again after a
+backoff (a step of 1 s doubling to 30 s, with jitter), each failure logged as
+``agent.enrol_retry``, until ``--enrol-timeout`` (``MESH_ENROL_TIMEOUT``, 5 min); a refusal
+(unknown, used or expired token, a token for another agent) ends it at once. The keys are
+made once and saved first (``enrolment.key``, 0600, in ``--identity``), so a retry, or a
+restart after a crash, presents the same keys: a token that an attempt redeemed but whose reply
+was lost is delivered again to them.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import random
 import signal
 import sys
 import traceback
@@ -52,16 +65,26 @@ from mesh._core.config import MeshConfig, Timeouts
 from mesh._core.identity import (
     IDENTITY_KEY_FILE,
     Identity,
+    InstanceKeys,
     TrustRoot,
     load_identity,
+    load_keys,
     load_trust_root,
     save_identity,
+    save_keys,
 )
 from mesh._log import get_logger
 from mesh._observability.metrics import serve_prometheus
 from mesh._observability.tracing import install_tracing
 from mesh._runtime.agent import Agent
-from mesh.errors import FailedPrecondition, InvalidArgument
+from mesh.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 
 from ._common import add_version, configure_logging, env_default, parse_duration, run_command
 
@@ -73,6 +96,12 @@ T = TypeVar("T")
 # directory, not only from a clone's root.
 _INSTALLED_AS = {"examples": "mesh_examples", "agents": "mesh_agents"}
 _TARGET_HELP = "expected MODULE:ATTR or FILE.py:ATTR, e.g. examples.research:planner"
+# The keys an enrolment presents, saved before its first attempt, until the identity is saved.
+ENROLMENT_KEY_FILE = "enrolment.key"
+ENROL_BACKOFF_BASE, ENROL_BACKOFF_CAP = 1.0, 30.0
+# Failures that a later attempt may not see: the registry or NATS is not there (yet), or the
+# registry is in trouble. Anything else (a refused token above all) is final.
+_ENROL_RETRYABLE = (Unavailable, ResourceExhausted, Internal, DeadlineExceeded)
 
 
 def _is_file_target(module: str) -> bool:
@@ -317,6 +346,90 @@ async def serve(agent: Agent, mesh: Mesh, stop: StopSignals) -> None:
         log.info("agent.stopped", agent=agent.name, instance=mesh.instance)
 
 
+def enrolment_keys(identity_dir: Path) -> InstanceKeys:
+    """The keys an enrolment into ``identity_dir`` presents: those an interrupted enrolment
+    saved, else fresh ones, saved (0600) before anything is sent, so that a token redeemed
+    for them whose reply was lost is delivered again, even after a restart.
+
+    Raises:
+        InvalidArgument: the saved keys are unreadable, or readable by group or others.
+    """
+    path = identity_dir / ENROLMENT_KEY_FILE
+    try:
+        return load_keys(path, "key file (delete it to start over)")
+    except FileNotFoundError:
+        keys = InstanceKeys.generate()
+        identity_dir.mkdir(parents=True, exist_ok=True)
+        save_keys(keys, path)
+        return keys
+
+
+def enrol_backoff(retry: int, rng: random.Random | None = None) -> float:
+    """Seconds before enrolment retry number ``retry`` (1 for the first): a step of 1 s
+    doubling up to 30 s, drawn from its upper half, so agents waiting for the same registry
+    spread out without retrying at once."""
+    step = min(ENROL_BACKOFF_CAP, ENROL_BACKOFF_BASE * 2.0 ** min(max(0, retry - 1), 64))
+    return (rng or random).uniform(step / 2, step)
+
+
+async def enrol_until(
+    config: MeshConfig,
+    stop: StopSignals,
+    *,
+    agent: str,
+    token: str,
+    root_public_key: bytes,
+    keys: InstanceKeys,
+    bound: float,
+) -> Identity:
+    """Enrol, trying again with backoff while the registry is unavailable, for ``bound``
+    seconds; each attempt is bounded by ``config.timeouts.connect``.
+
+    Raises:
+        Unavailable: no attempt succeeded within ``bound`` (the last failure's reason).
+        MeshError: a final refusal (``Unauthenticated`` for a refused token), at once.
+        _Interrupted: a signal arrived.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    attempt = 0
+    while True:
+        attempt += 1
+        left = deadline - loop.time()
+        attempt_bound = max(0.1, min(config.timeouts.connect, left))
+        enrolling = enrol(
+            config,
+            agent=agent,
+            token=token,
+            root_public_key=root_public_key,
+            keys=keys,
+            timeout=attempt_bound,
+        )
+        try:
+            # The enrolment's own timeout does not cover reaching a server that never answers.
+            return await stop.unless(asyncio.wait_for(enrolling, attempt_bound + 1.0), "enrolling")
+        except _ENROL_RETRYABLE as exc:
+            reason = f"{exc.code}: {exc.message}"
+        except TimeoutError:
+            reason = f"no answer within {attempt_bound:g}s"
+        left = deadline - loop.time()
+        if left <= 0.1:
+            raise Unavailable(
+                f"could not enrol {agent!r} within {bound:g}s (--enrol-timeout), {attempt} "
+                f"attempts; the last: {reason}"
+            )
+        delay = min(enrol_backoff(attempt), left)
+        log.warning(
+            "agent.enrol_retry",
+            agent=agent,
+            attempt=attempt,
+            reason=reason,
+            retry_in=round(delay, 2),
+            gives_up_in=round(left, 1),
+        )
+        await stop.unless(asyncio.sleep(delay), "enrolling")
+
+
 async def run_agent(
     agent: Agent,
     config: MeshConfig,
@@ -325,8 +438,10 @@ async def run_agent(
     token: str | None,
     root_public_key: bytes | None,
     root_key: TrustRoot | None,
+    enrol_timeout: float = 300.0,
 ) -> int:
-    """Enrol if needed, start, serve, drain; a signal stops any phase at once.
+    """Enrol if needed (retrying for ``enrol_timeout`` seconds while no registry answers),
+    start, serve, drain; a signal stops any phase at once.
 
     Returns:
         0 after a clean drain; 128 + the signal number when a signal came before serving.
@@ -338,11 +453,17 @@ async def run_agent(
                     raise InvalidArgument(
                         "enrolling with --token needs --root (the trust root's root.pub)"
                     )
-                enrolling = enrol(
-                    config, agent=agent.name, token=token, root_public_key=root_public_key
+                identity = await enrol_until(
+                    config,
+                    stop,
+                    agent=agent.name,
+                    token=token,
+                    root_public_key=root_public_key,
+                    keys=enrolment_keys(identity_dir),
+                    bound=enrol_timeout,
                 )
-                identity = await stop.unless(enrolling, "enrolling")
                 save_identity(identity, identity_dir)
+                (identity_dir / ENROLMENT_KEY_FILE).unlink(missing_ok=True)  # now identity.key
                 log.info("agent.enrolled", agent=agent.name, serial=identity.certificate.serial)
             identity = load_identity(identity_dir, root_public_key=root_public_key)
             mesh = Mesh(identity, config, agent=agent, trust_root=root_key)
@@ -414,6 +535,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         token=args.token,
         root_public_key=root_pk,
         root_key=root_key,
+        enrol_timeout=parse_duration(args.enrol_timeout),
     )
     return asyncio.run(running)
 
@@ -441,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--identity", default=env_default("IDENTITY"))
     run.add_argument("--root", default=env_default("TRUST_ROOT"))
     run.add_argument("--token", default=env_default("JOIN_TOKEN"))
+    run.add_argument(
+        "--enrol-timeout",
+        default=env_default("ENROL_TIMEOUT", "5m"),
+        help="how long --token enrolment retries while no registry answers (default 5m)",
+    )
     run.add_argument("--root-key", default=env_default("ROOT_KEY"))
     run.add_argument("--prefix", default=env_default("PREFIX", "mesh"))
     run.add_argument(

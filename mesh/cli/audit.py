@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mesh.control_plane import AuditRecord, verify_audit_chain
 
 from ._admin import add_command, admin_mesh, err, online, out, when
+from ._output import add_output_option, emit, emit_item, iso
 
 if TYPE_CHECKING:
     from ._admin import Subcommands
+
+
+# Keys of a record's details that hold unix times (tokens' ``expires_at``, certificates'
+# ``not_after``): ISO 8601 in json and yaml, as every other time.
+_TIME_KEYS = ("not_after", "not_before")
 
 
 def _audit_line(rec: AuditRecord) -> str:
@@ -18,12 +24,42 @@ def _audit_line(rec: AuditRecord) -> str:
     return f"{rec.seq:>6} {when(rec.ts)} {rec.kind:<26} {rec.actor:<28} {rec.subject} {details}"
 
 
+def _is_time(key: str, value: object) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and (key.endswith("_at") or key in _TIME_KEYS)
+
+
+def audit_document(rec: AuditRecord) -> dict[str, Any]:
+    """A record for ``-o json|yaml``: ``seq``, ``ts``, ``kind``, ``actor``, ``subject``,
+    ``details`` (times in them as ISO 8601 too) and ``prev`` (the previous record's SHA-256)."""
+    return {
+        "seq": rec.seq,
+        "ts": iso(rec.ts),
+        "kind": rec.kind,
+        "actor": rec.actor,
+        "subject": rec.subject,
+        "details": {k: iso(v) if _is_time(k, v) else v for k, v in rec.details.items()},
+        "prev": rec.prev,
+    }
+
+
 async def cmd_audit_tail(args: argparse.Namespace) -> int:
     """Print the last records; with -f, follow new ones (each verified)."""
+
+    def show(recs: list[AuditRecord]) -> None:
+        for rec in recs:
+            out.print(_audit_line(rec), markup=False)
+
     async with admin_mesh(args) as mesh:
         records, problems = await mesh.control.read_audit(mesh.governance.head)
-        for rec in records[-args.lines :] if args.lines > 0 else []:
-            out.print(_audit_line(rec), markup=False)
+        last_n = records[-args.lines :] if args.lines > 0 else []
+        if not args.follow:
+            emit(args, [audit_document(r) for r in last_n], lambda: show(last_n))
+        elif args.output == "table":
+            show(last_n)
+        else:  # a stream: one document per record
+            for rec in last_n:
+                emit_item(args, audit_document(rec))
         for p in problems:
             err.print(f"[red]audit problem:[/] {p}")
         if not args.follow:
@@ -37,7 +73,10 @@ async def cmd_audit_tail(args: argparse.Namespace) -> int:
             for p in probs:
                 err.print(f"[red]audit problem:[/] {p}")
             if recs and recs[-1].seq == seq:
-                out.print(_audit_line(recs[-1]), markup=False)
+                if args.output == "table":
+                    show(recs[-1:])
+                else:
+                    emit_item(args, audit_document(recs[-1]))
     return 0
 
 
@@ -63,8 +102,17 @@ def add_parser(sub: Subcommands, conn: argparse.ArgumentParser) -> None:
     )
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     tail = add_command(asub, "tail", online(cmd_audit_tail), "print the last audit records", conn)
-    tail.add_argument("-n", "--lines", type=int, default=20)
-    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    tail.add_argument(
+        "-n", "--lines", type=int, default=20, help="how many of the last records (default 20)"
+    )
+    tail.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new records (with -o json one JSON object a line, with -o yaml "
+        "one YAML document each)",
+    )
+    add_output_option(tail)
     add_command(
         asub,
         "verify",

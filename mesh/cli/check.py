@@ -33,6 +33,7 @@ from mesh.control_plane import ADMIN_ROLE, REGISTRY, Empty, IdentityList
 from mesh.errors import PermissionDenied, Unauthenticated
 
 from ._admin import _config, add_command, admin_mesh, err, online, out, when
+from ._output import add_output_option, emit
 
 if TYPE_CHECKING:
     from ._admin import Subcommands
@@ -564,16 +565,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     """Check the mesh's health: one line per check (exit 0 all pass, 1 a warning, 2 a
     failure)."""
     report = await run_checks(args)
-    if args.output == "json":
-        print(
-            json.dumps(
-                {"checks": [asdict(r) for r in report.results], "exit_code": report.exit_code},
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
-    else:
-        render(report)
+    document = {"checks": [asdict(r) for r in report.results], "exit_code": report.exit_code}
+    emit(args, document, lambda: render(report))
     return report.exit_code
 
 
@@ -615,6 +608,4 @@ def add_parser(sub: Subcommands, conn: argparse.ArgumentParser) -> None:
         "check the mesh's health: NATS, stores, registry, roots, certificates, policy, clocks",
         conn,
     )
-    c.add_argument(
-        "-o", "--output", choices=("text", "json"), default="text", help="text (default) or json"
-    )
+    add_output_option(c, aliases={"text": "table"})  # `text` was the name of `table`

@@ -13,6 +13,7 @@ from rich.table import Table
 from mesh import InvalidArgument, save_identity
 from mesh.control_plane import (
     Empty,
+    IdentityInfo,
     IdentityList,
     RevokeReply,
     RevokeRequest,
@@ -23,6 +24,7 @@ from mesh.control_plane import (
 
 from ._admin import add_command, admin_mesh, call_registry, err, online, out, when
 from ._common import parse_duration
+from ._output import add_output_option, emit, iso
 
 if TYPE_CHECKING:
     from ._admin import Subcommands
@@ -67,33 +69,66 @@ async def cmd_identity_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _identity_state(info: IdentityInfo, now: float) -> str:
+    if info.revoked:
+        return "revoked"
+    if info.not_after <= now:
+        return "expired"
+    if info.not_after - now < 3600:
+        return "expires soon"
+    return "valid"
+
+
+_STATE_STYLE = {"revoked": "red", "expires soon": "yellow"}
+
+
 async def cmd_identity_list(args: argparse.Namespace) -> int:
     """Every certificate the registry issued."""
     async with admin_mesh(args) as mesh:
         reply = await call_registry(mesh, "identities", Empty(), IdentityList)
-    table = Table("agent", "instance", "serial", "roles", "via", "expires", "state")
     now = time.time()
-    if reply.root_not_after is not None:
-        left = reply.root_not_after - now
-        note = "[bold red]ROTATE NOW[/]" if left < ROOT_WARNING_S else "ok"
-        out.print(
-            f"trust root {reply.root_key_id} valid until {when(reply.root_not_after)}: {note}"
-        )
-        if left < ROOT_WARNING_S:
-            err.print(f"[yellow]warning:[/] the trust root expires in {left / 86400:.0f} days")
-    for i in reply.identities:
-        if i.revoked:
-            state = "[red]revoked[/]"
-        elif i.not_after <= now:
-            state = "expired"
-        elif i.not_after - now < 3600:
-            state = "[yellow]expires soon[/]"
-        else:
-            state = "valid"
-        table.add_row(
-            i.agent, i.instance, i.serial, ",".join(i.roles), i.via, when(i.not_after), state
-        )
-    out.print(table)
+    left = None if reply.root_not_after is None else reply.root_not_after - now
+    if left is not None and left < ROOT_WARNING_S:
+        err.print(f"[yellow]warning:[/] the trust root expires in {left / 86400:.0f} days")
+    document = {
+        "trust_root": {"key_id": reply.root_key_id, "not_after": iso(reply.root_not_after)},
+        "identities": [
+            {
+                "agent": i.agent,
+                "instance": i.instance,
+                "serial": i.serial,
+                "roles": list(i.roles),
+                "via": i.via,
+                "issued_at": iso(i.issued_at),
+                "expires": iso(i.not_after),
+                "state": _identity_state(i, now),
+            }
+            for i in reply.identities
+        ],
+    }
+
+    def show() -> None:
+        if reply.root_not_after is not None and left is not None:
+            note = "[bold red]ROTATE NOW[/]" if left < ROOT_WARNING_S else "ok"
+            out.print(
+                f"trust root {reply.root_key_id} valid until {when(reply.root_not_after)}: {note}"
+            )
+        table = Table("agent", "instance", "serial", "roles", "via", "expires", "state")
+        for i in reply.identities:
+            state = _identity_state(i, now)
+            style = _STATE_STYLE.get(state)
+            table.add_row(
+                i.agent,
+                i.instance,
+                i.serial,
+                ",".join(i.roles),
+                i.via,
+                when(i.not_after),
+                f"[{style}]{state}[/]" if style else state,
+            )
+        out.print(table)
+
+    emit(args, document, show)
     return 0
 
 
@@ -129,7 +164,9 @@ def add_parser(sub: Subcommands, conn: argparse.ArgumentParser) -> None:
     tok.add_argument("--roles", default="", help="comma-separated roles to grant")
     tok.add_argument("--ttl", default="1h", help="how long the token can be used (default 1h)")
     tok.add_argument("--cert-ttl", default="24h", help="lifetime of the certificate it gets")
-    add_command(isub, "list", online(cmd_identity_list), "list issued certificates", conn)
+    add_output_option(
+        add_command(isub, "list", online(cmd_identity_list), "list issued certificates", conn)
+    )
     rv = add_command(
         isub,
         "revoke",

@@ -1,18 +1,26 @@
 """``mesh-policy top`` and ``mesh-policy graph``: golden signals and the call graph, as the
-registry collected them from every agent's signed reports over the last minute."""
+registry collected them from every agent's signed reports over the last minute; ``top --watch``
+redraws them until Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from rich.live import Live
 from rich.table import Table
 
 from mesh import Mesh
 from mesh.control_plane import REGISTRY, SignalsReply, SignalsRequest
 
+from ._admin import admin_mesh, out
+from ._output import add_output_option, emit, emit_item, iso
 from .graph import to_dot, to_mermaid, to_png, to_svg, to_text, top_table
+
+DEFAULT_WATCH_S = 2.0
 
 
 async def fetch_signals(
@@ -44,6 +52,58 @@ def render_top(reply: SignalsReply, *, client: bool = False) -> Table:
     return table
 
 
+def top_document(reply: SignalsReply, *, client: bool = False) -> dict[str, Any]:
+    """``top -o json|yaml``: ``at`` (when fetched), ``window_s``, ``side`` (``server`` or
+    ``client``) and ``rows``, one per callee endpoint in total (``caller`` ``*``) and per
+    caller: ``callee``, ``endpoint``, ``caller``, ``rps``, ``success_rate`` (0..1 or
+    ``null``), ``p50_ms``, ``p99_ms``, ``inflight``, ``requests``, ``errors``."""
+    return {
+        "at": iso(time.time()),
+        "window_s": reply.window_s,
+        "side": "client" if client else "server",
+        "rows": [row.model_dump() for row in reply.rows],
+    }
+
+
+async def run_top(args: argparse.Namespace) -> int:
+    """``top``: print the signals once, or with ``--watch`` every ``args.watch`` seconds until
+    cancelled (Ctrl-C): redrawn in place on a terminal, else one table (or one JSON line, or
+    one YAML document) after another."""
+    reporter: Literal["server", "client"] = "client" if args.client else "server"
+
+    async def fetch(mesh: Mesh) -> SignalsReply:
+        return await fetch_signals(mesh, reporter, not args.totals)
+
+    async with admin_mesh(args) as mesh:
+        if args.watch is None:
+            reply = await fetch(mesh)
+            doc = top_document(reply, client=args.client)
+            emit(args, doc, lambda: out.print(render_top(reply, client=args.client)))
+            return 0
+        if args.output == "table" and out.is_terminal:
+            with Live(console=out, auto_refresh=False) as live:
+                while True:
+                    live.update(render_top(await fetch(mesh), client=args.client), refresh=True)
+                    await asyncio.sleep(args.watch)
+        while True:
+            reply = await fetch(mesh)
+            if args.output == "table":
+                out.print(render_top(reply, client=args.client))
+            else:
+                emit_item(args, top_document(reply, client=args.client))
+            await asyncio.sleep(args.watch)
+
+
+def _interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return seconds
+
+
 def render_graph(reply: SignalsReply, fmt: str, out: str | None) -> str:
     """The call graph as text, DOT, Mermaid, SVG or PNG (PNG and SVG go to ``out``)."""
     edges, nodes = reply.edges, reply.nodes
@@ -62,5 +122,15 @@ def add_arguments(top: argparse.ArgumentParser, graph: argparse.ArgumentParser) 
     """Options of the two commands."""
     top.add_argument("--client", action="store_true", help="callers' view instead of callees'")
     top.add_argument("--totals", action="store_true", help="one row per endpoint, no callers")
+    top.add_argument(
+        "--watch",
+        nargs="?",
+        type=_interval,
+        const=DEFAULT_WATCH_S,
+        metavar="SECONDS",
+        help=f"redraw every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C; with -o json "
+        "one JSON object a line, with -o yaml one YAML document each time",
+    )
+    add_output_option(top)
     graph.add_argument("--format", choices=["text", "dot", "mermaid", "svg", "png"], default="text")
     graph.add_argument("--out", help="file to write (default: stdout; PNG: mesh-graph.png)")

@@ -19,7 +19,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
 
 from mesh import (
@@ -49,6 +51,10 @@ from mesh.control_plane import (
 from . import audit, check, identity, observe
 from ._admin import add_command, admin_mesh, call_registry, err, online, out, when
 from ._common import add_version, configure_logging, env_default, parse_duration, run_command
+from ._output import add_output_option, emit, iso
+
+if TYPE_CHECKING:
+    from mesh._core.records import InstanceRecord
 
 # --- offline commands -----------------------------------------------------------------------
 
@@ -171,14 +177,17 @@ async def cmd_get(args: argparse.Namespace) -> int:
     if found is None:
         raise FailedPrecondition("no policy has been applied yet")
     rev = found
-    if args.json:
+    if args.output == "json":
         print(rev.policy_json.decode())
+        return 0
+    text = policy_text(parse_canonical(rev.policy_json, source=rev.source))
+    if args.output == "yaml":  # the policy alone: a file `apply` takes back
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return 0
     out.print(
         f"revision {rev.revision} from {rev.source}, applied by {rev.applied_by} at "
         f"{when(rev.applied_at)} (sha256 {rev.sha256[:16]}…)"
     )
-    text = policy_text(parse_canonical(rev.policy_json, source=rev.source))
     out.print(text.rstrip(), markup=False)
     return 0
 
@@ -187,18 +196,33 @@ async def cmd_history(args: argparse.Namespace) -> int:
     """List kept revisions."""
     async with admin_mesh(args) as mesh:
         revs = await mesh.control.policy_history()
-    table = Table("revision", "applied", "by", "source", "sha256", "note")
-    for rev in revs:
-        note = f"rollback of {rev.rollback_of}" if rev.rollback_of else ""
-        table.add_row(
-            str(rev.revision),
-            when(rev.applied_at),
-            rev.applied_by,
-            rev.source,
-            rev.sha256[:12],
-            note,
-        )
-    out.print(table)
+    rows = [
+        {
+            "revision": rev.revision,
+            "applied_at": iso(rev.applied_at),
+            "applied_by": rev.applied_by,
+            "source": rev.source,
+            "sha256": rev.sha256,
+            "rollback_of": rev.rollback_of,
+        }
+        for rev in revs
+    ]
+
+    def show() -> None:
+        table = Table("revision", "applied", "by", "source", "sha256", "note")
+        for rev in revs:
+            note = f"rollback of {rev.rollback_of}" if rev.rollback_of else ""
+            table.add_row(
+                str(rev.revision),
+                when(rev.applied_at),
+                rev.applied_by,
+                rev.source,
+                rev.sha256[:12],
+                note,
+            )
+        out.print(table)
+
+    emit(args, rows, show)
     return 0
 
 
@@ -237,7 +261,21 @@ async def cmd_explain(args: argparse.Namespace) -> int:
                 source=rev.source,
             )
     decision = engine.decide(args.caller, roles, args.callee, args.endpoint)
-    out.print(decision.explain(engine.source, engine.revision), markup=False)
+    line = decision.explain(engine.source, engine.revision)
+    document = {
+        "caller": args.caller,
+        "roles": list(roles),
+        "callee": args.callee,
+        "endpoint": args.endpoint,
+        "decision": "ALLOW" if decision.allowed else "DENY",
+        "rule": decision.rule,
+        "effect": decision.effect,
+        "audit_only": decision.audit_only,
+        "source": engine.source,
+        "revision": engine.revision,
+        "explanation": line,
+    }
+    emit(args, document, lambda: out.print(line, markup=False))
     return 0 if decision.allowed else 3
 
 
@@ -251,6 +289,25 @@ def _expiry_note(cert: Certificate, now: float | None = None) -> str:
     return ""
 
 
+def _agent_status(
+    rec: InstanceRecord, revoked: set[str], latest: int | None
+) -> tuple[str, str | None]:
+    """``(status, detail)``: ``ok``, ``revoked``, ``refused`` (the agent's reason), or
+    ``stale`` (why, or which revision is current)."""
+    if rec.certificate.serial in revoked:
+        return "revoked", None
+    if rec.policy_error:
+        return "refused", rec.policy_error
+    if rec.stale:
+        return "stale", rec.stale
+    if latest is not None and rec.policy_revision != latest:
+        return "stale", f"current is {latest}"
+    return "ok", None
+
+
+_STATUS_STYLE = {"ok": "", "revoked": "red", "refused": "red", "stale": "yellow"}
+
+
 async def cmd_agents(args: argparse.Namespace) -> int:
     """Every live instance: version, certificate expiry, policy revision, staleness; an
     instance whose certificate is revoked shows as revoked (it is draining)."""
@@ -260,32 +317,44 @@ async def cmd_agents(args: argparse.Namespace) -> int:
         revoked |= head.revoked_serials if head is not None else set()
         records = sorted(mesh.directory.all(), key=lambda r: (r.agent, r.instance))
     latest = head.policy_revision if head is not None else None
-    table = Table(
-        "agent", "instance", "version", "state", "certificate expires", "policy", "status"
-    )
-    for rec in records:
-        cert = rec.certificate
-        if cert.serial in revoked:
-            status = "[red]revoked[/]"
-        elif rec.policy_error:
-            status = f"[red]refused: {rec.policy_error}[/]"
-        elif rec.stale:
-            status = f"[yellow]stale: {rec.stale}[/]"
-        elif latest is not None and rec.policy_revision != latest:
-            status = f"[yellow]stale (current is {latest})[/]"
-        else:
-            status = "ok"
-        note = _expiry_note(cert)
-        table.add_row(
-            rec.agent,
-            rec.instance,
-            rec.version,
-            "revoked" if cert.serial in revoked else rec.state,
-            when(cert.not_after) + (f" [yellow]({note})[/]" if note else ""),
-            str(rec.policy_revision) if rec.policy_revision is not None else "-",
-            status,
+    found = [(rec, *_agent_status(rec, revoked, latest)) for rec in records]
+    rows = [
+        {
+            "agent": rec.agent,
+            "instance": rec.instance,
+            "version": rec.version,
+            "state": "revoked" if status == "revoked" else rec.state,
+            "serial": rec.certificate.serial,
+            "certificate_expires": iso(rec.certificate.not_after),
+            "policy_revision": rec.policy_revision,
+            "status": status,
+            "detail": detail,
+        }
+        for rec, status, detail in found
+    ]
+
+    def show() -> None:
+        table = Table(
+            "agent", "instance", "version", "state", "certificate expires", "policy", "status"
         )
-    out.print(table)
+        for rec, status, detail in found:
+            note = _expiry_note(rec.certificate)
+            shown = status
+            if detail:  # as before: "refused: why", "stale: why", "stale (current is N)"
+                shown += f": {detail}" if status != "stale" or rec.stale else f" ({detail})"
+            style = _STATUS_STYLE[status]
+            table.add_row(
+                rec.agent,
+                rec.instance,
+                rec.version,
+                "revoked" if status == "revoked" else rec.state,
+                when(rec.certificate.not_after) + (f" [yellow]({note})[/]" if note else ""),
+                str(rec.policy_revision) if rec.policy_revision is not None else "-",
+                f"[{style}]{escape(shown)}[/]" if style else escape(shown),
+            )
+        out.print(table)
+
+    emit(args, rows, show)
     return 0
 
 
@@ -315,14 +384,15 @@ async def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_top(args: argparse.Namespace) -> int:
-    """Golden signals per agent and endpoint: rps, success rate, p50, p99, in flight."""
-    async with admin_mesh(args) as mesh:
-        reply = await observe.fetch_signals(
-            mesh, "client" if args.client else "server", not args.totals
-        )
-    out.print(observe.render_top(reply, client=args.client))
-    return 0
+def cmd_top(args: argparse.Namespace) -> int:
+    """Golden signals per agent and endpoint: rps, success rate, p50, p99, in flight; with
+    ``--watch``, redrawn until Ctrl-C (which exits 0)."""
+    try:
+        return asyncio.run(observe.run_top(args))
+    except KeyboardInterrupt:
+        if args.watch is None:
+            raise
+        return 0
 
 
 async def cmd_graph(args: argparse.Namespace) -> int:
@@ -393,9 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = cmd("diff", online(cmd_diff), "show what applying a policy file would change", True)
     d.add_argument("path", metavar="PATH")
     g = cmd("get", online(cmd_get), "print the current policy revision", True)
-    g.add_argument("--json", action="store_true", help="the canonical JSON instead of YAML")
+    g.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json", "yaml"),
+        default="table",
+        help="table (default: the revision's details, then the policy as YAML), yaml (the "
+        "policy alone: a file apply takes back) or json (the canonical JSON)",
+    )
+    g.add_argument(
+        "--json", dest="output", action="store_const", const="json", help="same as -o json"
+    )
     g.add_argument("--revision", type=int, help="an earlier revision from the history")
-    cmd("history", online(cmd_history), "list the kept policy revisions", True)
+    add_output_option(cmd("history", online(cmd_history), "list the kept policy revisions", True))
     rb = cmd("rollback", online(cmd_rollback), "apply an earlier revision again", True)
     rb.add_argument("revision", type=int)
     ex = cmd(
@@ -409,7 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("endpoint")
     ex.add_argument("--roles", help="caller roles (default: from a live instance's certificate)")
     ex.add_argument("--file", help="decide with this policy file instead of the current one")
-    cmd("agents", online(cmd_agents), "list live instances and the policy revision each runs", True)
+    add_output_option(ex)
+    ag = cmd(
+        "agents", online(cmd_agents), "list live instances and the policy revision each runs", True
+    )
+    add_output_option(ag)
     c = cmd("call", online(cmd_call), "call an endpoint with a JSON body, print the reply", True)
     c.add_argument("agent")
     c.add_argument("endpoint")
@@ -417,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", help="e.g. 5s (default: the policy's, else the mesh's)")
     c.add_argument("--idempotency-key", help="the callee runs the call at most once per key")
     observe.add_arguments(
-        cmd("top", online(cmd_top), "golden signals per agent and endpoint (last minute)", True),
+        cmd("top", cmd_top, "golden signals per agent and endpoint (last minute)", True),
         cmd(
             "graph",
             online(cmd_graph),
