@@ -87,3 +87,11 @@ def table(text: str) -> list[dict[str, str]]:
             cells = [c.strip() for c in line.strip("│").split("│")]
             rows.append(dict(zip(header, cells, strict=True)))
     return rows
+
+
+def init_keys(directory: Path) -> Path:
+    """`mesh-policy init DIR`: root.key, root.pub, root.json, admin/ and registry/ (slow to
+    repeat: test modules share one, with a nats-server per test)."""
+    result = run_sync("mesh-policy", "init", directory, env=base_env())
+    assert result.returncode == 0, result.stderr
+    return directory

@@ -19,7 +19,7 @@ from mesh.testing import NatsServer, test_config, wait_until
 from mesh_agents import registry as reg
 from mesh_examples import research
 
-from .cli_helpers import REPO, base_env, run, run_sync
+from .cli_helpers import REPO, base_env, init_keys, run, run_sync
 
 RESEARCH = "policies/research.yaml"
 TYPO = """apiVersion: mesh/v1
@@ -38,11 +38,7 @@ TYPO_WARNING = (
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`mesh-policy init DIR`: root.key, root.pub, root.json, admin/ and registry/."""
-    d = tmp_path_factory.mktemp("keys")
-    result = run_sync("mesh-policy", "init", d, env=base_env())
-    assert result.returncode == 0, result.stderr
-    return d
+    return init_keys(tmp_path_factory.mktemp("keys"))
 
 
 @dataclass

@@ -32,7 +32,7 @@ from mesh.testing import NatsServer, test_config, wait_until
 from mesh_agents import registry as reg
 from mesh_examples import research
 
-from .cli_helpers import BIN, REPO, base_env, run, run_sync
+from .cli_helpers import BIN, REPO, base_env, init_keys, run, run_sync
 
 RESEARCH = "policies/research.yaml"
 OPEN = "policies/open.yaml"
@@ -42,11 +42,7 @@ FORMATS = ["json", "yaml"]
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`mesh-policy init DIR`, once for the module (each test gets its own nats-server)."""
-    d = tmp_path_factory.mktemp("keys")
-    result = run_sync("mesh-policy", "init", d, env=base_env())
-    assert result.returncode == 0, result.stderr
-    return d
+    return init_keys(tmp_path_factory.mktemp("keys"))
 
 
 @dataclass
