@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EndpointStats",
     "MeshHandle",
+    "MeshIdentity",
     "MeshStats",
     "NoObserver",
     "Observer",
@@ -194,8 +195,8 @@ class NoObserver:
         pass
 
 
-class StatsSource(Protocol):
-    """What metrics read of one mesh connection at collection time."""
+class MeshIdentity(Protocol):
+    """Who one mesh connection is: what both views below start with."""
 
     @property
     def name(self) -> str: ...
@@ -205,6 +206,11 @@ class StatsSource(Protocol):
     def identity(self) -> Identity: ...
     @property
     def trust_root(self) -> TrustRoot: ...
+
+
+class StatsSource(MeshIdentity, Protocol):
+    """What metrics read of one mesh connection at collection time."""
+
     @property
     def signals(self) -> EdgeStats: ...
     @property
@@ -217,21 +223,13 @@ class StatsSource(Protocol):
     def stale(self) -> str | None: ...
 
 
-class MeshHandle(Protocol):
+class MeshHandle(MeshIdentity, Protocol):
     """What a running mesh offers to handlers, hooks and control-plane code."""
 
-    @property
-    def name(self) -> str: ...
-    @property
-    def instance(self) -> str: ...
-    @property
-    def identity(self) -> Identity: ...
     @property
     def config(self) -> MeshConfig: ...
     @property
     def agent(self) -> Agent | None: ...
-    @property
-    def trust_root(self) -> TrustRoot: ...
     @property
     def verifier(self) -> CertificateVerifier: ...
     @property
