@@ -1,24 +1,23 @@
 """What the ``mesh-policy`` command groups share: the consoles, times, certificate warnings,
-the admin connection, calls to the registry, and how a command joins the parser."""
+the admin connection and its options, and calls to the registry."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+import click
 from pydantic import BaseModel
 from rich.console import Console
 
 from mesh import Certificate, Mesh, MeshConfig, load_identity
 from mesh.control_plane import REGISTRY
 
-if TYPE_CHECKING:
-    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+from ._common import Args, command, option
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,7 +44,7 @@ def warn_if_expiring(cert: Certificate, what: str) -> None:
         )
 
 
-def _config(args: argparse.Namespace) -> MeshConfig:
+def _config(args: Args) -> MeshConfig:
     servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
     # An admin client serves nothing: it starts without a fresh head (the registry may be
     # down, which `audit verify` and `agents` must still show), keeping the newest head it
@@ -63,7 +62,7 @@ def _config(args: argparse.Namespace) -> MeshConfig:
 
 
 @asynccontextmanager
-async def admin_mesh(args: argparse.Namespace) -> AsyncIterator[Mesh]:
+async def admin_mesh(args: Args) -> AsyncIterator[Mesh]:
     """A mesh connection as the admin identity of ``--identity`` (no agent)."""
     identity = load_identity(args.identity)
     warn_if_expiring(identity.certificate, "your")
@@ -78,27 +77,44 @@ async def call_registry(mesh: Mesh, endpoint: str, body: BaseModel, reply: type[
 
 
 def online(
-    fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
-) -> Callable[[argparse.Namespace], int]:
+    fn: Callable[[Args], Coroutine[Any, Any, int]],
+) -> Callable[[Args], int]:
     """An async command as a command."""
 
-    def run(args: argparse.Namespace) -> int:
+    def run(args: Args) -> int:
         return asyncio.run(fn(args))
 
     run.__doc__ = fn.__doc__
     return run
 
 
-def add_command(
-    parent: Subcommands,
+def connection_options() -> list[click.Option]:
+    """The options of every command that talks to the mesh."""
+    return [
+        option(
+            "--servers",
+            default="nats://127.0.0.1:4222",
+            env="SERVERS",
+            help="NATS URLs, comma-separated",
+        ),
+        option("--identity", default="keys/admin", env="IDENTITY", help="admin identity directory"),
+        option("--prefix", default="mesh", env="PREFIX", help="subject prefix of the mesh"),
+        option(
+            "--replicas",
+            type=click.IntRange(1, 5),
+            env="REPLICAS",
+            help="JetStream replicas of stores this command creates [default: 3 on a cluster "
+            "of three or more servers, else 1]",
+        ),
+    ]
+
+
+def online_command(
     name: str,
-    fn: Callable[[argparse.Namespace], int],
+    fn: Callable[[Args], Coroutine[Any, Any, int]],
     help: str,
-    conn: argparse.ArgumentParser | None = None,
-) -> argparse.ArgumentParser:
-    """Add command ``name`` running ``fn``; ``conn`` (for online commands) adds its options."""
-    sp: argparse.ArgumentParser = parent.add_parser(
-        name, help=help, description=help, parents=[conn] if conn else []
-    )
-    sp.set_defaults(func=fn)
-    return sp
+    params: list[click.Parameter] | None = None,
+) -> click.Command:
+    """A command that connects to the mesh: ``fn`` runs in an event loop, with the connection
+    options after its own."""
+    return command(name, online(fn), help, [*(params or []), *connection_options()])

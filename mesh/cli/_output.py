@@ -10,36 +10,38 @@ opened by ``---``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import click
 import yaml
+
+from ._common import Args
 
 FORMATS = ("table", "json", "yaml")
 
 
-def add_output_option(
-    parser: argparse.ArgumentParser, aliases: Mapping[str, str] | None = None
-) -> None:
-    """Add ``-o/--output table|json|yaml`` (default ``table``) to a read command.
+def output_option(aliases: Mapping[str, str] | None = None) -> click.Option:
+    """``-o/--output table|json|yaml`` (default ``table``) of a read command.
 
     Args:
-        parser: the command's parser.
         aliases: other names accepted for a format (``check`` keeps ``text`` for ``table``).
     """
     names = dict(aliases or {})
-    parser.add_argument(
-        "-o",
-        "--output",
-        choices=FORMATS,
+
+    def canonical(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+        return names.get(value, value)
+
+    return click.Option(
+        ["-o", "--output"],
+        type=click.Choice([*FORMATS, *names]),
         default="table",
-        type=lambda text: names.get(text, text),
-        help="table (default: for people), json or yaml (a stable structure for scripts, "
-        "times in ISO 8601 UTC)",
+        callback=canonical,
+        help="table (for people), json or yaml (a stable structure for scripts, times in "
+        "ISO 8601 UTC)",
     )
 
 
@@ -60,7 +62,7 @@ def dumps(fmt: str, document: Any, *, compact: bool = False) -> str:
     return text
 
 
-def emit(args: argparse.Namespace, document: Any, table: Callable[[], None]) -> None:
+def emit(args: Args, document: Any, table: Callable[[], None]) -> None:
     """Print ``document`` in the format of ``args.output``; for ``table``, call ``table``.
 
     Args:
@@ -75,7 +77,7 @@ def emit(args: argparse.Namespace, document: Any, table: Callable[[], None]) -> 
     sys.stdout.flush()
 
 
-def emit_item(args: argparse.Namespace, document: Any) -> None:
+def emit_item(args: Args, document: Any) -> None:
     """Print one item of a stream: a JSON line, or a YAML document opened by ``---``."""
     if args.output == "json":
         sys.stdout.write(dumps("json", document, compact=True))

@@ -24,6 +24,7 @@ option             environment            meaning
 ``--allow-no-policy`` ``MESH_ALLOW_NO_POLICY`` start with no policy when the mesh
                                           has no registry's head (development)
 ``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
+``--log-format``   ``MESH_LOG_FORMAT``    console or json
 =================  =====================  ==========================================
 
 and ``--connect-timeout`` (``MESH_CONNECT_TIMEOUT``, 10 s): the bound on reaching NATS and
@@ -45,7 +46,6 @@ was lost is delivered again to them.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib
@@ -59,6 +59,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
+
+import click
 
 from mesh._connect import Mesh, enrol
 from mesh._core.config import MeshConfig, Timeouts
@@ -86,7 +88,18 @@ from mesh.errors import (
     Unavailable,
 )
 
-from ._common import add_version, configure_logging, env_default, parse_duration, run_command
+from ._common import (
+    DURATION,
+    Args,
+    argument,
+    command,
+    completion_command,
+    configure_logging,
+    group,
+    option,
+    version_option,
+)
+from ._common import main as run_main
 
 log = get_logger("mesh.cli.agent")  # also when run as `python -m mesh.cli.agent`
 T = TypeVar("T")
@@ -492,16 +505,17 @@ async def run_agent(
             return 128 + exc.signum
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: Args) -> int:
     """Run one agent instance (under a reloading supervisor with ``--reload``)."""
     configure_logging(args.log_level, args.log_format)
-    drain = parse_duration(args.drain)
+    drain = args.drain
     if args.reload:
         from ._reload import supervise
 
         files, trees = watched_sources(args.target)
         main_call = "import sys; from mesh.cli.agent import main; sys.exit(main())"
-        runner = [sys.executable, "-c", main_call, *args.argv, "--no-reload"]
+        argv = click.get_current_context().find_root().obj["argv"]
+        runner = [sys.executable, "-c", main_call, *argv, "--no-reload"]
         return supervise(runner, files=files, trees=trees, stop_timeout=drain + 5)
     agent = load_agent(args.target)
     if not args.identity:
@@ -509,7 +523,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = MeshConfig(
         servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
         prefix=args.prefix,
-        timeouts=Timeouts(drain=drain, connect=parse_duration(args.connect_timeout)),
+        timeouts=Timeouts(drain=drain, connect=args.connect_timeout),
         access_log=args.access_log,
         state_dir=args.identity,  # the newest signed head and policy seen, kept across restarts
         allow_no_policy=args.allow_no_policy,
@@ -535,12 +549,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         token=args.token,
         root_public_key=root_pk,
         root_key=root_key,
-        enrol_timeout=parse_duration(args.enrol_timeout),
+        enrol_timeout=args.enrol_timeout,
     )
     return asyncio.run(running)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: Args) -> int:
     """Run the demo mesh on an embedded NATS server."""
     from .demo import run_demo
 
@@ -548,83 +562,139 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(keep=args.keep))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mesh-agent`` argument parser."""
-    p = argparse.ArgumentParser(prog="mesh-agent", description="Run mesh agents.")
-    add_version(p)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _run_options() -> list[click.Parameter]:
+    return [
+        argument("target"),
+        option(
+            "--servers",
+            default="nats://127.0.0.1:4222",
+            env="SERVERS",
+            help="NATS URLs, comma-separated",
+        ),
+        option(
+            "--identity", env="IDENTITY", help="identity directory (identity.key, identity.cert)"
+        ),
+        option(
+            "--root",
+            env="TRUST_ROOT",
+            help="the trust root's public key: root.pub or its directory",
+        ),
+        option(
+            "--token",
+            env="JOIN_TOKEN",
+            help="one-time join token: enrol, then save the identity into --identity",
+        ),
+        option(
+            "--enrol-timeout",
+            default="5m",
+            type=DURATION,
+            env="ENROL_TIMEOUT",
+            help="how long --token enrolment retries while no registry answers",
+        ),
+        option(
+            "--root-key", env="ROOT_KEY", help="the trust root's private key (the registry only)"
+        ),
+        option("--prefix", default="mesh", env="PREFIX", help="subject prefix of the mesh"),
+        option(
+            "--replicas",
+            type=click.IntRange(1, 5),
+            env="REPLICAS",
+            help="JetStream replicas of the stores this agent creates [default: 3 on a cluster "
+            "of three or more servers, else 1]",
+        ),
+        option(
+            "--drain",
+            default="10s",
+            type=DURATION,
+            env="DRAIN_TIMEOUT",
+            help="bound on finishing in-flight work at stop",
+        ),
+        option(
+            "--connect-timeout",
+            default="10s",
+            type=DURATION,
+            env="CONNECT_TIMEOUT",
+            help="bound on reaching NATS and loading the directory and policy at start",
+        ),
+        option(
+            "--reload/--no-reload",
+            default=False,
+            help="development: restart the agent when its module or package changes",
+        ),
+        option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            default="info",
+            env="LOG_LEVEL",
+            help="the lowest level logged",
+        ),
+        option(
+            "--log-format",
+            type=click.Choice(["console", "json"]),
+            default="console",
+            env="LOG_FORMAT",
+            help="how logs are written to stderr",
+        ),
+        option(
+            "--traces",
+            type=click.Choice(["none", "console", "otlp"]),
+            default="none",
+            env="TRACES",
+            help="span exporter (otlp: the OTEL_EXPORTER_OTLP_* variables)",
+        ),
+        option(
+            "--metrics-port",
+            type=click.IntRange(0, 65535),
+            env="METRICS_PORT",
+            help="serve Prometheus metrics on this port",
+        ),
+        option(
+            "--metrics-addr",
+            default="0.0.0.0",  # noqa: S104  (a scrape target)
+            env="METRICS_ADDR",
+            help="address the metrics port binds: 0.0.0.0, :: or 127.0.0.1",
+        ),
+        option(
+            "--access-log", is_flag=True, env="ACCESS_LOG", help="one JSON line per served request"
+        ),
+        option(
+            "--allow-no-policy",
+            is_flag=True,
+            env="ALLOW_NO_POLICY",
+            help="development mode: start with no policy when the mesh has no registry's head",
+        ),
+    ]
 
-    run = sub.add_parser("run", help="run an agent defined in MODULE:ATTR or FILE.py:ATTR")
-    run.add_argument(
-        "target",
-        help="MODULE:ATTR or FILE.py:ATTR of a mesh.Agent, e.g. examples.research:planner",
-    )
-    run.add_argument("--servers", default=env_default("SERVERS", "nats://127.0.0.1:4222"))
-    run.add_argument("--identity", default=env_default("IDENTITY"))
-    run.add_argument("--root", default=env_default("TRUST_ROOT"))
-    run.add_argument("--token", default=env_default("JOIN_TOKEN"))
-    run.add_argument(
-        "--enrol-timeout",
-        default=env_default("ENROL_TIMEOUT", "5m"),
-        help="how long --token enrolment retries while no registry answers (default 5m)",
-    )
-    run.add_argument("--root-key", default=env_default("ROOT_KEY"))
-    run.add_argument("--prefix", default=env_default("PREFIX", "mesh"))
-    run.add_argument(
-        "--replicas",
-        type=int,
-        default=env_default("REPLICAS"),
-        help="JetStream replicas of the stores this agent creates (MESH_REPLICAS; default: 3 on "
-        "a cluster of three or more servers, else 1)",
-    )
-    run.add_argument("--drain", default=env_default("DRAIN_TIMEOUT", "10s"))
-    run.add_argument(
-        "--connect-timeout",
-        default=env_default("CONNECT_TIMEOUT", "10s"),
-        help="bound on reaching NATS and loading the directory and policy at start",
-    )
-    run.add_argument(
-        "--reload",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="development: restart the agent when its module or package changes",
-    )
-    run.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"))
-    run.add_argument(
-        "--traces", choices=["none", "console", "otlp"], default=env_default("TRACES", "none")
-    )
-    run.add_argument("--metrics-port", type=int, default=env_default("METRICS_PORT"))
-    run.add_argument(
-        "--metrics-addr",
-        default=env_default("METRICS_ADDR", "0.0.0.0"),  # noqa: S104  (a scrape target)
-        help="address the metrics port binds: 0.0.0.0 (default), :: or 127.0.0.1",
-    )
-    run.add_argument(
-        "--access-log",
-        action="store_true",
-        default=(env_default("ACCESS_LOG", "") or "").lower() in ("1", "true", "yes"),
-    )
-    run.add_argument("--log-format", choices=["console", "json"], default="console")
-    run.add_argument(
-        "--allow-no-policy",
-        action="store_true",
-        default=(env_default("ALLOW_NO_POLICY", "") or "").lower() in ("1", "true", "yes"),
-        help="development mode: start with no policy when the mesh has no registry's head",
-    )
-    run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="run a demo mesh on an embedded NATS server")
-    demo.add_argument("--keep", action="store_true", help="stay up and print the NATS URL")
-    demo.set_defaults(func=cmd_demo)
-    return p
+def cli() -> click.Group:
+    """The ``mesh-agent`` command group."""
+    grp = group(
+        "mesh-agent",
+        "Run mesh agents.",
+        [
+            command(
+                "run",
+                cmd_run,
+                "run the agent TARGET: MODULE:ATTR or FILE.py:ATTR of a mesh.Agent, e.g. "
+                "examples.research:planner",
+                _run_options(),
+            ),
+            command(
+                "demo",
+                cmd_demo,
+                "run a demo mesh on an embedded NATS server",
+                [option("--keep", is_flag=True, help="stay up and print the NATS URL")],
+            ),
+            completion_command("mesh-agent"),
+        ],
+    )
+    grp.params.append(version_option())
+    return grp
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mesh-agent``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # what --reload passes on to the runner it supervises
-    return int(run_command(lambda: args.func(args)))
+    return run_main(cli(), "mesh-agent", argv)
 
 
 if __name__ == "__main__":

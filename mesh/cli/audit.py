@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import click
 
 from mesh.control_plane import AuditRecord, verify_audit_chain
 
-from ._admin import add_command, admin_mesh, err, online, out, when
-from ._output import add_output_option, emit, emit_item, iso
-
-if TYPE_CHECKING:
-    from ._admin import Subcommands
-
+from ._admin import admin_mesh, err, online_command, out, when
+from ._common import Args, group, option
+from ._output import emit, emit_item, iso, output_option
 
 # Keys of a record's details that hold unix times (tokens' ``expires_at``, certificates'
 # ``not_after``): ISO 8601 in json and yaml, as every other time.
@@ -43,7 +41,7 @@ def audit_document(rec: AuditRecord) -> dict[str, Any]:
     }
 
 
-async def cmd_audit_tail(args: argparse.Namespace) -> int:
+async def cmd_audit_tail(args: Args) -> int:
     """Print the last records; with -f, follow new ones (each verified)."""
 
     def show(recs: list[AuditRecord]) -> None:
@@ -80,7 +78,7 @@ async def cmd_audit_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_audit_verify(args: argparse.Namespace) -> int:
+async def cmd_audit_verify(args: Args) -> int:
     """Check every signature and link; exit 1 on any problem."""
     async with admin_mesh(args) as mesh:
         records, problems = await mesh.control.read_audit(mesh.governance.head)
@@ -93,30 +91,38 @@ async def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Subcommands, conn: argparse.ArgumentParser) -> None:
-    """The ``audit`` command group; ``conn`` holds the connection options."""
-    audit = sub.add_parser(
+def commands() -> click.Group:
+    """The ``audit`` command group."""
+    return group(
         "audit",
-        help="read the audit log",
-        description="Read and verify the hash-chained audit log.",
-    )
-    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    tail = add_command(asub, "tail", online(cmd_audit_tail), "print the last audit records", conn)
-    tail.add_argument(
-        "-n", "--lines", type=int, default=20, help="how many of the last records (default 20)"
-    )
-    tail.add_argument(
-        "-f",
-        "--follow",
-        action="store_true",
-        help="keep printing new records (with -o json one JSON object a line, with -o yaml "
-        "one YAML document each)",
-    )
-    add_output_option(tail)
-    add_command(
-        asub,
-        "verify",
-        online(cmd_audit_verify),
-        "verify every signature and the hash chain; exit 1 on a problem",
-        conn,
+        "read and verify the hash-chained audit log",
+        [
+            online_command(
+                "tail",
+                cmd_audit_tail,
+                "print the last audit records",
+                [
+                    option(
+                        "-n",
+                        "--lines",
+                        type=click.IntRange(min=0),
+                        default=20,
+                        help="how many of the last records",
+                    ),
+                    option(
+                        "-f",
+                        "--follow",
+                        is_flag=True,
+                        help="keep printing new records (with -o json one JSON object a line, "
+                        "with -o yaml one YAML document each)",
+                    ),
+                    output_option(),
+                ],
+            ),
+            online_command(
+                "verify",
+                cmd_audit_verify,
+                "verify every signature and the hash chain; exit 1 on a problem",
+            ),
+        ],
     )

@@ -11,7 +11,6 @@ plugins: 0 all passed, 1 a warning and no failure, 2 a failure (or the command c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -19,8 +18,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import click
 from rich.markup import escape
 
 from mesh import Identity, Mesh, MeshError, Policy, load_identity
@@ -32,11 +32,9 @@ from mesh._transport.nats import NatsTransport, map_nats_errors
 from mesh.control_plane import ADMIN_ROLE, REGISTRY, Empty, IdentityList
 from mesh.errors import PermissionDenied, Unauthenticated
 
-from ._admin import _config, add_command, admin_mesh, err, online, out, when
-from ._output import add_output_option, emit
-
-if TYPE_CHECKING:
-    from ._admin import Subcommands
+from ._admin import _config, admin_mesh, err, online_command, out, when
+from ._common import Args
+from ._output import emit, output_option
 
 Status = Literal["pass", "warn", "fail", "skip"]
 
@@ -118,7 +116,7 @@ def _left(seconds: float) -> str:
 # --- NATS, JetStream and the stores, with a bare transport --------------------------------
 
 
-async def _check_broker(args: argparse.Namespace, report: Report) -> bool:
+async def _check_broker(args: Args, report: Report) -> bool:
     """NATS, JetStream, the stores and their replicas; whether the mesh may be joined."""
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     transport = NatsTransport(servers, name="mesh-policy-check", connect_timeout=CONNECT_TIMEOUT)
@@ -218,7 +216,7 @@ async def _check_jetstream(transport: NatsTransport, prefix: str, report: Report
 # --- as the admin, in the mesh -------------------------------------------------------------
 
 
-def _check_identity(args: argparse.Namespace, report: Report) -> Identity | None:
+def _check_identity(args: Args, report: Report) -> Identity | None:
     try:
         identity = load_identity(args.identity)
     except MeshError as exc:
@@ -370,7 +368,7 @@ def _root_file_not_after(identity_dir: str, key_id: str) -> float | None:
 
 
 def _check_root_expiry(
-    args: argparse.Namespace, mesh: Mesh, reply: IdentityList | None, now: float, report: Report
+    args: Args, mesh: Mesh, reply: IdentityList | None, now: float, report: Report
 ) -> None:
     key = mesh.trust_root.key_id
     not_after = reply.root_not_after if reply is not None else None
@@ -520,7 +518,7 @@ def _check_skew(offsets: dict[str, float], report: Report) -> None:
     )
 
 
-async def run_checks(args: argparse.Namespace) -> Report:
+async def run_checks(args: Args) -> Report:
     """Every check, in order (``CHECKS``)."""
     report = Report()
     if not await _check_broker(args, report):
@@ -561,7 +559,7 @@ def render(report: Report) -> None:
     )
 
 
-async def cmd_check(args: argparse.Namespace) -> int:
+async def cmd_check(args: Args) -> int:
     """Check the mesh's health: one line per check (exit 0 all pass, 1 a warning, 2 a
     failure)."""
     report = await run_checks(args)
@@ -592,20 +590,18 @@ def warn_unknown_names(path: str, policy: Policy, records: Iterable[InstanceReco
     return len(lines)
 
 
-async def analyze_live(args: argparse.Namespace, policies: Sequence[tuple[str, Policy]]) -> int:
+async def analyze_live(args: Args, policies: Sequence[tuple[str, Policy]]) -> int:
     """``warn_unknown_names`` for each policy, against the live directory; returns the total."""
     async with admin_mesh(args) as mesh:
         records = mesh.directory.all()
     return sum(warn_unknown_names(path, policy, records) for path, policy in policies)
 
 
-def add_parser(sub: Subcommands, conn: argparse.ArgumentParser) -> None:
-    """The ``check`` command; ``conn`` holds the connection options."""
-    c = add_command(
-        sub,
+def commands() -> click.Command:
+    """The ``check`` command."""
+    return online_command(
         "check",
-        online(cmd_check),
+        cmd_check,
         "check the mesh's health: NATS, stores, registry, roots, certificates, policy, clocks",
-        conn,
+        [output_option(aliases={"text": "table"})],  # `text` was the name of `table`
     )
-    add_output_option(c, aliases={"text": "table"})  # `text` was the name of `table`

@@ -3,11 +3,10 @@ certificates through the registry."""
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import click
 from rich.table import Table
 
 from mesh import InvalidArgument, save_identity
@@ -22,23 +21,20 @@ from mesh.control_plane import (
     load_trust_root,
 )
 
-from ._admin import add_command, admin_mesh, call_registry, err, online, out, when
-from ._common import parse_duration
-from ._output import add_output_option, emit, iso
-
-if TYPE_CHECKING:
-    from ._admin import Subcommands
+from ._admin import admin_mesh, call_registry, err, online_command, out, when
+from ._common import DURATION, Args, argument, command, group, option
+from ._output import emit, iso, output_option
 
 ROOT_WARNING_S = 90 * 24 * 3600
 
 
-def cmd_identity_issue(args: argparse.Namespace) -> int:
+def cmd_identity_issue(args: Args) -> int:
     """Issue an identity (new keys and a certificate) for AGENT into --out."""
     root = load_trust_root(args.root)
     if not root.can_sign:
         raise InvalidArgument(f"{args.root}: holds only root.pub; issuing needs root.key")
     roles = [r for r in (args.roles or "").split(",") if r]
-    identity = root.issue_identity(args.agent, roles=roles, ttl=parse_duration(args.ttl))
+    identity = root.issue_identity(args.agent, roles=roles, ttl=args.ttl)
     save_identity(identity, Path(args.out))
     cert = identity.certificate
     out.print(
@@ -48,7 +44,7 @@ def cmd_identity_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_identity_token(args: argparse.Namespace) -> int:
+async def cmd_identity_token(args: Args) -> int:
     """Make a one-time join token (printed once; only its hash is stored)."""
     roles = [x for x in (args.roles or "").split(",") if x]
     async with admin_mesh(args) as mesh:
@@ -58,8 +54,8 @@ async def cmd_identity_token(args: argparse.Namespace) -> int:
             TokenRequest(
                 agent=args.agent,
                 roles=roles,
-                ttl=parse_duration(args.ttl),
-                cert_ttl=parse_duration(args.cert_ttl),
+                ttl=args.ttl,
+                cert_ttl=args.cert_ttl,
             ),
             TokenReply,
         )
@@ -82,7 +78,7 @@ def _identity_state(info: IdentityInfo, now: float) -> str:
 _STATE_STYLE = {"revoked": "red", "expires soon": "yellow"}
 
 
-async def cmd_identity_list(args: argparse.Namespace) -> int:
+async def cmd_identity_list(args: Args) -> int:
     """Every certificate the registry issued."""
     async with admin_mesh(args) as mesh:
         reply = await call_registry(mesh, "identities", Empty(), IdentityList)
@@ -132,7 +128,7 @@ async def cmd_identity_list(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_identity_revoke(args: argparse.Namespace) -> int:
+async def cmd_identity_revoke(args: Args) -> int:
     """Revoke a serial, or every current certificate of an agent."""
     async with admin_mesh(args) as mesh:
         reply = await call_registry(mesh, "revoke", RevokeRequest(target=args.target), RevokeReply)
@@ -141,37 +137,50 @@ async def cmd_identity_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Subcommands, conn: argparse.ArgumentParser) -> None:
-    """The ``identity`` command group; ``conn`` holds the connection options."""
-    ident = sub.add_parser(
+def commands() -> click.Group:
+    """The ``identity`` command group."""
+    return group(
         "identity",
-        help="manage identities",
-        description="Issue, enrol, list and revoke identities.",
+        "issue, enrol, list and revoke identities",
+        [
+            command(
+                "issue",
+                cmd_identity_issue,
+                "issue an identity for AGENT offline (new keys and a certificate) into --out",
+                [
+                    argument("agent"),
+                    option("--roles", default="", help="comma-separated roles"),
+                    option("--root", required=True, help="trust root directory or root.key file"),
+                    option("--out", required=True, help="directory to write the identity into"),
+                    option("--ttl", default="24h", type=DURATION, help="certificate lifetime"),
+                ],
+            ),
+            online_command(
+                "token",
+                cmd_identity_token,
+                "make a one-time join token for AGENT (printed once; only its hash is stored)",
+                [
+                    argument("agent"),
+                    option("--roles", default="", help="comma-separated roles to grant"),
+                    option(
+                        "--ttl", default="1h", type=DURATION, help="how long the token can be used"
+                    ),
+                    option(
+                        "--cert-ttl",
+                        default="24h",
+                        type=DURATION,
+                        help="lifetime of the certificate it gets",
+                    ),
+                ],
+            ),
+            online_command(
+                "list", cmd_identity_list, "list issued certificates", [output_option()]
+            ),
+            online_command(
+                "revoke",
+                cmd_identity_revoke,
+                "revoke a certificate serial, or all current certificates of an agent",
+                [argument("target", metavar="SERIAL|AGENT")],
+            ),
+        ],
     )
-    isub = ident.add_subparsers(dest="identity_command", required=True, metavar="COMMAND")
-    issue = add_command(
-        isub, "issue", cmd_identity_issue, "issue an identity offline (keys + certificate)"
-    )
-    issue.add_argument("agent", help="agent name")
-    issue.add_argument("--roles", default="", help="comma-separated roles")
-    issue.add_argument("--root", required=True, help="trust root directory or root.key file")
-    issue.add_argument("--out", required=True, help="directory to write the identity into")
-    issue.add_argument("--ttl", default="24h", help="certificate lifetime (default 24h)")
-    tok = add_command(
-        isub, "token", online(cmd_identity_token), "make a one-time join token for an agent", conn
-    )
-    tok.add_argument("agent")
-    tok.add_argument("--roles", default="", help="comma-separated roles to grant")
-    tok.add_argument("--ttl", default="1h", help="how long the token can be used (default 1h)")
-    tok.add_argument("--cert-ttl", default="24h", help="lifetime of the certificate it gets")
-    add_output_option(
-        add_command(isub, "list", online(cmd_identity_list), "list issued certificates", conn)
-    )
-    rv = add_command(
-        isub,
-        "revoke",
-        online(cmd_identity_revoke),
-        "revoke a certificate serial, or all current certificates of an agent",
-        conn,
-    )
-    rv.add_argument("target", metavar="SERIAL|AGENT")

@@ -4,12 +4,12 @@ redraws them until Ctrl-C."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import click
 from rich.live import Live
 from rich.table import Table
 
@@ -17,7 +17,8 @@ from mesh import Mesh
 from mesh.control_plane import REGISTRY, SignalsReply, SignalsRequest
 
 from ._admin import admin_mesh, out
-from ._output import add_output_option, emit, emit_item, iso
+from ._common import Args, option
+from ._output import emit, emit_item, iso, output_option
 from .graph import to_dot, to_mermaid, to_png, to_svg, to_text, top_table
 
 DEFAULT_WATCH_S = 2.0
@@ -65,7 +66,7 @@ def top_document(reply: SignalsReply, *, client: bool = False) -> dict[str, Any]
     }
 
 
-async def run_top(args: argparse.Namespace) -> int:
+async def run_top(args: Args) -> int:
     """``top``: print the signals once, or with ``--watch`` every ``args.watch`` seconds until
     cancelled (Ctrl-C): redrawn in place on a terminal, else one table (or one JSON line, or
     one YAML document) after another."""
@@ -94,16 +95,6 @@ async def run_top(args: argparse.Namespace) -> int:
             await asyncio.sleep(args.watch)
 
 
-def _interval(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
-    return seconds
-
-
 def render_graph(reply: SignalsReply, fmt: str, out: str | None) -> str:
     """The call graph as text, DOT, Mermaid, SVG or PNG (PNG and SVG go to ``out``)."""
     edges, nodes = reply.edges, reply.nodes
@@ -118,19 +109,32 @@ def render_graph(reply: SignalsReply, fmt: str, out: str | None) -> str:
     return text
 
 
-def add_arguments(top: argparse.ArgumentParser, graph: argparse.ArgumentParser) -> None:
-    """Options of the two commands."""
-    top.add_argument("--client", action="store_true", help="callers' view instead of callees'")
-    top.add_argument("--totals", action="store_true", help="one row per endpoint, no callers")
-    top.add_argument(
-        "--watch",
-        nargs="?",
-        type=_interval,
-        const=DEFAULT_WATCH_S,
-        metavar="SECONDS",
-        help=f"redraw every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C; with -o json "
-        "one JSON object a line, with -o yaml one YAML document each time",
-    )
-    add_output_option(top)
-    graph.add_argument("--format", choices=["text", "dot", "mermaid", "svg", "png"], default="text")
-    graph.add_argument("--out", help="file to write (default: stdout; PNG: mesh-graph.png)")
+def top_options() -> list[click.Parameter]:
+    """The options of ``top``."""
+    return [
+        option("--client", is_flag=True, help="callers' view instead of callees'"),
+        option("--totals", is_flag=True, help="one row per endpoint, no callers"),
+        option(
+            "--watch",
+            type=click.FloatRange(min=0, min_open=True),
+            is_flag=False,
+            flag_value=DEFAULT_WATCH_S,
+            metavar="SECONDS",
+            help=f"redraw every SECONDS (--watch alone: {DEFAULT_WATCH_S:g}) until Ctrl-C; with "
+            "-o json one JSON object a line, with -o yaml one YAML document each time",
+        ),
+        output_option(),
+    ]
+
+
+def graph_options() -> list[click.Parameter]:
+    """The options of ``graph``."""
+    return [
+        option(
+            "--format",
+            type=click.Choice(["text", "dot", "mermaid", "svg", "png"]),
+            default="text",
+            help="what to print or write",
+        ),
+        option("--out", help="file to write [default: stdout; PNG: mesh-graph.png]"),
+    ]

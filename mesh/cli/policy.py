@@ -12,15 +12,14 @@ modules; ``top`` and ``graph`` in ``observe``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import click
 from rich.markup import escape
 from rich.table import Table
 
@@ -49,9 +48,20 @@ from mesh.control_plane import (
 )
 
 from . import audit, check, identity, observe
-from ._admin import add_command, admin_mesh, call_registry, err, online, out, when
-from ._common import add_version, configure_logging, env_default, parse_duration, run_command
-from ._output import add_output_option, emit, iso
+from ._admin import admin_mesh, call_registry, connection_options, err, online_command, out, when
+from ._common import (
+    DURATION,
+    Args,
+    argument,
+    command,
+    completion_command,
+    configure_logging,
+    group,
+    option,
+    version_option,
+)
+from ._common import main as run_main
+from ._output import emit, iso, output_option
 
 if TYPE_CHECKING:
     from mesh._core.records import InstanceRecord
@@ -59,7 +69,7 @@ if TYPE_CHECKING:
 # --- offline commands -----------------------------------------------------------------------
 
 
-def cmd_init(args: argparse.Namespace) -> int:
+def cmd_init(args: Args) -> int:
     """Create a trust root and an admin identity in DIR."""
     d = Path(args.dir)
     if (d / ROOT_KEY_FILE).exists() and not args.force:
@@ -67,9 +77,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"{d / ROOT_KEY_FILE} already exists; refusing to replace a trust root (use --force)"
         )
     root = TrustRoot.generate()
-    root.not_after = time.time() + parse_duration(args.root_ttl)
+    root.not_after = time.time() + args.root_ttl
     save_trust_root(root, d)
-    ttl = parse_duration(args.ttl)
+    ttl = args.ttl
     admin = root.issue_identity(args.admin, roles=[ADMIN_ROLE], ttl=ttl)
     save_identity(admin, d / args.admin)
     registry = root.issue_identity(REGISTRY, roles=[REGISTRY], ttl=ttl)
@@ -88,7 +98,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_validate(args: Args) -> int:
     """Validate policy files; exit 1 naming the file, line and problem of each error. With
     ``--live``, also warn about names no live instance has (exit 1 for them with
     ``--strict``)."""
@@ -124,7 +134,7 @@ def _read(path: str) -> str:
         raise InvalidArgument(f"{path}: cannot read ({exc.strerror})") from exc
 
 
-async def cmd_apply(args: argparse.Namespace) -> int:
+async def cmd_apply(args: Args) -> int:
     """Validate, then apply a policy as the next revision."""
     text = _read(args.path)
     policy = parse_policy(text, source=args.path, require_units=True)  # fail before connecting
@@ -149,7 +159,7 @@ async def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_diff(args: argparse.Namespace) -> int:
+async def cmd_diff(args: Args) -> int:
     """Show what applying PATH would change; exit 1 if anything would, 0 if nothing would
     (like ``diff`` and ``git diff --exit-code``; errors exit 2)."""
     new = load_policy(args.path)
@@ -164,7 +174,7 @@ async def cmd_diff(args: argparse.Namespace) -> int:
     return 1 if lines else 0
 
 
-async def cmd_get(args: argparse.Namespace) -> int:
+async def cmd_get(args: Args) -> int:
     """Print the current revision (or an earlier one with --revision)."""
     async with admin_mesh(args) as mesh:
         if args.revision is None:
@@ -177,7 +187,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
     if found is None:
         raise FailedPrecondition("no policy has been applied yet")
     rev = found
-    if args.output == "json":
+    if args.json or args.output == "json":
         print(rev.policy_json.decode())
         return 0
     text = policy_text(parse_canonical(rev.policy_json, source=rev.source))
@@ -192,7 +202,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_history(args: argparse.Namespace) -> int:
+async def cmd_history(args: Args) -> int:
     """List kept revisions."""
     async with admin_mesh(args) as mesh:
         revs = await mesh.control.policy_history()
@@ -226,7 +236,7 @@ async def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_rollback(args: argparse.Namespace) -> int:
+async def cmd_rollback(args: Args) -> int:
     """Apply an earlier revision again, as a new revision."""
     async with admin_mesh(args) as mesh:
         reply = await call_registry(
@@ -238,7 +248,7 @@ async def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_explain(args: argparse.Namespace) -> int:
+async def cmd_explain(args: Args) -> int:
     """Print the decision for CALLER -> CALLEE.ENDPOINT and the rule, sending no request."""
     roles = tuple(r for r in (args.roles or "").split(",") if r)
     if args.file:
@@ -308,7 +318,7 @@ def _agent_status(
 _STATUS_STYLE = {"ok": "", "revoked": "red", "refused": "red", "stale": "yellow"}
 
 
-async def cmd_agents(args: argparse.Namespace) -> int:
+async def cmd_agents(args: Args) -> int:
     """Every live instance: version, certificate expiry, policy revision, staleness; an
     instance whose certificate is revoked shows as revoked (it is draining)."""
     async with admin_mesh(args) as mesh:
@@ -367,10 +377,10 @@ def _call_body(text: str) -> str:
     return text
 
 
-async def cmd_call(args: argparse.Namespace) -> int:
+async def cmd_call(args: Args) -> int:
     """Call an endpoint with a JSON body and print the JSON reply (exit 2 on an error)."""
     body = _call_body(args.body)
-    timeout = parse_duration(args.timeout) if args.timeout else None
+    timeout = args.timeout
     async with admin_mesh(args) as mesh:
         await mesh.wait_for(args.agent, timeout=5)
         reply = await mesh.request_json(
@@ -384,7 +394,7 @@ async def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_top(args: argparse.Namespace) -> int:
+def cmd_top(args: Args) -> int:
     """Golden signals per agent and endpoint: rps, success rate, p50, p99, in flight; with
     ``--watch``, redrawn until Ctrl-C (which exits 0)."""
     try:
@@ -395,7 +405,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         return 0
 
 
-async def cmd_graph(args: argparse.Namespace) -> int:
+async def cmd_graph(args: Args) -> int:
     """The caller -> callee graph (text, DOT, Mermaid, SVG or PNG)."""
     async with admin_mesh(args) as mesh:
         reply = await observe.fetch_signals(mesh, "server", True)
@@ -406,121 +416,149 @@ async def cmd_graph(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mesh-policy`` argument parser."""
-    conn = argparse.ArgumentParser(add_help=False)
-    conn.add_argument(
-        "--servers",
-        default=env_default("SERVERS", "nats://127.0.0.1:4222"),
-        help="NATS URLs, comma-separated (MESH_SERVERS)",
-    )
-    conn.add_argument(
-        "--identity",
-        default=env_default("IDENTITY", "keys/admin"),
-        help="admin identity directory (MESH_IDENTITY, default keys/admin)",
-    )
-    conn.add_argument(
-        "--prefix", default=env_default("PREFIX", "mesh"), help="subject prefix (MESH_PREFIX)"
-    )
-    conn.add_argument(
-        "--replicas",
-        type=int,
-        default=env_default("REPLICAS"),
-        help="JetStream replicas of stores this command creates (MESH_REPLICAS; default: 3 on "
-        "a cluster of three or more servers, else 1)",
-    )
-
-    p = argparse.ArgumentParser(
-        prog="mesh-policy",
-        description="Operate a mesh: trust root, identities, policies, agents and audit.",
-    )
-    add_version(p)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def cmd(
-        name: str, fn: Callable[[argparse.Namespace], int], help: str, needs_conn: bool = False
-    ) -> argparse.ArgumentParser:
-        return add_command(sub, name, fn, help, conn if needs_conn else None)
-
-    init = cmd("init", cmd_init, "create a trust root, an admin and a registry identity")
-    init.add_argument("dir", help="directory for root.key, root.pub and the identities")
-    init.add_argument("--admin", default="admin", help="admin identity name (default admin)")
-    init.add_argument("--ttl", default="24h", help="certificate lifetime (default 24h)")
-    init.add_argument(
-        "--root-ttl", default="3650d", help="when to rotate the trust root (default 3650d)"
-    )
-    init.add_argument("--force", action="store_true", help="replace an existing trust root")
-
-    v = cmd("validate", cmd_validate, "check policy files; name file, line and problem", True)
-    v.add_argument("paths", nargs="+", metavar="PATH")
-    v.add_argument("--live", action="store_true", help="warn of names no live instance has")
-    v.add_argument("--strict", action="store_true", help="with --live: exit 1 on such names")
-    a = cmd("apply", online(cmd_apply), "apply a policy file as the next revision", True)
-    a.add_argument("path", metavar="PATH")
-    a.add_argument(
-        "--strict", action="store_true", help="refuse (exit 2) if it names anything not live"
-    )
-    d = cmd("diff", online(cmd_diff), "show what applying a policy file would change", True)
-    d.add_argument("path", metavar="PATH")
-    g = cmd("get", online(cmd_get), "print the current policy revision", True)
-    g.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "json", "yaml"),
-        default="table",
-        help="table (default: the revision's details, then the policy as YAML), yaml (the "
-        "policy alone: a file apply takes back) or json (the canonical JSON)",
-    )
-    g.add_argument(
-        "--json", dest="output", action="store_const", const="json", help="same as -o json"
-    )
-    g.add_argument("--revision", type=int, help="an earlier revision from the history")
-    add_output_option(cmd("history", online(cmd_history), "list the kept policy revisions", True))
-    rb = cmd("rollback", online(cmd_rollback), "apply an earlier revision again", True)
-    rb.add_argument("revision", type=int)
-    ex = cmd(
-        "explain",
-        online(cmd_explain),
-        "print the decision and its rule for a call, sending nothing (exit 0 ALLOW, 3 DENY)",
-        True,
-    )
-    ex.add_argument("caller")
-    ex.add_argument("callee")
-    ex.add_argument("endpoint")
-    ex.add_argument("--roles", help="caller roles (default: from a live instance's certificate)")
-    ex.add_argument("--file", help="decide with this policy file instead of the current one")
-    add_output_option(ex)
-    ag = cmd(
-        "agents", online(cmd_agents), "list live instances and the policy revision each runs", True
-    )
-    add_output_option(ag)
-    c = cmd("call", online(cmd_call), "call an endpoint with a JSON body, print the reply", True)
-    c.add_argument("agent")
-    c.add_argument("endpoint")
-    c.add_argument("body", nargs="?", default="{}", help="the JSON body (default {})")
-    c.add_argument("--timeout", help="e.g. 5s (default: the policy's, else the mesh's)")
-    c.add_argument("--idempotency-key", help="the callee runs the call at most once per key")
-    observe.add_arguments(
-        cmd("top", cmd_top, "golden signals per agent and endpoint (last minute)", True),
-        cmd(
-            "graph",
-            online(cmd_graph),
-            "the caller -> callee graph: text, dot, mermaid, svg, png",
-            True,
+def _commands() -> list[click.Command]:
+    revision = click.IntRange(min=1)
+    return [
+        command(
+            "init",
+            cmd_init,
+            "create a trust root, an admin and a registry identity in DIR",
+            [
+                argument("dir"),
+                option("--admin", default="admin", help="admin identity name"),
+                option("--ttl", default="24h", type=DURATION, help="certificate lifetime"),
+                option(
+                    "--root-ttl",
+                    default="3650d",
+                    type=DURATION,
+                    help="when to rotate the trust root",
+                ),
+                option("--force", is_flag=True, help="replace an existing trust root"),
+            ],
         ),
-    )
+        command(
+            "validate",
+            cmd_validate,
+            "check policy files; name file, line and problem",
+            [
+                argument("paths", nargs=-1, required=True, metavar="PATH..."),
+                option("--live", is_flag=True, help="warn of names no live instance has"),
+                option("--strict", is_flag=True, help="with --live: exit 1 on such names"),
+                *connection_options(),
+            ],
+        ),
+        online_command(
+            "apply",
+            cmd_apply,
+            "apply the policy file PATH as the next revision",
+            [
+                argument("path"),
+                option(
+                    "--strict", is_flag=True, help="refuse (exit 2) if it names anything not live"
+                ),
+            ],
+        ),
+        online_command(
+            "diff",
+            cmd_diff,
+            "show what applying a policy file would change (exit 1 when it changes anything)",
+            [argument("path")],
+        ),
+        online_command(
+            "get",
+            cmd_get,
+            "print the current policy revision",
+            [
+                click.Option(
+                    ["-o", "--output"],
+                    type=click.Choice(["table", "json", "yaml"]),
+                    default="table",
+                    help="table (the revision's details, then the policy as YAML), yaml (the "
+                    "policy alone: a file apply takes back) or json (the canonical JSON)",
+                ),
+                option("--json", is_flag=True, help="same as -o json"),
+                option("--revision", type=revision, help="an earlier revision from the history"),
+            ],
+        ),
+        online_command("history", cmd_history, "list the kept policy revisions", [output_option()]),
+        online_command(
+            "rollback",
+            cmd_rollback,
+            "apply an earlier revision again",
+            [argument("revision", type=revision)],
+        ),
+        online_command(
+            "explain",
+            cmd_explain,
+            "print the decision and its rule for CALLER calling CALLEE's ENDPOINT, sending "
+            "nothing (exit 0 ALLOW, 3 DENY)",
+            [
+                argument("caller"),
+                argument("callee"),
+                argument("endpoint"),
+                option(
+                    "--roles", help="caller roles [default: from a live instance's certificate]"
+                ),
+                option("--file", help="decide with this policy file instead of the current one"),
+                output_option(),
+            ],
+        ),
+        online_command(
+            "agents",
+            cmd_agents,
+            "list live instances and the policy revision each runs",
+            [output_option()],
+        ),
+        online_command(
+            "call",
+            cmd_call,
+            "call AGENT's ENDPOINT with the JSON BODY (default {}), print the reply",
+            [
+                argument("agent"),
+                argument("endpoint"),
+                argument("body", default="{}", required=False),
+                option(
+                    "--timeout",
+                    type=DURATION,
+                    help="e.g. 5s [default: the policy's, else the mesh's]",
+                ),
+                option("--idempotency-key", help="the callee runs the call at most once per key"),
+            ],
+        ),
+        command(
+            "top",
+            cmd_top,
+            "golden signals per agent and endpoint (last minute)",
+            [*observe.top_options(), *connection_options()],
+        ),
+        online_command(
+            "graph",
+            cmd_graph,
+            "the caller -> callee graph: text, dot, mermaid, svg, png",
+            observe.graph_options(),
+        ),
+        identity.commands(),
+        check.commands(),
+        audit.commands(),
+        completion_command("mesh-policy"),
+    ]
 
-    identity.add_parser(sub, conn)
-    check.add_parser(sub, conn)
-    audit.add_parser(sub, conn)
-    return p
+
+def cli() -> click.Group:
+    """The ``mesh-policy`` command group."""
+    grp = group(
+        "mesh-policy",
+        "Operate a mesh: trust root, identities, policies, agents and audit.",
+        _commands(),
+    )
+    grp.params.append(version_option())
+    return grp
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mesh-policy``."""
-    args = build_parser().parse_args(argv)
     configure_logging("warning")  # library logs go to stderr, never into the output
-    return int(run_command(lambda: args.func(args)))
+    return run_main(cli(), "mesh-policy", argv)
 
 
 if __name__ == "__main__":

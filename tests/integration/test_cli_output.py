@@ -147,8 +147,9 @@ def test_every_read_command_takes_output_formats() -> None:
     ):
         result = run_sync("mesh-policy", *command, "--help", env=base_env())
         assert result.returncode == 0, result.stderr
-        assert "-o {table,json,yaml}" in result.stdout, command
-        assert "default" in result.stdout.split("--output", 1)[1], command
+        shown = " ".join(result.stdout.split())  # click wraps the help text
+        assert "-o, --output [table|json|yaml" in shown, command
+        assert "default: table]" in shown.split("--output", 1)[1], command
 
 
 # --- get ---------------------------------------------------------------------------------------
