@@ -24,7 +24,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from mesh import (
-    Certificate,
     FailedPrecondition,
     InvalidArgument,
     MeshError,
@@ -47,8 +46,9 @@ from mesh.control_plane import (
     save_trust_root,
 )
 
-from . import audit, check, identity, observe
+from . import audit, check, dashboard, identity, observe
 from ._admin import admin_mesh, call_registry, connection_options, err, online_command, out, when
+from ._agents import expiry_note, list_agents
 from ._common import (
     DURATION,
     Args,
@@ -64,7 +64,7 @@ from ._common import main as run_main
 from ._output import emit, iso, output_option
 
 if TYPE_CHECKING:
-    from mesh._core.records import InstanceRecord
+    pass
 
 # --- offline commands -----------------------------------------------------------------------
 
@@ -289,32 +289,6 @@ async def cmd_explain(args: Args) -> int:
     return 0 if decision.allowed else 3
 
 
-def _expiry_note(cert: Certificate, now: float | None = None) -> str:
-    left = cert.not_after - (now or time.time())
-    if left <= 0:
-        return "EXPIRED"
-    life = cert.not_after - cert.not_before
-    if left < max(life * 0.1, 0) or left < 3600:
-        return f"expires in {left / 60:.0f} min"
-    return ""
-
-
-def _agent_status(
-    rec: InstanceRecord, revoked: set[str], latest: int | None
-) -> tuple[str, str | None]:
-    """``(status, detail)``: ``ok``, ``revoked``, ``refused`` (the agent's reason), or
-    ``stale`` (why, or which revision is current)."""
-    if rec.certificate.serial in revoked:
-        return "revoked", None
-    if rec.policy_error:
-        return "refused", rec.policy_error
-    if rec.stale:
-        return "stale", rec.stale
-    if latest is not None and rec.policy_revision != latest:
-        return "stale", f"current is {latest}"
-    return "ok", None
-
-
 _STATUS_STYLE = {"ok": "", "revoked": "red", "refused": "red", "stale": "yellow"}
 
 
@@ -322,33 +296,16 @@ async def cmd_agents(args: Args) -> int:
     """Every live instance: version, certificate expiry, policy revision, staleness; an
     instance whose certificate is revoked shows as revoked (it is draining)."""
     async with admin_mesh(args) as mesh:
-        head = mesh.governance.head  # the newest signed head: the current revision
-        revoked = {r.serial for r in await mesh.control.revocations()}
-        revoked |= head.revoked_serials if head is not None else set()
-        records = sorted(mesh.directory.all(), key=lambda r: (r.agent, r.instance))
-    latest = head.policy_revision if head is not None else None
-    found = [(rec, *_agent_status(rec, revoked, latest)) for rec in records]
-    rows = [
-        {
-            "agent": rec.agent,
-            "instance": rec.instance,
-            "version": rec.version,
-            "state": "revoked" if status == "revoked" else rec.state,
-            "serial": rec.certificate.serial,
-            "certificate_expires": iso(rec.certificate.not_after),
-            "policy_revision": rec.policy_revision,
-            "status": status,
-            "detail": detail,
-        }
-        for rec, status, detail in found
-    ]
+        found = await list_agents(mesh)
+    rows = [row.document() for row in found]
 
     def show() -> None:
         table = Table(
             "agent", "instance", "version", "state", "certificate expires", "policy", "status"
         )
-        for rec, status, detail in found:
-            note = _expiry_note(rec.certificate)
+        for row in found:
+            rec, status, detail = row.record, row.status, row.detail
+            note = expiry_note(rec.certificate)
             shown = status
             if detail:  # as before: "refused: why", "stale: why", "stale (current is N)"
                 shown += f": {detail}" if status != "stale" or rec.stale else f" ({detail})"
@@ -402,6 +359,14 @@ def cmd_top(args: Args) -> int:
     except KeyboardInterrupt:
         if args.watch is None:
             raise
+        return 0
+
+
+def cmd_dashboard(args: Args) -> int:
+    """Serve the live dashboard until Ctrl-C, which exits 0."""
+    try:
+        return asyncio.run(dashboard.cmd_dashboard(args))
+    except KeyboardInterrupt:
         return 0
 
 
@@ -536,6 +501,26 @@ def _commands() -> list[click.Command]:
             cmd_graph,
             "the caller -> callee graph: text, dot, mermaid, svg, png",
             observe.graph_options(),
+        ),
+        command(
+            "dashboard",
+            cmd_dashboard,
+            "serve a live web page of the mesh: graph, signals, agents, denials, audit",
+            [
+                option(
+                    "--listen",
+                    default=dashboard.DEFAULT_LISTEN,
+                    env="DASHBOARD_LISTEN",
+                    help="HOST:PORT to serve on (a non-loopback host exposes it to the network)",
+                ),
+                option(
+                    "--interval",
+                    type=DURATION,
+                    default="2s",
+                    help="how often the page is updated",
+                ),
+                *connection_options(),
+            ],
         ),
         identity.commands(),
         check.commands(),

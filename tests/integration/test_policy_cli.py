@@ -59,6 +59,7 @@ TOP_COMMANDS = [
     "call",
     "top",
     "graph",
+    "dashboard",
     "identity",
     "check",
     "audit",
