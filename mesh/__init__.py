@@ -5,30 +5,40 @@ handle its errors. Control-plane code (the registry agent, operator tools) impor
 from ``mesh.control_plane``; every implementation module is private to the package.
 """
 
-import inspect as _inspect
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
-from mesh._connect import Mesh, connect, enrol
-from mesh._core.config import DirectoryConfig, Limits, MeshConfig, RetryPolicy, Timeouts
-from mesh._core.identity import Certificate, Identity, InstanceKeys, load_identity, save_identity
-from mesh._core.policy import Policy, PolicyError, load_policy, parse_policy
-from mesh._public import publish as _publish
-from mesh._runtime.agent import Agent, Context, Peer
-from mesh._runtime.ports import EndpointStats, MeshHandle
-from mesh.errors import (
-    CertificateError,
-    DeadlineExceeded,
-    DecodeError,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    MeshError,
-    MessageTooLarge,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from mesh import _log  # noqa: F401  (the NullHandler on the "mesh" logger, as every import)
+
+if _TYPE_CHECKING:
+    from mesh._connect import Mesh, connect, enrol
+    from mesh._core.config import DirectoryConfig, Limits, MeshConfig, RetryPolicy, Timeouts
+    from mesh._core.identity import (
+        Certificate,
+        Identity,
+        InstanceKeys,
+        load_identity,
+        save_identity,
+    )
+    from mesh._core.policy import Policy, PolicyError, load_policy, parse_policy
+    from mesh._runtime.agent import Agent, Context, Peer
+    from mesh._runtime.ports import EndpointStats, MeshHandle
+    from mesh.errors import (
+        CertificateError,
+        DeadlineExceeded,
+        DecodeError,
+        FailedPrecondition,
+        Internal,
+        InvalidArgument,
+        MeshError,
+        MessageTooLarge,
+        NotFound,
+        PermissionDenied,
+        ResourceExhausted,
+        Unauthenticated,
+        Unavailable,
+    )
 
 __version__ = "0.1.0"
 
@@ -71,9 +81,46 @@ __all__ = [
     "save_identity",
 ]
 
-# Classes and functions name this module, where users import them from (reprs, help, pickles).
-for _name in __all__:
-    _member = globals()[_name]
-    if _inspect.isclass(_member) or _inspect.isfunction(_member):
-        _publish(_member, __name__)
-del _name, _member
+# Where each name is defined. ``import mesh`` (and so ``import mesh.cli``, the entry points'
+# package) imports none of it: the first name looked up imports them all (about 0.6 s of
+# nats-py, OpenTelemetry and pydantic), so the command-line tools can honour Ctrl-C from
+# their first instant (``mesh.cli.run``).
+_SOURCES = {
+    **dict.fromkeys(["Mesh", "connect", "enrol"], "mesh._connect"),
+    **dict.fromkeys(
+        ["DirectoryConfig", "Limits", "MeshConfig", "RetryPolicy", "Timeouts"], "mesh._core.config"
+    ),
+    **dict.fromkeys(
+        ["Certificate", "Identity", "InstanceKeys", "load_identity", "save_identity"],
+        "mesh._core.identity",
+    ),
+    **dict.fromkeys(["Policy", "PolicyError", "load_policy", "parse_policy"], "mesh._core.policy"),
+    **dict.fromkeys(["Agent", "Context", "Peer"], "mesh._runtime.agent"),
+    **dict.fromkeys(["EndpointStats", "MeshHandle"], "mesh._runtime.ports"),
+}
+
+
+def _load() -> None:
+    """Import every exported name into this module and make it name ``mesh`` as its
+    ``__module__`` (in reprs, help, pickles): what ``import mesh`` did at once before."""
+    from mesh import errors
+    from mesh._public import publish
+
+    members = {name: getattr(errors, name) for name in __all__ if hasattr(errors, name)}
+    for name, source in _SOURCES.items():
+        members[name] = getattr(_importlib.import_module(source), name)
+    for name, member in members.items():
+        if isinstance(member, type) or callable(member):
+            publish(member, __name__)
+        globals()[name] = member
+
+
+def __getattr__(name: str) -> _Any:
+    if name in __all__:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module 'mesh' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

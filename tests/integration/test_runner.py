@@ -228,6 +228,34 @@ async def test_ctrl_c_while_the_module_imports_exits_130_without_a_traceback(
     assert "Traceback" not in runner.text
 
 
+@pytest.mark.parametrize("tool", ["mesh-agent", "mesh-policy"])
+async def test_ctrl_c_while_the_tools_themselves_import_exits_130_without_a_traceback(
+    tool: str, tmp_path: Path
+) -> None:
+    """Ctrl-C during the first ~0.6 s, while the tool imports the SDK (nats-py, OpenTelemetry,
+    pydantic), exits 130 at once: the console script imports it inside a guard
+    (``mesh.cli.run``). Before 0.1 s the interpreter itself is still starting (its own
+    ``site`` import): that window is Python's, not the tool's."""
+    # What comes after the import waits too (a user module that sleeps, a server that never
+    # answers), so a fast machine past its import by 0.45 s is interrupted there instead.
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    async with silent_server() as port:
+        args = {
+            "mesh-agent": ["run", "slow.py:agent", "--identity", str(tmp_path)],
+            "mesh-policy": ["agents", "--servers", f"nats://127.0.0.1:{port}"],
+        }[tool]
+        for delay in (0.1, 0.2, 0.3, 0.45):
+            proc = await asyncio.create_subprocess_exec(
+                str(BIN / tool), *args, cwd=tmp_path, env=base_env(),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 130, (delay, err.decode())
+            assert b"Traceback" not in err, (delay, err.decode())
+
+
 async def test_ctrl_c_while_connecting_exits_130_at_once(project: Path) -> None:
     """A server that never answers does not hold Ctrl-C up until the connect timeout."""
     async with silent_server() as port:
