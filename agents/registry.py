@@ -10,7 +10,9 @@ Run it::
 
     mesh-agent run mesh_agents.registry:registry --identity keys/registry --root-key keys
 
-Every endpoint but ``renew`` requires the caller to hold the ``admin`` role.
+Every endpoint but ``renew`` requires the caller to hold the ``admin`` role. A certificate
+that expired while no registry answered is renewed on the grace path (``serve_grace_renewal``:
+proof of the old key, within ``Timeouts.renewal_grace``, audited).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from mesh.control_plane import (
     EdgeReport,
     Empty,
     EnrolmentRequest,
+    GraceRenewal,
     HeadKeeper,
     HistoryReply,
     IdentityInfo,
@@ -72,6 +75,7 @@ from mesh.control_plane import (
     diff_policies,
     parse_canonical,
     serve_enrolment,
+    serve_grace_renewal,
     verify_audit_chain,
 )
 
@@ -253,10 +257,13 @@ async def revoke(req: RevokeRequest, ctx: Context) -> RevokeReply:
     _require_admin(ctx)
     _require_root(ctx.mesh)
     now = time.time()
+    # A certificate stays renewable for the grace after its expiry (protocol section 29):
+    # revoke those too, and keep them listed in heads until the grace is over.
+    grace = ctx.mesh.config.timeouts.renewal_grace
     certs = [
         c
         for c in await ctx.mesh.control.certificates()
-        if (c.serial == req.target or c.agent == req.target) and c.not_after > now
+        if (c.serial == req.target or c.agent == req.target) and c.not_after + grace > now
     ]
     if not certs and SERIAL.fullmatch(req.target):
         # A serial the registry did not issue (offline issuance): revoke it all the same,
@@ -280,7 +287,7 @@ async def revoke(req: RevokeRequest, ctx: Context) -> RevokeReply:
             agent=c.agent,
             revoked_at=now,
             revoked_by=_actor(ctx),
-            not_after=c.not_after,
+            not_after=int(c.not_after + grace),
         )
         raw = await ctx.mesh.control.revoke(revocation)
         await _keeper(ctx.mesh).revoked(revocation, raw)
@@ -388,9 +395,54 @@ async def renew(_: RenewRequest, ctx: Context) -> CertificateReply:
     return CertificateReply.of(cert)
 
 
+async def _grace_renew(mesh: MeshHandle, req: GraceRenewal) -> bytes:
+    """Renew a certificate presented on the grace path (``serve_grace_renewal`` checked the
+    proof of its key, the nonce, the time and the grace): the same limit as ``renew``, then
+    refuse a revoked identity, issue, record and audit how long past its expiry it was."""
+    _require_root(mesh)
+    old = req.certificate
+    wait = _renewal_limiter(mesh).take((old.agent, old.instance))
+    if wait is not None:
+        raise ResourceExhausted(
+            f"{old.agent}/{old.instance} renews too often (at most {RENEW_BURST} at once, "
+            f"then one every {RENEW_INTERVAL_S:g} s)",
+            retry_after=round(wait, 3),
+        )
+    # The head lists revocations (through the grace, see revoke); the store also names the
+    # other serials of this instance: revoking any certificate of these keys revokes them all.
+    revoked = {r.serial for r in await mesh.control.revocations()} | mesh.verifier.revoked
+    same = {
+        c.serial
+        for c in await mesh.control.certificates()
+        if (c.agent, c.instance) == (old.agent, old.instance)
+    }
+    if old.serial in revoked or same & revoked:
+        raise Unauthenticated(
+            f"{old.agent}/{old.instance} is revoked: it cannot be renewed; the agent needs a "
+            f"new join token (mesh-policy identity token {old.agent})"
+        )
+    life = min(float(old.not_after - old.not_before - 60), DEFAULT_CERT_TTL)
+    cert = mesh.trust_root.reissue(old, ttl=life)
+    await _record_issue(
+        mesh,
+        cert.raw,
+        "grace",
+        f"{old.agent}/{old.instance}",
+        previous=old.serial,
+        expired_for_s=round(req.expired_for, 3),
+        grace_s=req.grace,
+    )
+    log.warning(
+        "registry.grace_renewal agent=%(agent)s instance=%(instance)s expired_for_s=%(expired)s",
+        {"agent": old.agent, "instance": old.instance, "expired": round(req.expired_for)},
+        extra={"event": "registry.grace_renewal"},
+    )
+    return cert.raw
+
+
 async def _record_issue(mesh: MeshHandle, raw: bytes, via: str, actor: str, **details: Any) -> None:
     cert = await _store_certificate(mesh, raw, via, time.time())
-    kind = "identity.renewed" if via == "renewal" else "identity.issued"
+    kind = "identity.renewed" if via in ("renewal", "grace") else "identity.issued"
     await _audit(
         mesh,
         kind,
@@ -578,6 +630,11 @@ async def started(mesh: MeshHandle) -> None:
         return cert.raw
 
     await serve_enrolment(mesh, issue)
+
+    async def grace_renew(req: GraceRenewal) -> bytes:
+        return await _grace_renew(mesh, req)
+
+    await serve_grace_renewal(mesh, grace_renew)
     if mesh.trust_root.not_after is not None:
         left = mesh.trust_root.not_after - time.time()
         if left < ROOT_WARNING_S:

@@ -1,7 +1,8 @@
 """Names for control-plane code: the registry agent and operator tools. Agents use ``mesh``.
 
 Here are the trust root that issues certificates, the control plane's signed documents and
-their store in JetStream, the audit chain, enrolment as the registry answers it, the policy
+their store in JetStream, the audit chain, enrolment and grace renewal as the registry answers
+them, the policy
 engine and the canonical form the registry signs, the golden signals agents report, and the
 request and reply models of the registry agent's endpoints (``mesh_agents.registry`` serves
 them; ``mesh-policy`` calls them).
@@ -46,6 +47,7 @@ from mesh._runtime.control import (
 )
 from mesh._runtime.enrol import EnrolmentRequest, serve_enrolment
 from mesh._runtime.freshness import HeadKeeper, SavedState
+from mesh._runtime.recovery import GraceRenewal, serve_grace_renewal
 from mesh._runtime.registry_api import (
     ADMIN_ROLE,
     DEFAULT_CERT_TTL,
@@ -90,6 +92,7 @@ __all__ = [
     "Empty",
     "EndpointPolicy",
     "EnrolmentRequest",
+    "GraceRenewal",
     "GraphEdge",
     "Head",
     "HeadKeeper",
@@ -121,6 +124,7 @@ __all__ = [
     "policy_text",
     "save_trust_root",
     "serve_enrolment",
+    "serve_grace_renewal",
     "verify_audit_chain",
 ]
 

@@ -25,6 +25,9 @@ class Timeouts:
         head_refresh: how often a registry signs a new head when nothing changed.
         head_ttl: how long a head is valid; an agent whose newest head is older is stale,
             and a broker can hide newer state from an agent for at most this long unnoticed.
+        renewal_grace: read by the registry: how long after its expiry a certificate may
+            still be renewed, with proof of its private key (``docs/protocol.md`` section
+            29). Past it the agent needs a new join token. ``0`` turns the grace path off.
     """
 
     request: float = 10.0
@@ -34,6 +37,7 @@ class Timeouts:
     max_future: float = 5.0
     head_refresh: float = 15.0
     head_ttl: float = 120.0
+    renewal_grace: float = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,5 +137,7 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         validate_name("subject prefix", self.prefix)
+        if self.timeouts.renewal_grace < 0:
+            raise InvalidArgument("Timeouts.renewal_grace must not be negative")
         if not self.servers:
             raise InvalidArgument("MeshConfig.servers is empty: give at least one NATS URL")

@@ -339,6 +339,51 @@ class CertificateVerifier:
             DecodeError: malformed bytes.
             CertificateError: wrong issuer, bad signature, expired, not yet valid, or revoked.
         """
+        cert = self._signed(raw)
+        now = self._clock()
+        if now >= cert.not_after:
+            raise CertificateError(
+                f"certificate {cert.serial} of {cert.agent!r} expired at {cert.not_after}"
+            )
+        if now < cert.not_before:
+            raise CertificateError(
+                f"certificate {cert.serial} of {cert.agent!r} is not valid before {cert.not_before}"
+            )
+        if cert.serial in self.revoked:
+            raise CertificateError(f"certificate {cert.serial} of {cert.agent!r} is revoked")
+        return cert
+
+    def verify_for_renewal(self, raw: bytes, grace: float) -> tuple[Certificate, float]:
+        """Like ``verify``, but accept a certificate up to ``grace`` seconds past its expiry:
+        only the registry's grace renewal may use this, never an ordinary request.
+
+        Returns:
+            The certificate and how many seconds past its expiry it is (``0.0`` if not).
+
+        Raises:
+            DecodeError: malformed bytes.
+            CertificateError: wrong issuer, bad signature, not yet valid, revoked, or expired
+                for longer than ``grace`` (the message says a new join token is needed).
+        """
+        cert = self._signed(raw)
+        now = self._clock()
+        expired_for = max(0.0, now - cert.not_after)
+        if now >= cert.not_after + grace:
+            raise CertificateError(
+                f"certificate {cert.serial} of {cert.agent!r} expired {expired_for:.0f} s ago, "
+                f"beyond the renewal grace of {grace:.0f} s: the agent needs a new join token "
+                f"(mesh-policy identity token {cert.agent})"
+            )
+        if now < cert.not_before:
+            raise CertificateError(
+                f"certificate {cert.serial} of {cert.agent!r} is not valid before {cert.not_before}"
+            )
+        if cert.serial in self.revoked:
+            raise CertificateError(f"certificate {cert.serial} of {cert.agent!r} is revoked")
+        return cert, expired_for
+
+    def _signed(self, raw: bytes) -> Certificate:
+        """Decode ``raw`` and check issuer and signature (cached by the bytes)."""
         cert = self._cache.get(raw)
         if cert is None:
             cert, body, sig = Certificate.decode(raw)
@@ -356,17 +401,6 @@ class CertificateVerifier:
             self._cache[raw] = cert
             if len(self._cache) > self._max:
                 self._cache.popitem(last=False)
-        now = self._clock()
-        if now >= cert.not_after:
-            raise CertificateError(
-                f"certificate {cert.serial} of {cert.agent!r} expired at {cert.not_after}"
-            )
-        if now < cert.not_before:
-            raise CertificateError(
-                f"certificate {cert.serial} of {cert.agent!r} is not valid before {cert.not_before}"
-            )
-        if cert.serial in self.revoked:
-            raise CertificateError(f"certificate {cert.serial} of {cert.agent!r} is revoked")
         return cert
 
 

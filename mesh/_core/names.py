@@ -7,6 +7,7 @@ and every subject and JetStream store name the mesh uses is built by a function 
     <prefix>.rpc.<agent>.<instance>.<endpoint>    requests to one instance
     <prefix>.evt.<agent>.<topic>                  signed events of an agent
     <prefix>.ctl.registry.<instance>.enrol        enrolment at one registry instance
+    <prefix>.ctl.registry.<instance>.renew        grace renewal of an expired certificate
     <prefix>.audit                                the audit stream's subject
     <prefix>-directory, <prefix>-<store>, <prefix>-audit   JetStream stores
 """
@@ -24,6 +25,7 @@ __all__ = [
     "directory_bucket",
     "enrol_subject",
     "event_subject",
+    "grace_renew_subject",
     "rpc_listen_subject",
     "rpc_prefix",
     "rpc_subject",
@@ -74,6 +76,11 @@ def event_subject(prefix: str, agent: str, topic: str) -> str:
 def enrol_subject(prefix: str, instance: str) -> str:
     """The subject on which one registry instance takes enrolments."""
     return f"{prefix}.ctl.registry.{instance}.enrol"
+
+
+def grace_renew_subject(prefix: str, instance: str) -> str:
+    """The subject on which one registry instance renews certificates past their expiry."""
+    return f"{prefix}.ctl.registry.{instance}.renew"
 
 
 def directory_bucket(prefix: str) -> str:

@@ -89,17 +89,26 @@ def _proof_bytes(agent: str, token: str, sign_pk: bytes, box_pk: bytes, ts: int)
     return msgpack.packb([_CONTEXT, agent, token, sign_pk, box_pk, ts], use_bin_type=True)
 
 
-def reply_signed_bytes(request: bytes, status: str, message: str, certificate: bytes) -> bytes:
+def reply_signed_bytes(
+    request: bytes, status: str, message: str, certificate: bytes, context: bytes = _REPLY_CONTEXT
+) -> bytes:
     """What the registry signs in a reply: it binds status, message and certificate to the
-    SHA-256 ``request`` of the sealed request payload it answers."""
-    return msgpack.packb([_REPLY_CONTEXT, request, status, message, certificate], use_bin_type=True)
+    SHA-256 ``request`` of the sealed request payload it answers, under ``context`` (one per
+    kind of request: an enrolment reply cannot pass for a grace renewal's)."""
+    return msgpack.packb([context, request, status, message, certificate], use_bin_type=True)
 
 
 def sign_reply(
-    signing: SigningKey, request: bytes, status: str, message: str = "", certificate: bytes = b""
+    signing: SigningKey,
+    request: bytes,
+    status: str,
+    message: str = "",
+    certificate: bytes = b"",
+    context: bytes = _REPLY_CONTEXT,
 ) -> bytes:
     """A registry reply: a MessagePack map signed by the registry instance's key."""
-    sig = signing.sign(reply_signed_bytes(request, status, message, certificate)).signature
+    signed = reply_signed_bytes(request, status, message, certificate, context)
+    sig = signing.sign(signed).signature
     return msgpack.packb(
         {
             "status": status,
@@ -112,7 +121,9 @@ def sign_reply(
     )
 
 
-def open_reply(raw: bytes, registry_pk: VerifyKey) -> tuple[bytes, str, str, bytes]:
+def open_reply(
+    raw: bytes, registry_pk: VerifyKey, context: bytes = _REPLY_CONTEXT
+) -> tuple[bytes, str, str, bytes]:
     """Check a registry reply's signature; returns ``(request hash, status, message, cert)``.
 
     Raises:
@@ -135,7 +146,7 @@ def open_reply(raw: bytes, registry_pk: VerifyKey) -> tuple[bytes, str, str, byt
     ):
         raise DecodeError("malformed enrolment reply")
     try:
-        registry_pk.verify(reply_signed_bytes(request, status, message, cert), sig)
+        registry_pk.verify(reply_signed_bytes(request, status, message, cert, context), sig)
     except (BadSignatureError, ValueError):
         raise DecodeError("enrolment reply is not signed by the registry instance") from None
     return request, status, message, cert
@@ -230,9 +241,17 @@ class _Exchange:
     for one of the requests sent."""
 
     def __init__(
-        self, transport: Transport, subject: str, registry_pk: VerifyKey, box_pk: PublicKey
+        self,
+        transport: Transport,
+        subject: str,
+        registry_pk: VerifyKey,
+        box_pk: PublicKey,
+        reply_context: bytes = _REPLY_CONTEXT,
+        what: str = "enrolment",
     ) -> None:
         self.transport = transport
+        self.reply_context = reply_context
+        self.what = what
         self.subject = subject
         self.registry_pk = registry_pk
         self.seal = SealedBox(box_pk)
@@ -246,7 +265,9 @@ class _Exchange:
             self.no_responders = True  # a hint only: anyone can publish it on the inbox
             return
         try:
-            request, status, message, cert = open_reply(msg.data, self.registry_pk)
+            request, status, message, cert = open_reply(
+                msg.data, self.registry_pk, self.reply_context
+            )
         except DecodeError:
             self.dropped += 1
             return
@@ -296,7 +317,7 @@ class _Exchange:
             raise last
         if self.no_responders:
             raise Unavailable("the registry instance is not listening")
-        raise Unavailable("the registry did not answer the enrolment in time")
+        raise Unavailable(f"the registry did not answer the {self.what} in time")
 
 
 def open_enrolment(sealed: bytes, box: Any, max_skew: float = 300.0) -> EnrolmentRequest:

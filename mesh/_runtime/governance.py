@@ -27,6 +27,7 @@ from mesh._runtime.concurrency import cancel_and_wait
 from mesh._runtime.control import ControlStore, PolicyRevision
 from mesh._runtime.freshness import SavedState
 from mesh._runtime.ports import MeshHandle
+from mesh._runtime.recovery import renew_in_grace
 from mesh._runtime.registry_api import (
     DENIAL_TOPIC,
     REGISTRY,
@@ -43,9 +44,30 @@ from mesh.errors import (
     Unavailable,
 )
 
-__all__ = ["Governance"]
+__all__ = ["Governance", "renewal_retry_in"]
 
 log = get_logger(__name__)
+
+RENEW_BACKOFF_CAP = 60.0  # seconds between renewal attempts, at most
+
+
+def renewal_retry_in(delay: float, left: float, error: MeshError) -> float:
+    """Seconds until the next renewal attempt after a failure.
+
+    Before expiry: ``min(delay, max(1, left / 10))``, so a short certificate still gets
+    several attempts; after it (``left <= 0``): ``delay`` with ±20 % jitter (a fleet that
+    expired together does not come back at once). Never earlier than the registry's
+    ``retry_after``.
+
+    Args:
+        delay: the current backoff (1 s doubling to 60 s).
+        left: seconds until the certificate's ``not_after`` (negative: expired).
+        error: why the attempt failed.
+    """
+    wait = min(delay, max(1.0, left / 10)) if left > 0 else delay * random.uniform(0.8, 1.2)
+    if isinstance(error, ResourceExhausted) and error.retry_after:
+        wait = max(wait, error.retry_after)  # the registry's per-identity limit
+    return wait
 
 
 class Governance:
@@ -483,22 +505,42 @@ class Governance:
         return cert.not_before + life * (0.5 + random.uniform(-0.1, 0.1))
 
     async def _renew_loop(self) -> None:
+        """Renew at half life; on failure retry with backoff, warning on every failure and,
+        once the certificate has expired (the registry was away through the whole window),
+        logging errors and renewing through the grace path until it recovers or is refused
+        for good (past the grace, revoked: then only a new join token helps)."""
         mesh = self._mesh
         while True:
             cert = mesh.identity.certificate
             await asyncio.sleep(max(0.0, self.renew_at(cert) - time.time()))
-            delay = 1.0
+            delay, expired = 1.0, False
             while mesh.identity.certificate is cert:
                 try:
                     await self.renew_now()
                 except MeshError as exc:
                     left = cert.not_after - time.time()
-                    log.warning("mesh.renewal_failed", error=exc.message, expires_in_s=round(left))
-                    wait = min(delay, max(1.0, left / 10))
-                    if isinstance(exc, ResourceExhausted) and exc.retry_after:
-                        wait = max(wait, exc.retry_after)  # the registry's per-identity limit
+                    if left <= 0 and not expired:
+                        delay, expired = 1.0, True  # the grace path: back off afresh
+                    wait = renewal_retry_in(delay, left, exc)
+                    if left > 0:
+                        log.warning(
+                            "mesh.renewal_failed",
+                            error=exc.message,
+                            expires_in_s=round(left),
+                            retry_in_s=round(wait, 1),
+                        )
+                    else:
+                        # Peers refuse this instance now (its directory record is dropped,
+                        # its requests refused): say so at error level on every attempt.
+                        log.error(
+                            "mesh.certificate_expired",
+                            serial=cert.serial,
+                            expired_for_s=round(-left),
+                            error=exc.message,
+                            retry_in_s=round(wait, 1),
+                        )
                     await asyncio.sleep(wait)
-                    delay = min(delay * 2, 60.0)
+                    delay = min(delay * 2, RENEW_BACKOFF_CAP)
 
     async def renew_now(self) -> Certificate:
         """Get a fresh certificate for this instance's keys (from the registry, or from the
@@ -511,6 +553,15 @@ class Governance:
         old = mesh.identity.certificate
         if mesh.trust_root.can_sign:
             new = mesh.trust_root.reissue(old)
+        elif time.time() >= old.not_after:
+            # Expired: ordinary requests are refused (unsealed, so they would only time out);
+            # prove possession of the key to the registry instead.
+            new = await renew_in_grace(mesh, mesh.config.timeouts.request)
+            log.warning(
+                "mesh.certificate_recovered",
+                old_serial=old.serial,
+                expired_for_s=round(time.time() - old.not_after),
+            )
         else:
             reply = await mesh.request(REGISTRY, "renew", RenewRequest(), CertificateReply)
             new = mesh.verifier.verify(reply.raw())

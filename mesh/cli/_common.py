@@ -46,9 +46,14 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
     name = "duration"
 
+    def __init__(self, allow_zero: bool = False) -> None:
+        self.allow_zero = allow_zero  # ``0s`` (and ``0``) turn a feature off
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, float):
             return value
+        if self.allow_zero and str(value).strip() in ("0", "0s"):
+            return 0.0
         try:
             return parse_duration(str(value))
         except InvalidArgument as exc:

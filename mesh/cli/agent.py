@@ -25,6 +25,8 @@ option             environment            meaning
                                           has no registry's head (development)
 ``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
 ``--log-format``   ``MESH_LOG_FORMAT``    console or json
+``--renewal-grace`` ``MESH_RENEWAL_GRACE`` the registry only: how long after expiry a
+                                          certificate may still be renewed (default 7d)
 =================  =====================  ==========================================
 
 and ``--connect-timeout`` (``MESH_CONNECT_TIMEOUT``, 10 s): the bound on reaching NATS and
@@ -91,6 +93,7 @@ from mesh.errors import (
 from ._common import (
     DURATION,
     Args,
+    Duration,
     argument,
     command,
     completion_command,
@@ -523,7 +526,9 @@ def cmd_run(args: Args) -> int:
     config = MeshConfig(
         servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
         prefix=args.prefix,
-        timeouts=Timeouts(drain=drain, connect=args.connect_timeout),
+        timeouts=Timeouts(
+            drain=drain, connect=args.connect_timeout, renewal_grace=args.renewal_grace
+        ),
         access_log=args.access_log,
         state_dir=args.identity,  # the newest signed head and policy seen, kept across restarts
         allow_no_policy=args.allow_no_policy,
@@ -615,6 +620,14 @@ def _run_options() -> list[click.Parameter]:
             type=DURATION,
             env="CONNECT_TIMEOUT",
             help="bound on reaching NATS and loading the directory and policy at start",
+        ),
+        option(
+            "--renewal-grace",
+            default="7d",
+            type=Duration(allow_zero=True),
+            env="RENEWAL_GRACE",
+            help="the registry only: how long after expiry a certificate may still be renewed "
+            "with proof of its key (0s: never; a new join token is needed)",
         ),
         option(
             "--reload/--no-reload",

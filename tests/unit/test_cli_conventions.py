@@ -66,11 +66,15 @@ def test_environment_variables_set_options_flags_included(monkeypatch: pytest.Mo
     monkeypatch.setenv("MESH_ALLOW_NO_POLICY", "0")
     monkeypatch.setenv("MESH_DRAIN_TIMEOUT", "250ms")
     monkeypatch.setenv("MESH_SERVERS", "nats://10.0.0.1:4222")
+    monkeypatch.setenv("MESH_RENEWAL_GRACE", "2d")
     ctx = run.make_context("run", ["examples.research:planner"])
     assert ctx.params["access_log"] is True
     assert ctx.params["allow_no_policy"] is False
     assert ctx.params["drain"] == 0.25
     assert ctx.params["servers"] == "nats://10.0.0.1:4222"
+    assert ctx.params["renewal_grace"] == 2 * 24 * 3600.0
+    monkeypatch.setenv("MESH_RENEWAL_GRACE", "0s")  # off: the one duration that may be 0
+    assert run.make_context("run", ["x:y"]).params["renewal_grace"] == 0.0
 
 
 def test_a_bad_duration_is_a_usage_error_naming_the_option(

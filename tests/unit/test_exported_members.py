@@ -74,6 +74,7 @@ CONTROL_PLANE = [
     "Empty",
     "EndpointPolicy",
     "EnrolmentRequest",
+    "GraceRenewal",
     "GraphEdge",
     "Head",
     "HeadKeeper",
@@ -105,6 +106,7 @@ CONTROL_PLANE = [
     "policy_text",
     "save_trust_root",
     "serve_enrolment",
+    "serve_grace_renewal",
     "verify_audit_chain",
 ]
 
