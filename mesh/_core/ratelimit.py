@@ -1,4 +1,5 @@
-"""Token buckets and the callee's rate limiter (per (caller, endpoint) and per endpoint).
+"""Token buckets and the callee's rate limiter (per (caller, endpoint), and per endpoint
+shared fairly among its callers).
 
 Pure core: no I/O, an injectable clock, no sleeps in tests.
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from mesh._core.policy import RateLimitSpec
 from mesh.errors import InvalidArgument
 
-__all__ = ["RateLimiter", "TokenBucket"]
+__all__ = ["ACTIVE_WINDOW_S", "RateLimiter", "SharedBucket", "TokenBucket"]
 
 Clock = Callable[[], float]
 
@@ -75,12 +76,140 @@ class TokenBucket:
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
 
+ACTIVE_WINDOW_S = 10.0  # a caller keeps its share this long after its last request
+MAX_SHARES = 64  # callers holding a share of one total (beyond it, the least recent leaves)
+
+
+class SharedBucket:
+    """An endpoint's ``total`` limit, shared fairly among the callers that used it in the
+    last ``ACTIVE_WINDOW_S`` seconds.
+
+    The total's tokens (``rate`` per second, at most ``burst`` held) are dealt out as they
+    accrue: each of the n active callers' shares gets ``rate / n`` and holds at most
+    ``burst / n``; what a full share cannot hold spills into a common pool, which holds what
+    the shares leave of ``burst``. A request takes from its caller's share, else from the
+    pool. So the endpoint never serves more than ``burst + rate * w`` in any ``w`` seconds
+    (every token is one of the total's), a caller is sure of ``rate / n`` (a noisy caller can
+    no longer take the quiet ones' tokens, as first come, first served let it), and what a
+    quiet caller leaves goes to the others (nothing is wasted). One caller alone gets it all.
+    The shares are exact while ``burst >= n``; with fewer tokens than callers, the pool alone
+    serves them (first come, first served).
+
+    Only authenticated requests (``wait``/``take``) make a caller active; ``check``, before
+    the seal is verified, counts nobody, so forged caller names cannot dilute the shares.
+
+    Args:
+        rate: the total's tokens per second.
+        burst: the total's capacity.
+        clock: monotonic seconds.
+    """
+
+    __slots__ = ("_clock", "_last", "_pool", "_shares", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, *, clock: Clock = time.monotonic) -> None:
+        TokenBucket(rate, burst)  # the same checks of rate and burst
+        self.rate, self.burst = float(rate), int(burst)
+        self._clock = clock
+        self._last = clock()
+        self._pool = float(burst)  # starts full, held by nobody yet
+        self._shares: OrderedDict[str, list[float]] = OrderedDict()  # caller: [tokens, seen]
+
+    def _held(self) -> float:
+        return sum(share[0] for share in self._shares.values())
+
+    def _cap_pool(self) -> None:
+        self._pool = min(self._pool, max(0.0, self.burst - self._held()))
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._last
+        if elapsed <= 0:  # a clock that steps back refills nothing
+            return
+        self._last = now
+        added = elapsed * self.rate
+        if not self._shares:
+            self._pool = min(float(self.burst), self._pool + added)
+            return
+        cap, each = self.burst / len(self._shares), added / len(self._shares)
+        for share in self._shares.values():
+            tokens = share[0] + each
+            if tokens > cap:
+                self._pool += tokens - cap
+                tokens = cap
+            share[0] = tokens
+        self._cap_pool()
+
+    def _reshare(self) -> None:
+        """After callers joined or left: shares above the new cap spill into the pool."""
+        if self._shares:
+            cap = self.burst / len(self._shares)
+            for share in self._shares.values():
+                if share[0] > cap:
+                    self._pool += share[0] - cap
+                    share[0] = cap
+        self._cap_pool()
+
+    def _update(self, caller: str | None) -> list[float] | None:
+        """Refill, drop the callers gone quiet, and (for an authenticated request) make
+        ``caller`` active; its share, if it has one."""
+        now = self._clock()
+        self._refill(now)
+        changed = False
+        while self._shares:
+            _, (tokens, seen) = next(iter(self._shares.items()))
+            if now - seen <= ACTIVE_WINDOW_S and len(self._shares) <= MAX_SHARES:
+                break
+            self._shares.popitem(last=False)
+            self._pool += tokens  # what it held goes back to everyone
+            changed = True
+        share = self._shares.get(caller) if caller is not None else None
+        if caller is not None:
+            if share is None:
+                share = [0.0, now]  # a newcomer holds nothing yet: the pool serves it first
+                changed = True
+            share[1] = now
+            self._shares[caller] = share
+            self._shares.move_to_end(caller)
+        if changed:
+            self._reshare()
+        return share
+
+    def _wait(self, share: list[float] | None) -> float:
+        if self._pool >= 1.0 or (share is not None and share[0] >= 1.0):
+            return 0.0
+        n = max(1, len(self._shares))
+        if share is not None and self.burst / n >= 1.0:
+            return (1.0 - share[0]) * n / self.rate  # until its own share has a token
+        return (1.0 - self._pool) / self.rate
+
+    def check(self, caller: str) -> float:
+        """Seconds until ``caller`` could take a token (0.0: now); counts nobody as active.
+        A caller not active yet is never refused here: its first authenticated request
+        decides (else a newcomer could never get a share while the pool is empty)."""
+        self._update(None)
+        share = self._shares.get(caller)
+        return 0.0 if share is None else self._wait(share)
+
+    def wait(self, caller: str) -> float:
+        """Like ``check``, for an authenticated request: ``caller`` counts as active."""
+        return self._wait(self._update(caller))
+
+    def take(self, caller: str) -> None:
+        """Take a token for ``caller`` after ``wait`` returned 0.0: from its share if it has
+        one, else from the pool."""
+        share = self._update(caller)
+        if share is not None and share[0] >= 1.0:
+            share[0] -= 1.0
+        elif self._pool >= 1.0:
+            self._pool -= 1.0
+
+
 BucketKey = tuple[str, str, str, str]
 
 
 class RateLimiter:
     """The callee's token buckets: one per (caller, agent, endpoint) for ``per_caller`` and one
-    per (agent, endpoint) for ``total``, made on first use and bounded in number (the least
+    per (agent, endpoint) for ``total`` (a ``SharedBucket``: fair among callers), made on first
+    use and bounded in number (the least
     recently used bucket is dropped first; a dropped bucket comes back full).
 
     Two steps, on purpose. The callee calls ``check`` before decrypting a request (a cheap
@@ -103,7 +232,7 @@ class RateLimiter:
             raise InvalidArgument(f"max_buckets must be >= 2, got {max_buckets!r}")
         self._clock = clock
         self._max = max_buckets
-        self._buckets: OrderedDict[BucketKey, TokenBucket] = OrderedDict()
+        self._buckets: OrderedDict[BucketKey, TokenBucket | SharedBucket] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -118,7 +247,9 @@ class RateLimiter:
             out.append((("total", "", agent, endpoint), limit.total, limit.total_capacity))
         return out
 
-    def _existing(self, key: BucketKey, rate: float, burst: int) -> TokenBucket | None:
+    def _existing(
+        self, key: BucketKey, rate: float, burst: int
+    ) -> TokenBucket | SharedBucket | None:
         """The live bucket for ``key`` if it has these settings (``None``: missing or stale,
         which means it would start full)."""
         bucket = self._buckets.get(key)
@@ -140,7 +271,9 @@ class RateLimiter:
         wait = 0.0
         for key, rate, burst in self._keys(caller, agent, endpoint, limit):
             bucket = self._existing(key, rate, burst)
-            if bucket is not None:
+            if isinstance(bucket, SharedBucket):
+                wait = max(wait, bucket.check(caller))
+            elif bucket is not None:
                 wait = max(wait, bucket.retry_after())
         return wait if wait > 0 else None
 
@@ -155,20 +288,27 @@ class RateLimiter:
         """
         if limit is None:
             return None
-        buckets: list[TokenBucket] = []
+        buckets: list[TokenBucket | SharedBucket] = []
         wait = 0.0
         for key, rate, burst in self._keys(caller, agent, endpoint, limit):
             bucket = self._existing(key, rate, burst)
             if bucket is None:
-                bucket = TokenBucket(rate, burst, clock=self._clock)
+                shared = key[0] == "total"
+                bucket = (SharedBucket if shared else TokenBucket)(rate, burst, clock=self._clock)
                 self._buckets[key] = bucket
                 while len(self._buckets) > self._max:
                     self._buckets.popitem(last=False)
             self._buckets.move_to_end(key)
             buckets.append(bucket)
-            wait = max(wait, bucket.retry_after())
+            if isinstance(bucket, SharedBucket):
+                wait = max(wait, bucket.wait(caller))
+            else:
+                wait = max(wait, bucket.retry_after())
         if wait > 0:
             return wait
         for bucket in buckets:
-            bucket.try_take()
+            if isinstance(bucket, SharedBucket):
+                bucket.take(caller)
+            else:
+                bucket.try_take()
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh._core.policy import RateLimitSpec
-from mesh._core.ratelimit import RateLimiter, TokenBucket
+from mesh._core.ratelimit import ACTIVE_WINDOW_S, RateLimiter, TokenBucket
 from mesh.errors import InvalidArgument
 from mesh.testing import FakeClock
 
@@ -113,8 +114,11 @@ class TestRateLimiter:
         limit = spec(per_caller="10/s", total="3/s")
 
         assert [rl.take(c, "x", "e", limit) for c in "abc"] == [None, None, None]
-        assert rl.check("d", "x", "e", limit) == pytest.approx(1 / 3)
+        # d has no share yet: the peek before decryption lets it through (a newcomer refused
+        # there would never get a share); its authenticated take is refused.
+        assert rl.check("d", "x", "e", limit) is None
         assert rl.take("d", "x", "e", limit) == pytest.approx(1 / 3)
+        assert rl.check("d", "x", "e", limit) == pytest.approx(1 / 3)  # now it is active
         assert rl.take("a", "x", "other", limit) is None  # another endpoint has its own total
 
     def test_take_takes_from_both_or_neither(self) -> None:
@@ -136,7 +140,8 @@ class TestRateLimiter:
 
         assert rl.take("a", "x", "e", limit) is None
         assert rl.check("a", "x", "e", limit) == pytest.approx(1.0)
-        assert rl.check("b", "x", "e", limit) == pytest.approx(0.25)
+        assert rl.check("b", "x", "e", limit) is None  # not active yet: its take decides
+        assert rl.take("b", "x", "e", limit) == pytest.approx(0.25)
 
     def test_limit_change_recreates_the_bucket(self) -> None:
         clock = FakeClock()
@@ -199,3 +204,103 @@ def test_takes_never_exceed_burst_plus_rate_times_window(
         for j in range(i, len(taken)):
             count = j - i + 1
             assert count <= burst + rate * (taken[j] - taken[i]) + 1e-6
+
+
+def simulate(
+    rates: dict[str, float], limit: RateLimitSpec, seconds: float = 30.0
+) -> dict[str, tuple[int, int, float]]:
+    """Callers sending at random (Poisson, seeded) at ``rates`` (requests per second) for
+    ``seconds`` against one endpoint: per caller, (sent, served, when it was last refused)."""
+    clock = FakeClock(0.0)
+    rl = RateLimiter(clock=clock)
+    rng = random.Random(7)
+    arrivals: list[tuple[float, str]] = []
+    for caller, rate in rates.items():
+        at = rng.expovariate(rate)
+        while at < seconds:
+            arrivals.append((at, caller))
+            at += rng.expovariate(rate)
+    arrivals.sort()
+    result = {caller: [0, 0, 0.0] for caller in rates}
+    for at, caller in arrivals:
+        clock.now = at
+        result[caller][0] += 1
+        if rl.take(caller, "x", "e", limit) is None:
+            result[caller][1] += 1
+        else:
+            result[caller][2] = at
+    return {caller: (int(a), int(b), c) for caller, (a, b, c) in result.items()}
+
+
+class TestSharedTotal:
+    """The total is shared max-min fairly among active callers, never exceeded, never wasted."""
+
+    def test_a_quiet_caller_keeps_its_calls_while_a_noisy_one_floods(self) -> None:
+        """10/s shared; a noisy caller at 100/s and a quiet one at 2/s (within its fair share
+        of 5/s): once its share has built up (a newcomer holds nothing; the noisy caller had
+        taken the pool) the quiet one is served every time (first come, first served served 6
+        of these 73), the noisy one gets the rest of the 10/s, and the total holds."""
+        got = simulate({"noisy": 100.0, "quiet": 2.0}, spec(total="10/s"))
+        sent, served, last_refused = got["quiet"]
+        assert sent > 40 and served >= sent - 3 and last_refused < 2.0, got
+        noisy = got["noisy"][1]
+        assert noisy >= 30 * 10 - served - 15, got  # what the quiet caller leaves is used
+        assert noisy + served <= 30 * 10 + 10, got  # burst + rate * window
+
+    def test_two_noisy_callers_split_the_total_evenly(self) -> None:
+        got = simulate({"a": 50.0, "b": 200.0}, spec(total="10/s"))
+        served = {caller: served for caller, (_, served, _) in got.items()}
+        assert abs(served["a"] - served["b"]) <= 15, served
+        assert sum(served.values()) <= 30 * 10 + 10
+
+    def test_one_caller_alone_gets_the_whole_total(self) -> None:
+        assert simulate({"a": 40.0}, spec(total="10/s"))["a"][1] >= 30 * 10
+
+    def test_a_caller_that_went_quiet_gives_its_share_back(self) -> None:
+        """After ACTIVE_WINDOW_S without a request a caller no longer holds a share."""
+        clock = FakeClock(0.0)
+        rl = RateLimiter(clock=clock)
+        limit = spec(total="4/s", total_burst=4)
+        assert rl.take("gone", "x", "e", limit) is None
+        clock.advance(ACTIVE_WINDOW_S + 1)
+        assert [rl.take("a", "x", "e", limit) for _ in range(4)] == [None] * 4
+
+    def test_peeking_registers_no_caller(self) -> None:
+        """check() (before the seal is verified) cannot make a forged caller name dilute the
+        shares: only take() counts a caller as active."""
+        clock = FakeClock(0.0)
+        rl = RateLimiter(clock=clock)
+        limit = spec(total="4/s", total_burst=4)
+        for n in range(50):
+            rl.check(f"forged-{n}", "x", "e", limit)
+        assert [rl.take("a", "x", "e", limit) for _ in range(4)] == [None] * 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.sampled_from([0.5, 1.0, 3.0, 10.0, 250.0]),
+    burst=st.integers(1, 8),
+    steps=st.lists(
+        st.tuples(st.floats(0.0, 2.0, allow_nan=False), st.sampled_from("abcd"), st.booleans()),
+        min_size=1,
+        max_size=80,
+    ),
+)
+def test_a_shared_total_never_exceeds_burst_plus_rate_times_window(
+    rate: float, burst: int, steps: list[tuple[float, str, bool]]
+) -> None:
+    """However callers come and go (check() or take(), any order and times), the total's
+    takes in any window [t_i, t_j] stay within burst + rate * (t_j - t_i)."""
+    clock = FakeClock(0.0)
+    rl = RateLimiter(clock=clock)
+    limit = spec(total=rate, total_burst=burst)
+    taken: list[float] = []
+    for dt, caller, peek_first in steps:
+        clock.advance(dt)
+        if peek_first:
+            rl.check(caller, "x", "e", limit)
+        if rl.take(caller, "x", "e", limit) is None:
+            taken.append(clock.now)
+    for i in range(len(taken)):
+        for j in range(i, len(taken)):
+            assert j - i + 1 <= burst + rate * (taken[j] - taken[i]) + 1e-6
