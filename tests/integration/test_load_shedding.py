@@ -114,3 +114,61 @@ async def test_max_queue_zero_serves_only_free_slots(nats_server: NatsServer, tr
         results = await asyncio.gather(*(_timed(alice, i) for i in range(3)))
         assert sum(isinstance(r, Job) for _t, r in results) == 1
         assert sum(isinstance(r, mesh.ResourceExhausted) for _t, r in results) == 2
+
+
+RATE_POLICY = """
+apiVersion: mesh/v1
+kind: Policy
+metadata: {name: shared-total}
+spec:
+  defaults: {authorization: allow}
+  endpoints:
+    worker.fast: {rate_limit: {total: 20/s}}
+"""
+
+
+async def test_a_shared_total_keeps_a_quiet_callers_calls_while_another_floods(
+    nats_server: NatsServer, trust: Trust
+) -> None:
+    """20/s shared: a noisy caller sends ~150/s for 3 s, a quiet one 4/s (within its fair
+    share of 10/s): every quiet call after its first second is served, the noisy caller gets
+    the rest, and the endpoint never serves more than the total allows."""
+    cfg = test_config([nats_server.url], retry=mesh.RetryPolicy(attempts=1))
+    agent = mesh.Agent("worker")
+    served_at: list[float] = []
+
+    @agent.endpoint()
+    async def fast(job: Job) -> Job:
+        served_at.append(time.monotonic())
+        return job
+
+    async def call(caller: mesh.Mesh, n: int) -> tuple[float, bool]:
+        start = time.monotonic()
+        try:
+            await caller.request("worker", "fast", Job(n=n), Job, timeout=5)
+            return start, True
+        except mesh.ResourceExhausted:
+            return start, False
+
+    async def send(caller: mesh.Mesh, rate: float, seconds: float) -> list[tuple[float, bool]]:
+        tasks = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            tasks.append(asyncio.create_task(call(caller, len(tasks))))
+            await asyncio.sleep(1 / rate)
+        return list(await asyncio.gather(*tasks))
+
+    async with (
+        mesh.Mesh(trust.identity("worker"), cfg, agent=agent) as worker,
+        mesh.Mesh(trust.identity("noisy"), cfg) as noisy,
+        mesh.Mesh(trust.identity("quiet"), cfg) as quiet,
+    ):
+        worker.governance.engine = PolicyEngine(mesh.parse_policy(RATE_POLICY), revision=1)
+        await noisy.wait_for("worker")
+        await quiet.wait_for("worker")
+        began = time.monotonic()
+        loud, calm = await asyncio.gather(send(noisy, 150, 3.0), send(quiet, 4, 3.0))
+    late = [ok for start, ok in calm if start - began > 1.0]
+    assert late and all(late), calm
+    assert sum(ok for _, ok in loud) >= 20, "the noisy caller gets what the quiet one leaves"
+    assert len(served_at) <= 20 + 20 * (served_at[-1] - served_at[0]) + 1
