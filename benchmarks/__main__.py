@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write(data: dict[str, Any], out: Path, json_path: Path | None) -> None:
     from .report import render_chart, render_markdown, write_json
+    from .sections import keep
 
     if json_path is not None:
         write_json(json_path, data)
@@ -68,7 +69,8 @@ def _write(data: dict[str, Any], out: Path, json_path: Path | None) -> None:
     chart = out.with_suffix(".png")
     render_chart(data, chart)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(data, chart.name))
+    page = render_markdown(data, chart.name)
+    out.write_text(keep(out.read_text(), page) if out.exists() else page)
     print(f"wrote {out} and {chart}", file=sys.stderr)
 
 
