@@ -28,6 +28,9 @@ class Timeouts:
         renewal_grace: read by the registry: how long after its expiry a certificate may
             still be renewed, with proof of its private key (``docs/protocol.md`` section
             29). Past it the agent needs a new join token. ``0`` turns the grace path off.
+        claim_window: how long an idempotency claim (``MeshConfig.claims``) is kept: a keyed
+            call repeated within it is answered with the first execution's outcome, on any
+            instance. The max age of the claims bucket; read when the bucket is created.
     """
 
     request: float = 10.0
@@ -38,6 +41,7 @@ class Timeouts:
     head_refresh: float = 15.0
     head_ttl: float = 120.0
     renewal_grace: float = 7 * 24 * 3600.0
+    claim_window: float = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,12 @@ class MeshConfig:
             run``, how agents are deployed, turns it off unless ``--allow-no-policy``. Off, an
             agent waits for the registry's head and refuses to start without one (fail
             closed). Either way an agent whose ``state_dir`` holds a head never starts on less.
+        claims: make keyed calls to non-idempotent endpoints run at most once across all
+            instances of the callee: a signed claim per (caller, endpoint, key) in the
+            replicated bucket ``<prefix>-claims``, written before the handler runs and
+            updated with its sealed outcome (``docs/protocol.md`` section 17). Costs two
+            JetStream writes per keyed non-idempotent call; ``False`` keeps only the
+            per-instance reply cache.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -130,6 +140,7 @@ class MeshConfig:
     state_dir: str | None = None
     allow_no_policy: bool = True
     replicas: int | None = None
+    claims: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)
@@ -137,6 +148,8 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         validate_name("subject prefix", self.prefix)
+        if self.timeouts.claim_window <= 0:
+            raise InvalidArgument("Timeouts.claim_window must be positive")
         if self.timeouts.renewal_grace < 0:
             raise InvalidArgument("Timeouts.renewal_grace must not be negative")
         if not self.servers:

@@ -6,14 +6,17 @@ and every subject and JetStream store name the mesh uses is built by a function 
 
     <prefix>.rpc.<agent>.<instance>.<endpoint>    requests to one instance
     <prefix>.evt.<agent>.<topic>                  signed events of an agent
+    <prefix>.beat.<agent>.<instance>              signed heartbeats of one instance
     <prefix>.ctl.registry.<instance>.enrol        enrolment at one registry instance
     <prefix>.ctl.registry.<instance>.renew        grace renewal of an expired certificate
     <prefix>.audit                                the audit stream's subject
     <prefix>-directory, <prefix>-<store>, <prefix>-audit   JetStream stores
+    <prefix>-claims, key <agent>.<caller>.<endpoint>.<hash of the idempotency key>
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from mesh.errors import InvalidArgument
@@ -22,6 +25,10 @@ __all__ = [
     "RESERVED_INSTANCES",
     "audit_stream",
     "audit_subject",
+    "beat_listen_subject",
+    "beat_subject",
+    "claim_key",
+    "claims_bucket",
     "directory_bucket",
     "enrol_subject",
     "event_subject",
@@ -73,6 +80,16 @@ def event_subject(prefix: str, agent: str, topic: str) -> str:
     return f"{prefix}.evt.{agent}.{topic}"
 
 
+def beat_subject(prefix: str, agent: str, instance: str) -> str:
+    """The subject of one instance's signed heartbeats (beats)."""
+    return f"{prefix}.beat.{agent}.{instance}"
+
+
+def beat_listen_subject(prefix: str) -> str:
+    """The subscription of a caller for every instance's beats."""
+    return f"{prefix}.beat.*.*"
+
+
 def enrol_subject(prefix: str, instance: str) -> str:
     """The subject on which one registry instance takes enrolments."""
     return f"{prefix}.ctl.registry.{instance}.enrol"
@@ -101,3 +118,15 @@ def audit_stream(prefix: str) -> str:
 def audit_subject(prefix: str) -> str:
     """The subject the audit stream captures."""
     return f"{prefix}.audit"
+
+
+def claims_bucket(prefix: str) -> str:
+    """The JetStream key-value bucket of idempotency claims."""
+    return f"{prefix}-claims"
+
+
+def claim_key(agent: str, caller: str, endpoint: str, idempotency_key: str) -> str:
+    """The claim of one keyed call: the idempotency key (any 1-256 characters) as the hex of
+    its BLAKE2b-128, so that it is a valid key-value token."""
+    digest = hashlib.blake2b(idempotency_key.encode(), digest_size=16).hexdigest()
+    return f"{agent}.{caller}.{endpoint}.{digest}"

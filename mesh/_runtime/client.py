@@ -11,7 +11,9 @@ A ``Call`` carries everything one call needs; the stages run in this order::
     pick       one live instance serving the endpoint (power of two choices), or the pinned one
     transmit   encode the header, seal, send to the instance's subject, await the sealed reply
                on the inbox (``mesh._runtime.replies`` opens it); on "no responders", send the
-               same frame to the same instance again until the signed directory says it is gone
+               same frame to the same instance again until the signed directory says it is gone;
+               when the connection to NATS was lost meanwhile, a call safe to retry makes a
+               fresh attempt and any other sends its frame again (the callee drops a copy)
 
 ``attempt_stages`` (today ``retry``) are ``async (next, call)`` and call ``next(call)`` to go on,
 so a stage acts before and after the rest of the chain; the chain ends in ``attempt`` (``pick``
@@ -46,7 +48,7 @@ from mesh._core.signals import EdgeKey, EdgeStats
 from mesh._runtime.directory import Directory
 from mesh._runtime.governance import Governance
 from mesh._runtime.ports import MeshStats, Observer, Span
-from mesh._runtime.replies import Inbox, InstanceDown, NotDelivered, Pending
+from mesh._runtime.replies import LOST, Inbox, InstanceDown, NotDelivered, Pending
 from mesh._transport.base import Transport
 from mesh.errors import (
     DeadlineExceeded,
@@ -56,6 +58,7 @@ from mesh.errors import (
     MessageTooLarge,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 
 __all__ = ["MAX_IDEMPOTENCY_KEY", "Call", "ClientPipeline"]
@@ -162,6 +165,7 @@ class ClientPipeline:
         self._backoff = Backoff(retry.backoff_base, retry.backoff_cap)
         self._resend_base, self._resend_cap = retry.backoff_base, retry.backoff_cap
         self._suspect_for = config.directory.ttl * 2
+        self._suspects: dict[str, float] = {}  # instances penalized after "no responders": since
         self.budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, retry.budget_ttl)
         self.picker: LeastLoadedPicker[str] = LeastLoadedPicker()
         self._max_body = config.limits.max_body
@@ -435,39 +439,80 @@ class ClientPipeline:
             await self._transport.publish(subject, frame, reply=reply, headers=headers)
             payload = None if pending.signalled else await pending.fut
             if payload is None:
-                payload = await self._resend(pending, subject, frame, reply, headers)
+                payload = await self._resend(call, token, pending, subject, frame, reply, headers)
             return payload
         finally:
             self._inbox.remove(token, timer)
             self.picker.release(picker_key)
 
+    def heard(self, key: str, ts: float) -> None:
+        """Fresh signed evidence of life from an instance (a record or beat the directory
+        accepted): a "no responders" penalty older than its signature is lifted, so an instance
+        that was merely resubscribing (a broker restart) takes calls again at once."""
+        since = self._suspects.get(key)
+        if since is not None and ts > since:
+            del self._suspects[key]
+            self.picker.penalize(key, 0.0)
+
+    def _suspect(self, key: str) -> None:
+        self._suspects[key] = time.time()
+        self.picker.penalize(key, self._suspect_for)
+        if len(self._suspects) > 1024:  # forget the oldest: a penalty only steers new calls
+            del self._suspects[next(iter(self._suspects))]
+
     async def _resend(
-        self, pending: Pending, subject: str, frame: bytes, reply: str, headers: dict[str, str]
+        self,
+        call: Call,
+        token: str,
+        pending: Pending,
+        subject: str,
+        frame: bytes,
+        reply: str,
+        headers: dict[str, str],
     ) -> bytes:
-        """After "no responders": the same frame to the same instance, until a reply, the
-        attempt's timer, or signed evidence that the instance is gone.
+        """After "no responders", or a lost connection: the same frame to the same instance,
+        until a reply, the attempt's timer, or signed evidence that the instance is gone.
 
         The status is unauthenticated and the request may have been delivered, so the attempt
         neither fails nor moves on it. The same frame (same id) is safe to send again: the
         callee's seen-cache refuses a copy it already has. New calls prefer other instances
-        for twice the directory ttl meanwhile (a penalty, never an exclusion).
+        for twice the directory ttl meanwhile (a penalty, never an exclusion), until a signed
+        record or beat newer than the status arrives.
+
+        When this connection dropped while the attempt waited (``LOST``), the request or its
+        reply may be gone; a call that may be retried (idempotent, or keyed) fails the attempt
+        with ``Unavailable`` so that the retry stage sends a fresh one (a keyed call stays on
+        its instance, whose reply cache answers a duplicate); any other call sends its frame
+        again. When the instance's beat says it reconnected (``MOVED``), the frame is sent
+        again at once.
 
         Raises:
             InstanceDown: the directory says the instance is gone (draining, or no signed
                 heartbeat for ``ttl``): the request never ran there if the status was genuine.
+            Unavailable: the connection was lost while a retryable call waited.
             MeshError: the attempt's timer fired (with the hints received) or the reply's error.
         """
         record = pending.record
         directory = self.directory
         assert directory is not None
-        self.picker.penalize(record.key, self._suspect_for)
+        woken = self._inbox.woken
+        suspected = False
         delay = self._resend_base
         while True:
             fut = pending.fut
             if pending.signalled and not fut.done():
-                if not directory.is_gone(record.key):  # gone: a drain, fail over at once
-                    await asyncio.wait((fut,), timeout=delay)
-                    delay = min(delay * 2, self._resend_cap)
+                reason = woken.pop(token, None)
+                if reason == LOST and (call.idempotent or call.idempotency_key is not None):
+                    raise Unavailable(
+                        f"the connection to NATS was lost while waiting for {record.key}"
+                    )
+                if reason is None:  # "no responders"
+                    if not suspected:
+                        self._suspect(record.key)
+                        suspected = True
+                    if not directory.is_gone(record.key):  # gone: a drain, fail over at once
+                        await asyncio.wait((fut,), timeout=delay)
+                        delay = min(delay * 2, self._resend_cap)
                 if not fut.done():
                     if directory.is_gone(record.key):
                         raise InstanceDown(

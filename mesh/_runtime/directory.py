@@ -1,9 +1,14 @@
 """The directory: signed instance records in a JetStream KV bucket, and a verified local view.
 
-Each serving instance writes ``<agent>.<instance>`` -> signed record, refreshed every heartbeat.
-Callers watch the bucket, verify every record (certificate against the trust root, signature
-against the certificate), and treat a record whose heartbeat is older than the TTL as a dead
-instance. A forged, malformed, stale or replayed record is dropped and counted, never used.
+Each serving instance writes ``<agent>.<instance>`` -> signed record, refreshed every heartbeat,
+and publishes a signed beat on core NATS at the same pace. Callers watch the bucket, verify
+every record (certificate against the trust root, signature against the certificate) and every
+beat (against the certificate of the record held), and treat an instance with neither for the
+TTL as dead. A forged, malformed, stale or replayed record or beat is dropped and counted.
+
+The view survives a broken watch: records are kept while it is re-created, beats keep their
+instances alive meanwhile, a watch that falls silent while beats still arrive is re-created,
+and time spent disconnected from NATS (when nothing can be heard) is not held against anyone.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
+from mesh._core.beats import decode_beat
 from mesh._core.config import Timeouts
 from mesh._core.identity import CertificateVerifier
 from mesh._core.records import STATE_SERVING, InstanceRecord, decode_record
 from mesh._log import get_logger
 from mesh._runtime.concurrency import cancel_and_wait
-from mesh._transport.base import KeyValueBucket, Transport
-from mesh.errors import MeshError, Unavailable
+from mesh._transport.base import InboundMessage, KeyValueBucket, Transport
+from mesh.errors import DecodeError, MeshError, Unauthenticated, Unavailable
 
 __all__ = ["Directory", "DirectoryBucket"]
 
@@ -111,6 +117,11 @@ class Directory:
     evidence that it is gone: ``is_gone`` trusts only a signed ``draining`` record or the
     absence of signed heartbeats for ``ttl``.
 
+    Signed beats (``on_beat``) raise the liveness of an instance whose record is held, under
+    the same rules (future, age, a floor of their own). While the transport is disconnected
+    (``deaf``) liveness is judged as of the moment it was lost; on ``hear`` the instances alive
+    then get the time spent deaf back, so nobody is swept for the broker's outage.
+
     Args:
         open_watch: returns a fresh watch over the bucket (re-created after reconnects).
         verifier: checks certificates.
@@ -124,6 +135,11 @@ class Directory:
             already known are kept meanwhile.
         max_floors: how many instances' last timestamps are remembered; past it the oldest
             is folded into one floor for every instance.
+        on_heard: called with ``(key, ts)`` for every record or beat accepted (fresh signed
+            evidence of life, e.g. to lift a "no responders" penalty).
+        on_reconnected: called with the record of an instance whose beat says its connection
+            was re-established (its epoch changed): what was sent to it before may be lost.
+        prefix: the mesh's subject prefix: a beat signed for another mesh is refused.
     """
 
     def __init__(
@@ -137,15 +153,27 @@ class Directory:
         max_skew: float = _MAX_SKEW,
         bucket: DirectoryBucket | None = None,
         max_floors: int = 65_536,
+        on_heard: Callable[[str, float], None] | None = None,
+        on_reconnected: Callable[[InstanceRecord], None] | None = None,
+        prefix: str = "mesh",
     ) -> None:
+        self._prefix = prefix
         self._open_watch = open_watch
         self._bucket = bucket
         self._heard = time.monotonic()  # when the watch last yielded anything
+        self._beat_heard = 0.0  # when a beat was last accepted (monotonic)
+        self._on_heard = on_heard
+        self._on_reconnected = on_reconnected
+        self._beat_floors: dict[str, float] = {}  # the ts of the last beat accepted per key
+        self._ups: dict[str, int] = {}  # the connection epoch of the last beat per key
+        self._deaf_since: float | None = None
+        self.watch_restarts: Counter[str] = Counter()  # re-created watches, by cause
         self._watched = 0  # the bucket generation the watch runs over
         self._verifier = verifier
         self._ttl = ttl
         self._on_dead = on_dead
         self._clock = clock
+        self._live = clock  # liveness is judged by this clock: frozen while deaf
         self._max_skew = max_skew
         self._last: dict[str, InstanceRecord] = {}  # last signed record of every known instance
         self._seen: dict[str, float] = {}  # when it was last heard from (capped by its ts)
@@ -171,38 +199,76 @@ class Directory:
         """
         self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
         self._sweeper = asyncio.create_task(self._sweep(), name="mesh-directory-sweep")
-        if self._bucket is not None:
-            self._guard = asyncio.create_task(self._guard_bucket(), name="mesh-directory-guard")
+        self._guard = asyncio.create_task(self._guard_watch(), name="mesh-directory-guard")
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             raise Unavailable("directory did not load in time (is JetStream enabled?)") from None
 
-    def restart_watch(self) -> None:
-        """Re-create the watch (after a reconnect: the old consumer may be gone)."""
+    def restart_watch(self, cause: str = "reconnect") -> None:
+        """Re-create the watch (after a reconnect: the old consumer may be gone). The records
+        held are kept: the new watch delivers them again, and they are ignored as already held.
+        """
+        self.watch_restarts[cause] += 1
         if self._task is not None:
             self._task.cancel()
+        self._heard = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
 
     async def close(self) -> None:
         await cancel_and_wait((self._task, self._sweeper, self._guard))
 
-    async def _guard_bucket(self) -> None:
-        """Re-create the bucket and the watch if the bucket was deleted (a deleted bucket
-        ends no watch: it just falls silent)."""
-        assert self._bucket is not None
+    def deaf(self) -> None:
+        """The transport lost its connection: nothing can be heard until ``hear``, so
+        liveness is judged as of now until then (no instance is swept for the outage)."""
+        if self._deaf_since is None:
+            since = self._deaf_since = self._clock()
+            self._live = lambda: since
+
+    def hear(self) -> None:
+        """The connection is back: the instances alive when it was lost get the time spent
+        deaf added to their last evidence (never past now), then the clock runs again.
+
+        A broker that cuts the connection can thus keep a dead instance listed for at most
+        ``ttl`` after each reconnect; it could as well drop every message sent to it.
+        """
+        since = self._deaf_since
+        if since is None:
+            return
+        self._deaf_since = None
+        now = self._clock()
+        credit, horizon = max(0.0, now - since), since - self._ttl
+        seen = self._seen
+        for key, heard in seen.items():
+            if heard >= horizon:
+                seen[key] = min(heard + credit, now)
+        self._live = self._clock
+
+    async def _guard_watch(self) -> None:
+        """Re-create the watch when it has been silent for ``ttl / 3``, checked every
+        ``ttl / 6``: at once if beats still arrive meanwhile (every serving instance also puts
+        its record every heartbeat, so a working watch cannot be silent then), and if the
+        bucket was deleted or replaced (a deleted bucket ends no watch: it falls silent). The
+        beats are looked at first: asking JetStream about the bucket can take its whole
+        timeout while a stream leader is being elected."""
         quiet = self._ttl / 3
         while True:
-            await asyncio.sleep(quiet)
-            if time.monotonic() - self._heard < quiet:
-                continue
-            try:
-                await self._bucket.recover()
-            except MeshError:
-                continue  # JetStream unreachable: the reconnect restarts the watch
-            if self._bucket.generation != self._watched:  # replaced, by us or by a writer
-                self.restart_watch()
-            self._heard = time.monotonic()
+            await asyncio.sleep(quiet / 2)
+            now = time.monotonic()
+            if now - self._heard < quiet or self._deaf_since is not None:
+                continue  # a reconnect restarts the watch anyway
+            if now - self._beat_heard < quiet:
+                log.info("mesh.directory_watch_stalled", silent_s=round(now - self._heard, 2))
+                self.restart_watch("stalled")
+            else:
+                self._heard = now  # nobody beats: a quiet watch may be a quiet mesh
+            if self._bucket is not None:
+                try:
+                    await self._bucket.recover()
+                except MeshError:
+                    continue  # JetStream unreachable: the watch retries on its own
+                if self._bucket.generation != self._watched:  # replaced, by anyone
+                    self.restart_watch("bucket")
 
     async def _run(self) -> None:
         bucket = self._bucket
@@ -221,6 +287,8 @@ class Directory:
                 raise
             except MeshError:
                 pass  # transport unavailable; try again below
+            except Exception as exc:  # the watch must outlive anything the client raises
+                log.warning("mesh.directory_watch_failed", error_type=type(exc).__name__)
             await asyncio.sleep(0.5)
 
     def _apply(self, key: str, raw: bytes | None) -> None:
@@ -255,6 +323,65 @@ class Directory:
         self._raise_floor(key, ts, now)
         self._listed[key] = record
         self._reindex(record.agent)
+        if self._on_heard is not None:
+            self._on_heard(key, ts)
+
+    async def on_beat(self, msg: InboundMessage) -> None:
+        """A signed beat arrived (subscription handler; ``accept_beat`` does the work)."""
+        self.accept_beat(msg.data)
+
+    def accept_beat(self, raw: bytes) -> bool:
+        """Take a beat as evidence of life if it verifies with the certificate of the record
+        held for its instance and is newer than the last beat accepted for it; return whether
+        it was taken. A beat of an instance with no record held is ignored: it cannot be
+        verified, and a beat carries nothing to call the instance with."""
+        try:
+            beat = decode_beat(raw)
+        except DecodeError:
+            self.refused["beat_invalid"] += 1
+            return False
+        if beat.prefix != self._prefix:
+            self.refused["beat_misfiled"] += 1  # copied from another mesh on the same broker
+            return False
+        key = beat.key
+        record = self._last.get(key)
+        if record is None:
+            return False
+        if beat.up == self._ups.get(key) and self._live() - self._seen[key] < self._ttl / 3:
+            return False  # heard from moments ago, same epoch: no news, no signature to check
+        now, ts, skew = self._clock(), beat.ts, self._max_skew
+        if ts > now + skew:
+            self.refused["beat_future"] += 1
+            return False
+        if ts + self._ttl + skew < now:
+            self.refused["beat_stale"] += 1
+            return False
+        if ts <= self._beat_floors.get(key, 0.0):
+            self.refused["beat_replayed"] += 1
+            return False
+        if ts <= self._floors.get(key, self._floor_all):
+            return False  # older than the record held (sent just before it): nothing new
+        cert = record.certificate
+        if cert.serial in self._verifier.revoked or cert.not_after < now:
+            self.refused["beat_revoked"] += 1
+            return False
+        try:
+            beat.verify(cert.sign_pk)
+        except Unauthenticated:
+            self.refused["beat_forged"] += 1
+            return False
+        self._beat_floors[key] = ts
+        heard = min(now, ts + skew)
+        if heard > self._seen[key]:
+            self._seen[key] = heard
+        self._beat_heard = time.monotonic()
+        old = self._ups.get(key)
+        self._ups[key] = beat.up
+        if old is not None and old != beat.up and self._on_reconnected is not None:
+            self._on_reconnected(record)
+        if self._on_heard is not None:
+            self._on_heard(key, ts)
+        return True
 
     def _raise_floor(self, key: str, ts: float, now: float) -> None:
         floors = self._floors
@@ -271,6 +398,9 @@ class Directory:
         horizon = now - self._ttl - self._max_skew
         for key in [k for k, ts in self._floors.items() if ts < horizon]:
             del self._floors[key]
+        beats = self._beat_floors
+        for key in [k for k, ts in beats.items() if ts < horizon]:
+            del beats[key]
 
     def _reindex(self, agent: str) -> None:
         self._by_agent[agent] = [r for r in self._listed.values() if r.agent == agent]
@@ -278,12 +408,13 @@ class Directory:
         self._changed = asyncio.Event()
 
     def _sweep_once(self) -> None:
-        now = self._clock()
-        self._prune_floors(now)
+        self._prune_floors(self._clock())
+        now = self._live()
         for key, seen in list(self._seen.items()):
             if seen + self._ttl < now:
                 record = self._last.pop(key)
                 del self._seen[key]
+                self._ups.pop(key, None)
                 self._listed.pop(key, None)
                 self._reindex(record.agent)
                 if self._on_dead is not None and record.state == STATE_SERVING:
@@ -304,7 +435,7 @@ class Directory:
         record = self._last.get(key)
         if record is None or record.state != STATE_SERVING:
             return True
-        return self._seen[key] + self._ttl < self._clock()
+        return self._seen[key] + self._ttl < self._live()
 
     async def wait_gone(self, key: str, timeout: float) -> bool:
         """Wait up to ``timeout`` for ``is_gone(key)``; return whether it became true."""
@@ -320,7 +451,7 @@ class Directory:
 
     def instances(self, agent: str) -> list[InstanceRecord]:
         """Live, serving instances of ``agent``."""
-        now = self._clock()
+        now = self._live()
         out = []
         for r in self._by_agent.get(agent, ()):
             key = r.key

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections import Counter
@@ -31,7 +32,13 @@ from mesh._core.config import MeshConfig
 from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys
 from mesh._core.head import Head
 from mesh._core.identity import Certificate, CertificateVerifier, Identity, TrustRoot
-from mesh._core.names import directory_bucket, event_subject, rpc_listen_subject
+from mesh._core.names import (
+    beat_listen_subject,
+    beat_subject,
+    directory_bucket,
+    event_subject,
+    rpc_listen_subject,
+)
 from mesh._core.records import STATE_DRAINING
 from mesh._core.signals import SIGNALS_TOPIC, EdgeStats
 from mesh._log import get_logger
@@ -147,6 +154,7 @@ class MeshRuntime:
                 agent, lambda: self.identity, self.governance, config.directory.heartbeat
             )
         self._subs: list[Subscription] = []
+        self._beats: Subscription | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -235,9 +243,15 @@ class MeshRuntime:
             on_dead=self._inbox.fail_instance,
             bucket=bucket,
             max_skew=timeouts.max_future,
+            prefix=self.config.prefix,
+            on_heard=self.client.heard,
+            on_reconnected=self._inbox.instance_reconnected,
         )
         await self._directory.start(timeouts.connect)
         self.client.directory = self._directory
+        self._beats = await self.transport.subscribe(
+            beat_listen_subject(self.config.prefix), self._directory.on_beat
+        )
         try:
             await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
             serial = self.identity.certificate.serial
@@ -249,6 +263,9 @@ class MeshRuntime:
         if self.agent is not None:
             assert self._registration is not None
             self._registration.bucket = bucket
+            beats = beat_subject(self.config.prefix, self.name, self.instance)
+            self._registration.send_beat = functools.partial(self.transport.publish, beats)
+            self._registration.prefix = self.config.prefix
             await self._subscribe(self.agent)
             if self.config.services:
                 await serve_services(self)
@@ -261,6 +278,7 @@ class MeshRuntime:
                 name="mesh-heartbeat",
             )
         self.transport.on_reconnect(self._reconnected)
+        self.transport.on_disconnect(self._disconnected)
         if self.config.signals_interval > 0:
             self._reporter = asyncio.create_task(self._report_signals(), name="mesh-signals")
         self.observer.register_metrics(self)
@@ -302,13 +320,22 @@ class MeshRuntime:
             )
             self._subs.append(await self.transport.subscribe(subject, receiver.on_event))
 
+    async def _disconnected(self) -> None:
+        """Nothing is heard until the reconnect: freeze the directory's liveness, and note
+        the attempts in flight (their requests or replies may be lost)."""
+        if self._directory is not None:
+            self._directory.deaf()
+        self._inbox.connection_lost()
+
     async def _reconnected(self) -> None:
         if self._directory is not None:
+            self._directory.hear()
             self._directory.restart_watch()
+        self._inbox.reconnected()
         self.governance.restart_watches()
         if self._registration is not None and self._state == "ready":
             with contextlib.suppress(MeshError):
-                await self._registration.register()
+                await self._registration.reconnected()
 
     async def drain(self) -> None:
         """Stop gracefully: deregister, stop listening, let in-flight work finish (bounded),
@@ -358,9 +385,10 @@ class MeshRuntime:
         if registration is not None:
             with contextlib.suppress(MeshError):
                 await registration.withdraw()
-        if inbox_sub is not None:
-            with contextlib.suppress(Exception):
-                await inbox_sub.unsubscribe()
+        for last in (inbox_sub, self._beats):
+            if last is not None:
+                with contextlib.suppress(Exception):
+                    await last.unsubscribe()
         if self._directory is not None:
             await self._directory.close()
         await self.transport.close()

@@ -2,8 +2,11 @@
 
 The record is signed with the instance's key (``mesh._core.records``) and written under
 ``<agent>.<instance>`` in the directory bucket; it carries the policy revision the instance
-runs (its ACK) or the error that made it refuse one (its NACK). Its signed ``ts`` rises strictly
-from one record to the next: readers ignore a record not newer than the last they accepted.
+runs (its ACK) or the error that made it refuse one (its NACK). Every heartbeat also publishes
+a signed beat (``mesh._core.beats``) on core NATS, so callers hear that the instance lives
+while the bucket or its watch is stalled; the beat goes first and never waits for the put.
+Signed ``ts`` rise strictly across records and beats: readers ignore one not newer than the
+last they accepted.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from mesh._core.beats import encode_beat
 from mesh._core.identity import Identity
 from mesh._core.records import STATE_SERVING, EndpointInfo, encode_record
 from mesh._log import get_logger
@@ -49,16 +53,25 @@ class Registration:
         self._heartbeat = heartbeat
         # Set at start: a failed write re-creates the bucket if someone deleted it.
         self.bucket: DirectoryBucket | None = None
+        # Set at start: publishes a beat on this instance's beat subject.
+        self.send_beat: Callable[[bytes], Awaitable[None]] | None = None
+        self.prefix = "mesh"  # the mesh the beats are sent in (set at start)
+        self.up = 1  # the connection epoch the beats carry: raised on every reconnect
         identity_now = identity()
         self.key = f"{identity_now.agent}.{identity_now.instance}"
-        self._last_ms = 0  # the ts of the last record signed
+        self._last_ms = 0  # the ts of the last record or beat signed
+        self._put: asyncio.Task[None] | None = None
 
-    def _next_ts(self) -> float:
-        """Now, in whole milliseconds, and later than the last record's ``ts``: two records in
-        one millisecond (a heartbeat, then a draining record) must not look like a replay."""
+    def _next_ms(self) -> int:
+        """Now, in whole milliseconds, and later than the last record's or beat's ``ts``: two
+        records in one millisecond (a heartbeat, then a draining record) must not look like a
+        replay."""
         ms = max(int(time.time() * 1000), self._last_ms + 1)
         self._last_ms = ms
-        return ms / 1000
+        return ms
+
+    def _next_ts(self) -> float:
+        return self._next_ms() / 1000
 
     def record(self, state: str = STATE_SERVING) -> bytes:
         """The signed record as it stands now."""
@@ -102,11 +115,51 @@ class Registration:
         except MeshError as exc:
             log.warning("mesh.register_failed", error=exc.message)
 
+    def beat_bytes(self) -> bytes:
+        """A signed beat as of now."""
+        identity = self._identity()
+        return encode_beat(
+            identity.keys.signing,
+            self.prefix,
+            identity.agent,
+            identity.instance,
+            self._next_ms(),
+            self.up,
+        )
+
+    async def beat(self) -> None:
+        """Publish a signed beat (core NATS: no JetStream, no acknowledgement); a failure is
+        ignored, the next heartbeat sends another."""
+        if self.send_beat is not None:
+            with contextlib.suppress(MeshError):
+                await self.send_beat(self.beat_bytes())
+
     async def heartbeat(self, serving: Callable[[], bool]) -> None:
-        """Refresh the record every heartbeat while ``serving()`` holds."""
-        while serving():
-            await asyncio.sleep(self._heartbeat)
-            await self.register_quietly()
+        """Every heartbeat while ``serving()`` holds: a beat, then the record. A put still
+        waiting for JetStream (a stream leader election) is not doubled, and never holds the
+        next beat back."""
+        try:
+            while serving():
+                await asyncio.sleep(self._heartbeat)
+                if not serving():
+                    break
+                await self.beat()
+                if self._put is None or self._put.done():
+                    self._put = asyncio.create_task(self.register_quietly(), name="mesh-put")
+        finally:
+            if self._put is not None:
+                self._put.cancel()
+
+    async def reconnected(self) -> None:
+        """After the connection was re-established: a new epoch, announced by a beat at once
+        (callers resend what they had in flight here), then the record.
+
+        Raises:
+            Unavailable: JetStream could not be reached for the record.
+        """
+        self.up += 1
+        await self.beat()
+        await self.register()
 
     async def withdraw(self) -> None:
         """Delete the record (the last step of a drain)."""

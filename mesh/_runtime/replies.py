@@ -11,6 +11,11 @@ is kept as a hint, quoted if the attempt times out; a NATS "no responders" statu
 attempt's future with ``None`` (and arms a fresh one, so a reply arriving meanwhile is kept):
 the client re-sends the same frame to the same instance until the signed directory says it is
 gone.
+
+Attempts are woken the same way, with a reason in ``woken``, when what was in flight may have
+been lost: ``LOST`` when this connection to NATS dropped (requests or replies may be gone; a
+call that is safe to retry makes a fresh attempt), ``MOVED`` when the instance's signed beat
+says its own connection was re-established (the same frame is sent again at once).
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from mesh.errors import (
     error_from_code,
 )
 
-__all__ = ["Inbox", "InstanceDown", "NotDelivered", "Pending", "remote_error"]
+__all__ = ["LOST", "MOVED", "Inbox", "InstanceDown", "NotDelivered", "Pending", "remote_error"]
 
 OK = "OK"
+LOST = "lost"
+MOVED = "moved"
 MAX_HINT = 200
 """Characters of an unsealed refusal's text kept to quote: it is whatever a forger wrote."""
 
@@ -125,6 +132,10 @@ class Inbox:
         self._stats = stats
         self._pending: dict[str, Pending] = {}
         self._tokens = itertools.count(1)
+        self.woken: dict[str, str] = {}
+        """Why an attempt was woken other than by "no responders", by token (``LOST``,
+        ``MOVED``); the attempt takes its entry, stale ones are pruned at the next wake."""
+        self._in_flight: list[str] = []  # the tokens waiting when the connection was lost
 
     def add(
         self, request_id: bytes, record: InstanceRecord, key: bytes, wait: float, by_deadline: bool
@@ -152,6 +163,39 @@ class Inbox:
         for p in list(self._pending.values()):
             if p.record.key == record.key and not p.fut.done():
                 p.fut.set_exception(InstanceDown(f"instance {record.key} went away"))
+
+    def connection_lost(self) -> None:
+        """This connection to NATS dropped: remember what was waiting (those requests, or
+        their replies, may be lost; what is sent meanwhile is buffered and goes out after)."""
+        if not self._in_flight:
+            self._in_flight = list(self._pending)
+
+    def reconnected(self) -> None:
+        """The connection is back: wake the attempts that were waiting when it dropped."""
+        tokens, self._in_flight = self._in_flight, []
+        self._wake(tokens, LOST)
+
+    def instance_reconnected(self, record: InstanceRecord) -> None:
+        """The instance's signed beat says its connection was re-established: requests sent
+        to it before may have been lost, so its waiting attempts send their frame again."""
+        key = record.key
+        self._wake([t for t, p in self._pending.items() if p.record.key == key], MOVED)
+
+    def _wake(self, tokens: list[str], reason: str) -> None:
+        pending, woken = self._pending, self.woken
+        for token in [t for t in woken if t not in pending]:
+            del woken[token]
+        for token in tokens:
+            p = pending.get(token)
+            if p is None or p.fut.done():
+                continue
+            if woken.get(token) != LOST:  # a lost connection decides more than a moved one
+                woken[token] = reason
+            if not p.signalled:
+                p.signalled = True
+                fut = p.fut
+                p.fut = fut.get_loop().create_future()
+                fut.set_result(None)
 
     async def on_reply(self, msg: InboundMessage) -> None:
         """Validate what arrived for an attempt (``docs/protocol.md`` section 13)."""

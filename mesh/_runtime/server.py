@@ -11,7 +11,8 @@ first; the numbers are that section's steps)::
     endpoint    14      this instance serves it                        answered sealed
     authorize   15-16   policy decision (named rule) and rate-limit take
     ----------- from here in a task per request
-    dedupe      17      the reply cache of an idempotency key
+    dedupe      17      the reply cache of an idempotency key, then for a non-idempotent
+                        endpoint its claim across instances (``mesh._runtime.claims``)
     queue       18      a concurrency slot, within the deadline
     run         19-20   validate the body, run the handler in the remaining time
     reply       21      seal the reply to the caller
@@ -37,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mesh._core.admission import SealedRefusal, admit_request, too_large
+from mesh._core.claims import Outcome
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys, ReplayGuard, seal_frame
 from mesh._core.envelope import (
@@ -52,6 +54,7 @@ from mesh._core.policy import Route
 from mesh._core.signals import EdgeKey, EdgeStats
 from mesh._log import get_logger
 from mesh._runtime.agent import Agent, Context, EndpointSpec, Peer
+from mesh._runtime.claims import ClaimStore, HeldClaim
 from mesh._runtime.concurrency import DEFAULT_MAX_QUEUE, ConcurrencyLimit, ReplyCache
 from mesh._runtime.governance import Governance
 from mesh._runtime.ports import EndpointStats, MeshHandle, MeshStats, Observer
@@ -97,6 +100,7 @@ class Exchange:
     body: bytes
     spec: EndpointSpec | None = None
     route: Route | None = None
+    started: bool = False  # the handler was called (a cancel then may leave it half done)
 
 
 class ServerPipeline:
@@ -153,6 +157,15 @@ class ServerPipeline:
             not_before_ms=int(time.time() * 1000),
         )
         self.replies = ReplyCache(limits.reply_cache_ttl)
+        # Claims across instances, for keyed calls to non-idempotent endpoints only: an
+        # idempotent endpoint may run twice by definition.
+        self.claims: ClaimStore | None = None
+        if config.claims and any(not s.idempotent for s in agent.endpoints.values()):
+            self.claims = ClaimStore(
+                mesh=mesh, transport=transport, verifier=verifier, pair=pair,
+                window=config.timeouts.claim_window, max_future=config.timeouts.max_future,
+                max_value=limits.max_body + 16384, replicas=config.replicas,
+            )  # fmt: skip
         self.endpoint_stats = {name: EndpointStats() for name in agent.endpoints}
         # Admins' control-plane calls to the registry (`mesh-policy top`, `apply`, ...) are
         # not the mesh's traffic: the registry keeps their signals aside, never reported.
@@ -312,9 +325,11 @@ class ServerPipeline:
         ik = hdr.idempotency_key
         cache_key = (ex.peer.agent, spec.name, ik) if ik is not None else None
         cached: asyncio.Future[tuple[str, bytes]] | None = None
+        held: HeldClaim | None = None
         if cache_key is not None:
+            fingerprint = hashlib.blake2b(ex.body).digest()
             try:
-                owner, cached = self.replies.claim(cache_key, hashlib.blake2b(ex.body).digest())
+                owner, cached = self.replies.claim(cache_key, fingerprint)
             except MeshError as exc:
                 self._refused(ex.msg, hdr, ex.peer.agent, exc)
                 await self.reply(ex, exc.code, error_body(exc))
@@ -322,6 +337,12 @@ class ServerPipeline:
             if not owner:
                 await self._replay_cached(ex, cached)
                 return
+            if self.claims is not None and not spec.idempotent:
+                assert ik is not None
+                got = await self._claim(ex, ik, fingerprint, cache_key, cached)
+                if got is None:
+                    return
+                held = got
         started = time.perf_counter_ns()
         edge: EdgeKey = (ex.peer.agent, self.name, spec.name, "server")
         signals = self._signals
@@ -339,6 +360,12 @@ class ServerPipeline:
             if cache_key is not None and cached is not None:
                 self.replies.forget(cache_key)
                 cached.cancel()
+            if held is not None:
+                # Started: it may have run in part, nobody may run it again. Not started:
+                # another attempt may take the claim over.
+                end = held.abort() if ex.started else held.release()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(end, 0.5)
             gone = Unavailable(f"{self.name} shut down before {spec.name} finished")
             signals.finish(edge, gone.code, (time.perf_counter_ns() - started) / 1e9)
             self._observer.end(span, gone.code)
@@ -349,6 +376,9 @@ class ServerPipeline:
         self._account(ex, status, payload, elapsed)
         signals.finish(edge, status, elapsed / 1e9)
         self._observer.end(span, status)
+        if held is not None:
+            # On record before the reply is sent: a reply the caller got is never unknown.
+            await (held.finish(status, payload) if ran else held.release())
         if cache_key is not None and cached is not None:
             if ran:
                 cached.set_result((status, payload))
@@ -356,6 +386,49 @@ class ServerPipeline:
                 self.replies.forget(cache_key)
                 cached.cancel()
         await self.reply(ex, status, payload)
+
+    async def _claim(
+        self,
+        ex: Exchange,
+        ik: str,
+        fingerprint: bytes,
+        cache_key: tuple[str, str, str],
+        cached: asyncio.Future[tuple[str, bytes]],
+    ) -> HeldClaim | None:
+        """17, non-idempotent endpoint: the claim across instances (``ClaimStore.acquire``).
+
+        Returns the claim to run the handler under, or ``None`` once the request has been
+        answered (another instance's outcome, an honest error) or dropped (deadline passed).
+        Duplicates waiting on this instance's reply cache get the same answer.
+        """
+        assert self.claims is not None and ex.spec is not None and ex.hdr.deadline is not None
+        try:
+            got = await self.claims.acquire(
+                caller=ex.peer.agent, endpoint=ex.spec.name, ik=ik, fingerprint=fingerprint,
+                deadline=ex.hdr.deadline / 1000,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            self.replies.forget(cache_key)
+            cached.cancel()
+            raise
+        except MeshError as exc:
+            # Not kept: a later duplicate asks the claims bucket again (it may know more).
+            self.replies.forget(cache_key)
+            cached.set_result((exc.code, error_body(exc)))
+            self._refused(ex.msg, ex.hdr, ex.peer.agent, exc)
+            await self.reply(ex, exc.code, error_body(exc))
+            return None
+        if got is None:  # the deadline passed while another instance ran it
+            self.replies.forget(cache_key)
+            cached.cancel()
+            return None
+        if isinstance(got, Outcome):
+            assert got.body is not None
+            cached.set_result((got.status, got.body))
+            self.endpoint_stats[ex.spec.name].replayed_from_cache += 1
+            await self.reply(ex, got.status, got.body)
+            return None
+        return got
 
     async def _replay_cached(self, ex: Exchange, cached: asyncio.Future[tuple[str, bytes]]) -> None:
         """17: answer a retried keyed request with the first run's reply, waiting for it."""
@@ -395,7 +468,7 @@ class ServerPipeline:
                 if remaining <= 0:
                     raise DeadlineExceeded("deadline passed while the request was queued")
                 body = _validate(spec, ex.body)
-                ran = True
+                ran = ex.started = True
                 ctx = Context(
                     mesh=self._mesh,
                     caller=ex.peer,

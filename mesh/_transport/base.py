@@ -58,6 +58,12 @@ class KeyValueBucket(Protocol):
 
     async def update(self, key: str, value: bytes, last: int) -> int: ...
 
+    async def create_fresh(self, key: str, value: bytes) -> int:
+        """``create``, but a deleted key counts as existing: it fails (``FailedPrecondition``)
+        while anything about the key is stored, its delete or purge marker included, so a
+        deletion cannot be mistaken for a key never written."""
+        ...
+
     async def delete(self, key: str) -> None: ...
 
     async def get(self, key: str) -> bytes | None: ...
@@ -149,7 +155,14 @@ class Transport(Protocol):
         """The stream, created if missing; ``replicas`` as for ``key_value``."""
         ...
 
-    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None: ...
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` once the connection is re-established (subscriptions are back)."""
+        ...
+
+    def on_disconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` when the connection is lost (before reconnecting): until the
+        reconnect, nothing is heard and what was in flight may be lost."""
+        ...
 
 
 def is_no_responders(msg: InboundMessage) -> bool:

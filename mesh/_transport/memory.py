@@ -101,6 +101,11 @@ class _MemKV:
             raise FailedPrecondition(f"key {key!r} already exists")
         return self._write(key, value)
 
+    async def create_fresh(self, key: str, value: bytes) -> int:
+        if self.log.get(key):  # a value or a delete marker
+            raise FailedPrecondition(f"key {key!r} is stored (or was deleted)")
+        return self._write(key, value)
+
     async def update(self, key: str, value: bytes, last: int) -> int:
         current = self.data.get(key)
         if current is None or current[1] != last:
@@ -192,6 +197,8 @@ class MemoryTransport:
         self._inboxes = itertools.count(1)
         self._prefix = f"_INBOX.{os.urandom(6).hex()}"
         self._mine: list[_MemSub] = []
+        self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+        self._on_disconnect: list[Callable[[], Awaitable[None]]] = []
 
     @staticmethod
     def new_broker() -> _Broker:
@@ -273,7 +280,18 @@ class MemoryTransport:
         return self.broker.streams.setdefault(name, _MemStream())
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
-        return None
+        self._on_reconnect.append(callback)
+
+    def on_disconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._on_disconnect.append(callback)
+
+    async def reconnect(self) -> None:
+        """Act out a lost and re-established connection (for tests): the disconnect callbacks,
+        then the reconnect callbacks; nothing published is lost here."""
+        for cb in self._on_disconnect:
+            await cb()
+        for cb in self._on_reconnect:
+            await cb()
 
 
 # --- a server from testcontainers ---------------------------------------------------------

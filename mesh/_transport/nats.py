@@ -154,6 +154,13 @@ class _NatsKV:
         with map_nats_errors(f"key-value update {key!r}", conflict=changed):
             return await self._kv.update(key, value, last=last)
 
+    async def create_fresh(self, key: str, value: bytes) -> int:
+        # Expected last subject sequence 0, without nats-py's ``create`` fallback that
+        # overwrites a delete marker: a marker is something stored about the key.
+        stored = f"key {key!r} is stored (or was deleted)"
+        with map_nats_errors(f"key-value create {key!r}", conflict=stored):
+            return await self._kv.update(key, value, last=0)
+
     async def delete(self, key: str) -> None:
         with map_nats_errors(f"key-value delete {key!r}"):
             await self._kv.delete(key)
@@ -197,7 +204,12 @@ class _NatsKV:
         with map_nats_errors("key-value watch"):
             watcher = await self._kv.watchall()
         try:
-            async for entry in watcher:
+            while True:
+                with map_nats_errors("key-value watch"):  # a consumer lost mid-watch, too
+                    try:
+                        entry = await watcher.__anext__()  # type: ignore[no-untyped-call]
+                    except StopAsyncIteration:
+                        return
                 if entry is None:  # end of the initial values
                     yield None
                     continue
@@ -296,6 +308,7 @@ class NatsTransport:
         self._options = options or {}
         self._nc: Client | None = None
         self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._disconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._kvs: dict[str, _NatsKV] = {}
 
     @property
@@ -320,6 +333,12 @@ class NatsTransport:
             for cb in self._reconnect_callbacks:
                 await cb()
 
+        async def disconnected() -> None:
+            if self._nc is None or self._nc.is_closed:
+                return  # the first connection, or closing: nothing will be re-established
+            for cb in self._disconnect_callbacks:
+                await cb()
+
         # nats-py retries a first connection forever when reconnects are unbounded (the
         # loop in Client.connect / _select_next_server, reporting each failure to error_cb).
         # Its own bounds (allow_reconnect=False, max_reconnect_attempts) would also bound the
@@ -338,7 +357,7 @@ class NatsTransport:
             if refusals >= len(self._servers):
                 hopeless.set_result(exc)
 
-        attempt = asyncio.ensure_future(self._connect(reconnected, error_cb))
+        attempt = asyncio.ensure_future(self._connect(reconnected, disconnected, error_cb))
         try:
             racing: set[asyncio.Future[Any]] = {attempt, hopeless}
             done, _ = await asyncio.wait(
@@ -358,6 +377,7 @@ class NatsTransport:
     async def _connect(
         self,
         reconnected: Callable[[], Awaitable[None]],
+        disconnected: Callable[[], Awaitable[None]],
         error_cb: Callable[[Exception], Awaitable[None]],
     ) -> Client:
         return await nats.connect(
@@ -365,6 +385,7 @@ class NatsTransport:
             name=self._name,
             connect_timeout=max(1, int(self._connect_timeout)),
             reconnected_cb=reconnected,
+            disconnected_cb=disconnected,
             error_cb=error_cb,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.25,
@@ -507,3 +528,6 @@ class NatsTransport:
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._reconnect_callbacks.append(callback)
+
+    def on_disconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._disconnect_callbacks.append(callback)

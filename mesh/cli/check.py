@@ -391,7 +391,12 @@ def _check_root_expiry(
             "trust-root expiry", "pass", f"root {key} valid until {when(not_after)} ({source})"
         )
         return
-    report.add("trust-root expiry", status, detail, "rotate the trust root (docs/security.md)")
+    report.add(
+        "trust-root expiry",
+        status,
+        detail,
+        "rotate the trust root (docs/operations.md, Rotating the trust root)",
+    )
 
 
 def _check_policy(mesh: Mesh, now: float, report: Report) -> int | None:

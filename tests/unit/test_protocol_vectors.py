@@ -26,6 +26,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 import mesh._core.crypto as crypto_mod
 import mesh._core.identity as identity_mod
+from mesh._core.beats import BEAT_CONTEXT, decode_beat, encode_beat
 from mesh._core.config import Limits, MeshConfig
 from mesh._core.crypto import (
     NONCE_LEN,
@@ -55,7 +56,7 @@ from mesh._core.envelope import (
     request_header,
 )
 from mesh._core.identity import Certificate, CertificateVerifier, TrustRoot, new_instance_id
-from mesh._core.names import event_subject, rpc_subject
+from mesh._core.names import beat_subject, event_subject, rpc_subject
 from mesh._runtime.control import ControlStore
 from mesh._runtime.enrol import _proof_bytes
 from mesh.errors import DecodeError, Unauthenticated
@@ -73,6 +74,7 @@ EXPECTED_VALUES = {
     "refusal": 1,
     "event": 6,
     "enrolment": 3,
+    "beat": 4,
 }
 LAYOUT_ROWS = 18  # rows of the request's byte-layout table
 
@@ -580,6 +582,32 @@ def test_enrolment_proof(vectors: Vectors) -> None:
     assert SigningKey(keys.bytes("caller sign seed")).sign(proof).signature == v.bytes("sig")
     assert ControlStore.token_key(token) == v.bytes("token key").hex()
     assert hashlib.sha256(token.encode()).digest() == v.bytes("token key")
+    vectors.done()
+
+
+def test_beat(vectors: Vectors) -> None:
+    """The beat's body (by the code and by the element table of section 36), its signature,
+    its wire form and its subject; it decodes and verifies with the caller's key only."""
+    v, keys = vectors.check("beat"), vectors["keys"]
+    agent, instance, ts, up = v.text("agent"), v.text("instance"), v.integer("ts"), v.integer("up")
+    prefix = v.bytes("prefix").decode()
+    assert prefix == keys.text("subject prefix")
+    body, signature, wire = v.bytes("body"), v.bytes("signature"), v.bytes("wire")
+    signing = SigningKey(keys.bytes("caller sign seed"))
+    assert encode_beat(signing, prefix, agent, instance, ts, up) == wire
+    context = find(r'^\| 0 \| str \| `"([^"]+)"`', SECTIONS["36"], "the beat context")
+    assert context.group(1) == BEAT_CONTEXT
+    by_table = msgpack.packb([context.group(1), prefix, agent, instance, ts, up], use_bin_type=True)
+    assert by_table == body
+    assert signing.sign(body).signature == signature
+    assert msgpack.packb([body, signature], use_bin_type=True) == wire
+    beat = decode_beat(wire)
+    assert (beat.prefix, beat.agent, beat.instance) == (prefix, agent, instance)
+    assert (beat.ts, beat.up) == (ts / 1000, up)
+    beat.verify(keys.bytes("caller sign_pk"))
+    with pytest.raises(Unauthenticated):
+        beat.verify(bytes(32))
+    assert beat_subject(prefix, agent, instance) == v.text("subject")
     vectors.done()
 
 
