@@ -4,6 +4,7 @@ answers the overflow at once with RESOURCE_EXHAUSTED and a retry-after, fairly p
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 from pydantic import BaseModel
@@ -172,3 +173,54 @@ async def test_a_shared_total_keeps_a_quiet_callers_calls_while_another_floods(
     assert late and all(late), calm
     assert sum(ok for _, ok in loud) >= 20, "the noisy caller gets what the quiet one leaves"
     assert len(served_at) <= 20 + 20 * (served_at[-1] - served_at[0]) + 1
+
+
+async def test_a_flood_of_2000_is_refused_at_once_past_the_bound_and_leaves_nothing(
+    nats_server: NatsServer, trust: Trust
+) -> None:
+    """2,000 calls at once (5 s deadlines) against concurrency 1 and max_queue 100: those
+    within the bound are served (and a few more as slots free up), the rest refused with
+    RESOURCE_EXHAUSTED at once, and once the calls' deadline has passed the queue and the
+    objects both processes hold are back to where they were (within 500 objects: one kept per
+    call would be 2,000). Until that deadline a refused call's objects are still held (about
+    23 each: noted in docs/operations.md)."""
+    cfg = test_config([nats_server.url], retry=mesh.RetryPolicy(attempts=1))
+    policy = POLICY.replace("max_queue: 5", "max_queue: 100")
+
+    async def call(n: int) -> tuple[float, Job | mesh.MeshError]:
+        start = time.perf_counter()
+        try:
+            result: Job | mesh.MeshError = await alice.request(
+                "worker", "slow", Job(n=n), Job, timeout=5
+            )
+        except mesh.MeshError as exc:
+            result = exc
+        return time.perf_counter() - start, result
+
+    async with (
+        mesh.Mesh(trust.identity("worker"), cfg, agent=make_worker(0.002)) as worker,
+        mesh.Mesh(trust.identity("alice"), cfg) as alice,
+    ):
+        worker.governance.engine = PolicyEngine(mesh.parse_policy(policy), revision=1)
+        await alice.wait_for("worker")
+        assert worker.server is not None
+        limit = worker.server._limits["slow"]
+        await asyncio.gather(*(call(i) for i in range(200)))  # warm every cache
+        await asyncio.sleep(5.5)
+        gc.collect()
+        before = len(gc.get_objects())
+        began = time.monotonic()
+        results = await asyncio.gather(*(call(i) for i in range(2000)))
+        await wait_until(lambda: limit.active == 0 and limit.queued == 0)
+        served = sum(isinstance(r, Job) for _t, r in results)
+        others = [r for _t, r in results if not isinstance(r, Job | mesh.ResourceExhausted)]
+        shed = sorted(t for t, r in results if isinstance(r, mesh.ResourceExhausted))
+        del results[:]  # what the test itself keeps is not the mesh's
+        await asyncio.sleep(max(0.0, began + 5.5 - time.monotonic()))
+        gc.collect()
+        after = len(gc.get_objects())
+        assert others == [] and served + len(shed) == 2000
+        assert 101 <= served < 400, served  # the bound, and those freed slots let in meanwhile
+        assert shed[len(shed) // 2] < 1.0, "refused at once, not at the deadline"
+        assert limit._queued == {}
+        assert after - before < 500, f"{after - before} more objects held than before"
