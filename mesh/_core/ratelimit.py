@@ -120,6 +120,12 @@ class SharedBucket:
     def _cap_pool(self) -> None:
         self._pool = min(self._pool, max(0.0, self.burst - self._held()))
 
+    def _share_cap(self) -> float:
+        # With fewer tokens than callers a share could never hold a whole token: the shares
+        # hold nothing and the pool serves everyone (else no one would be served again).
+        n = len(self._shares)
+        return self.burst / n if self.burst >= n else 0.0
+
     def _refill(self, now: float) -> None:
         elapsed = now - self._last
         if elapsed <= 0:  # a clock that steps back refills nothing
@@ -129,7 +135,7 @@ class SharedBucket:
         if not self._shares:
             self._pool = min(float(self.burst), self._pool + added)
             return
-        cap, each = self.burst / len(self._shares), added / len(self._shares)
+        cap, each = self._share_cap(), added / len(self._shares)
         for share in self._shares.values():
             tokens = share[0] + each
             if tokens > cap:
@@ -141,7 +147,7 @@ class SharedBucket:
     def _reshare(self) -> None:
         """After callers joined or left: shares above the new cap spill into the pool."""
         if self._shares:
-            cap = self.burst / len(self._shares)
+            cap = self._share_cap()
             for share in self._shares.values():
                 if share[0] > cap:
                     self._pool += share[0] - cap
