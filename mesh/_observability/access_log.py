@@ -11,13 +11,17 @@ __all__ = ["AccessLog"]
 
 
 def _access_logger() -> Any:
-    # JSON lines on stdout whatever the application's structlog setup: an access log is data.
+    # JSON lines on stdout whatever the application's structlog setup: an access log is data,
+    # so neither a configured level filter (wrapper_class) nor its processors apply to it.
     return structlog.wrap_logger(
         structlog.PrintLogger(sys.stdout),
         processors=[
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.JSONRenderer(),
         ],
+        wrapper_class=structlog.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=False,
     )
 
 

@@ -178,7 +178,7 @@ async def test_a_shared_total_keeps_a_quiet_callers_calls_while_another_floods(
 async def test_a_flood_of_2000_is_refused_at_once_past_the_bound_and_leaves_nothing(
     nats_server: NatsServer, trust: Trust
 ) -> None:
-    """2,000 calls at once (5 s deadlines) against concurrency 1 and max_queue 100: those
+    """2,000 calls at once (10 s deadlines) against concurrency 1 and max_queue 100: those
     within the bound are served (and a few more as slots free up), the rest refused with
     RESOURCE_EXHAUSTED at once, and once the calls' deadline has passed the queue and the
     objects both processes hold are back to where they were (within 500 objects: one kept per
@@ -191,7 +191,7 @@ async def test_a_flood_of_2000_is_refused_at_once_past_the_bound_and_leaves_noth
         start = time.perf_counter()
         try:
             result: Job | mesh.MeshError = await alice.request(
-                "worker", "slow", Job(n=n), Job, timeout=5
+                "worker", "slow", Job(n=n), Job, timeout=10
             )
         except mesh.MeshError as exc:
             result = exc
@@ -206,7 +206,7 @@ async def test_a_flood_of_2000_is_refused_at_once_past_the_bound_and_leaves_noth
         assert worker.server is not None
         limit = worker.server._limits["slow"]
         await asyncio.gather(*(call(i) for i in range(200)))  # warm every cache
-        await asyncio.sleep(5.5)
+        await asyncio.sleep(10.5)
         gc.collect()
         before = len(gc.get_objects())
         began = time.monotonic()
@@ -216,11 +216,13 @@ async def test_a_flood_of_2000_is_refused_at_once_past_the_bound_and_leaves_noth
         others = [r for _t, r in results if not isinstance(r, Job | mesh.ResourceExhausted)]
         shed = sorted(t for t, r in results if isinstance(r, mesh.ResourceExhausted))
         del results[:]  # what the test itself keeps is not the mesh's
-        await asyncio.sleep(max(0.0, began + 5.5 - time.monotonic()))
+        await asyncio.sleep(max(0.0, began + 10.5 - time.monotonic()))
         gc.collect()
         after = len(gc.get_objects())
         assert others == [] and served + len(shed) == 2000
         assert 101 <= served < 400, served  # the bound, and those freed slots let in meanwhile
-        assert shed[len(shed) // 2] < 1.0, "refused at once, not at the deadline"
+        # The median refusal, against the 10 s deadline: a second or two while 2,000 calls
+        # are sealed, sent and refused on 2 cores (more under coverage), not the deadline.
+        assert shed[len(shed) // 2] < 3.0, "refused at once, not at the deadline"
         assert limit._queued == {}
         assert after - before < 500, f"{after - before} more objects held than before"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
 
 import pytest
+import structlog
 
 from mesh._log import get_logger
 
@@ -82,3 +84,25 @@ def test_loggers_live_under_mesh() -> None:
     with pytest.raises(ValueError, match="under 'mesh'"):
         get_logger("meshy")
     assert get_logger("mesh").logger is logging.getLogger("mesh")
+
+
+def test_the_access_log_ignores_the_applications_structlog_level(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An application (or `mesh-policy`) that configures structlog to warnings only still
+    gets every access-log line: an access log is data, not a log level."""
+    from mesh._observability.access_log import AccessLog
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        cache_logger_on_first_use=True,
+    )
+    try:
+        AccessLog("back", "i1").write(
+            caller="alice", caller_instance="a1", endpoint="leaf", code="OK", seconds=0.001,
+            request_bytes=3, reply_bytes=4, traceparent=None, attempt=1,
+        )  # fmt: skip
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(capsys.readouterr().out)
+    assert (line["callee"], line["code"], line["endpoint"]) == ("back", "OK", "leaf")
