@@ -33,6 +33,7 @@ from mesh.control_plane import ADMIN_ROLE, REGISTRY, Empty, IdentityList
 from mesh.errors import PermissionDenied, Unauthenticated
 
 from ._admin import _config, admin_mesh, err, online_command, out, when
+from ._agents import agent_status
 from ._common import Args
 from ._output import emit, output_option
 
@@ -433,15 +434,13 @@ def _check_policy(mesh: Mesh, now: float, report: Report) -> int | None:
 
 
 def _check_agents(records: Sequence[InstanceRecord], revision: int | None, report: Report) -> None:
-    refusing = [f"{r.key}: {r.policy_error}" for r in records if r.policy_error]
-    stale = [f"{r.key}: {r.stale}" for r in records if r.stale and not r.policy_error]
+    found = [(r, *agent_status(r, set(), revision)) for r in records]  # as `agents` says
+    refusing = [f"{r.key}: {detail}" for r, status, detail in found if status == "refused"]
+    stale = [f"{r.key}: {r.stale}" for r, status, _ in found if status == "stale" and r.stale]
     behind = [
         f"{r.key} runs {r.policy_revision if r.policy_revision is not None else 'none'}"
-        for r in records
-        if revision is not None
-        and not r.policy_error
-        and not r.stale
-        and r.policy_revision != revision
+        for r, status, _ in found
+        if status == "stale" and not r.stale
     ]
     if refusing:
         report.add(
