@@ -488,6 +488,7 @@ async def signals(req: SignalsRequest, ctx: Context) -> SignalsReply:
         rows=table.rows(req.reporter, by_caller=req.by_caller),
         edges=table.edges(req.reporter),
         nodes=nodes,
+        traffic=table.traffic(),
     )
 
 

@@ -26,6 +26,7 @@ if _TYPE_CHECKING:
     from mesh._runtime.ports import EndpointStats, MeshHandle
     from mesh.errors import (
         CertificateError,
+        CircuitOpen,
         DeadlineExceeded,
         DecodeError,
         FailedPrecondition,
@@ -46,6 +47,7 @@ __all__ = [
     "Agent",
     "Certificate",
     "CertificateError",
+    "CircuitOpen",
     "Context",
     "DeadlineExceeded",
     "DecodeError",

@@ -34,6 +34,7 @@ from mesh._core.signals import (
     GraphEdge,
     SignalRow,
     SignalTable,
+    TrafficRow,
 )
 from mesh._public import publish as _publish
 from mesh._runtime.control import (
@@ -116,6 +117,7 @@ __all__ = [
     "SignalsRequest",
     "TokenReply",
     "TokenRequest",
+    "TrafficRow",
     "TrustRoot",
     "canonical_policy_bytes",
     "diff_policies",

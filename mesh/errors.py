@@ -12,6 +12,7 @@ MeshError                      code            retryable
 ├── ResourceExhausted          RESOURCE_EXHAUSTED (retryable when .retry_after is set)
 │   └── MessageTooLarge        RESOURCE_EXHAUSTED (never retryable)
 ├── Unavailable                UNAVAILABLE        yes
+│   └── CircuitOpen            UNAVAILABLE        no (fails fast; .retry_after says when to try)
 ├── FailedPrecondition         FAILED_PRECONDITION (e.g. used before ready, after close)
 └── Internal                   INTERNAL           (a handler raised; the message is safe)
 ```
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "CertificateError",
+    "CircuitOpen",
     "DeadlineExceeded",
     "DecodeError",
     "FailedPrecondition",
@@ -152,6 +154,18 @@ class Unavailable(MeshError):
     @property
     def retryable(self) -> bool:
         return True
+
+
+class CircuitOpen(Unavailable):
+    """The caller's circuit breaker for the destination is open: the call was not sent.
+
+    Not retried by the mesh (an attempt against an open circuit would fail the same way at
+    once); ``retry_after`` says when the circuit lets a probe through.
+    """
+
+    @property
+    def retryable(self) -> bool:
+        return False
 
 
 class FailedPrecondition(MeshError):

@@ -29,10 +29,13 @@ __all__ = [
     "HDR_TRACESTATE",
     "MAGIC",
     "MAX_HEADER",
+    "MAX_METADATA",
+    "MAX_METADATA_VALUE",
     "PREFIX",
     "PREFIX_LEN",
     "Header",
     "Kind",
+    "check_metadata",
     "check_trace_context",
     "decode_frame",
     "encode_frame",
@@ -45,6 +48,10 @@ MAGIC = b"\x4d\x01"
 PREFIX = struct.Struct(">2sH")
 PREFIX_LEN = PREFIX.size
 MAX_HEADER = 16 * 1024
+MAX_METADATA = 16
+"""The most request metadata entries a caller may set."""
+MAX_METADATA_VALUE = 256
+"""The longest request metadata value, in characters."""
 FRAME_OVERHEAD = PREFIX_LEN + MAX_HEADER + max(NONCE_LEN + TAG_LEN, SIG_LEN)
 """The most a frame adds to its body: prefix, largest header, and a seal's nonce and tag or an
 event's signature."""
@@ -71,6 +78,30 @@ def check_trace_context(traceparent: str | None, tracestate: str | None) -> None
         raise InvalidArgument(f"traceparent {traceparent!r} is not a W3C traceparent")
     if tracestate is not None and not _TRACESTATE.fullmatch(tracestate):
         raise InvalidArgument("tracestate must be 1-512 printable ASCII characters")
+
+
+_METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def check_metadata(metadata: dict[str, str], refuse: type[Exception] = InvalidArgument) -> None:
+    """Refuse request metadata the protocol does not carry: at most ``MAX_METADATA`` entries,
+    keys like names (``[a-z0-9][a-z0-9_-]{0,62}``), values strings of at most
+    ``MAX_METADATA_VALUE`` characters.
+
+    Raises:
+        InvalidArgument: naming what is wrong (``refuse``: the class raised instead, e.g.
+            ``DecodeError`` for a received header).
+    """
+    if len(metadata) > MAX_METADATA:
+        raise refuse(f"request metadata has {len(metadata)} entries, at most {MAX_METADATA}")
+    for key, value in metadata.items():
+        if type(key) is not str or not _METADATA_KEY.fullmatch(key):
+            raise refuse(f"request metadata key {key!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
+        if type(value) is not str or len(value) > MAX_METADATA_VALUE:
+            raise refuse(
+                f"request metadata value of {key!r} must be a string of at most "
+                f"{MAX_METADATA_VALUE} characters"
+            )
 
 
 class Kind(enum.IntEnum):
@@ -105,6 +136,8 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "rule": ("ru", str),
     "seq": ("sq", int),
     "end": ("end", bool),
+    "metadata": ("md", dict),
+    "mirror": ("mr", bool),
 }
 _REQUIRED: dict[int, tuple[str, ...]] = {
     Kind.REQUEST: (
@@ -137,6 +170,7 @@ _REQUIRED: dict[int, tuple[str, ...]] = {
 _KEYS = tuple(key for key, _typ in _FIELDS.values())
 _TYPE_OF = dict(_FIELDS.values())
 _ORDER = list(_FIELDS)
+_METADATA_AT = _ORDER.index("metadata")
 _REQUIRED_AT = {kind: tuple(_ORDER.index(a) for a in attrs) for kind, attrs in _REQUIRED.items()}
 
 
@@ -169,6 +203,8 @@ class Header:
     rule: str | None = None
     seq: int | None = None
     end: bool | None = None
+    metadata: dict[str, str] | None = None
+    mirror: bool | None = None
 
     def to_map(self) -> dict[str, Any]:
         """The wire map: short keys, ``None`` fields left out."""
@@ -197,7 +233,7 @@ def encode_header(header: Header) -> bytes:
 
 
 # The request and reply headers are built as wire maps directly: they are on every call's path,
-# and ``Header.to_map`` walks all 21 fields. The keys are the ones in ``_FIELDS``.
+# and ``Header.to_map`` walks all 23 fields. The keys are the ones in ``_FIELDS``.
 
 
 def request_header(
@@ -214,6 +250,8 @@ def request_header(
     idempotency_key: str | None,
     traceparent: str | None,
     tracestate: str | None,
+    metadata: dict[str, str] | None = None,
+    mirror: bool = False,
 ) -> bytes:
     """The prefix and header of a request: the associated data of its seal.
 
@@ -239,6 +277,10 @@ def request_header(
         hdr["tp"] = traceparent
     if tracestate is not None:
         hdr["tst"] = tracestate
+    if metadata:
+        hdr["md"] = metadata
+    if mirror:
+        hdr["mr"] = True
     hb = msgpack.packb(hdr, use_bin_type=True)
     if len(hb) > MAX_HEADER:
         raise InvalidArgument(f"request header of {len(hb)} bytes exceeds {MAX_HEADER}")
@@ -325,4 +367,6 @@ def decode_frame(frame: bytes) -> tuple[Header, int]:
             raise DecodeError(f"header field {_KEYS[i]!r} missing for kind {values[0]}")
     if len(values[1]) != 16:  # type: ignore[arg-type]
         raise DecodeError("message id must be 16 bytes")
+    if values[_METADATA_AT] is not None:
+        check_metadata(values[_METADATA_AT], DecodeError)  # type: ignore[arg-type]
     return Header(*values), end  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ __all__ = [
     "Reporter",
     "SignalRow",
     "SignalTable",
+    "TrafficRow",
     "quantile_ms",
 ]
 
@@ -119,6 +120,10 @@ class EdgeReport(BaseModel):
     bucket_bounds_ms: list[float] = Field(
         default_factory=lambda: list(BUCKET_BOUNDS_MS), max_length=MAX_BUCKETS
     )
+    circuits: dict[str, str] = Field(default_factory=dict, max_length=MAX_EDGES_PER_REPORT)
+    """The reporter's circuits that are not closed: destination -> ``open`` or ``half_open``."""
+    ejected: dict[str, float] = Field(default_factory=dict, max_length=MAX_EDGES_PER_REPORT)
+    """The instances the reporter has ejected (``agent.instance``) -> seconds left then."""
 
 
 class SignalRow(BaseModel):
@@ -136,6 +141,21 @@ class SignalRow(BaseModel):
     inflight: int
     requests: int
     errors: int
+
+
+class TrafficRow(BaseModel):
+    """A caller's traffic-management state, from its latest report in the window: a circuit
+    that is not closed, or an instance it has ejected."""
+
+    caller: str
+    """The reporting instance, ``agent.instance``."""
+    kind: Literal["circuit", "ejection"]
+    target: str
+    """The destination (``<agent> (<endpoints key>)``) or the ejected ``agent.instance``."""
+    state: str
+    """``open`` or ``half_open`` for a circuit; ``ejected`` for an ejection."""
+    seconds_left: float | None = None
+    """For an ejection: how long it had left when reported."""
 
 
 class GraphEdge(BaseModel):
@@ -538,6 +558,28 @@ class SignalTable:
             )
             for (caller, callee), agg in sorted(pairs.items())
         ]
+
+    def traffic(self) -> list[TrafficRow]:
+        """The open circuits and ejections of every instance, from its latest report in the
+        window, sorted by caller, kind and target."""
+        latest: dict[tuple[str, str], EdgeReport] = {}
+        for _, rep in self._live():
+            prev = latest.get((rep.agent, rep.instance))
+            if prev is None or rep.at >= prev.at:
+                latest[(rep.agent, rep.instance)] = rep
+        rows: list[TrafficRow] = []
+        for (agent, instance), rep in latest.items():
+            caller = f"{agent}.{instance}"
+            for dest, state in rep.circuits.items():
+                rows.append(TrafficRow(caller=caller, kind="circuit", target=dest, state=state))
+            for key, left in rep.ejected.items():
+                rows.append(
+                    TrafficRow(
+                        caller=caller, kind="ejection", target=key, state="ejected",
+                        seconds_left=left,
+                    )
+                )  # fmt: skip
+        return sorted(rows, key=lambda r: (r.caller, r.kind, r.target))
 
     def instances(self) -> list[tuple[str, str]]:
         """``(agent, instance)`` of every instance with a report in the window."""

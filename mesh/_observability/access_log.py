@@ -1,4 +1,5 @@
-"""The access log: one JSON line per served or refused request, never the payload."""
+"""The access log: one JSON line per served or refused request (and, on the caller's side, per
+call a policy's fault delayed or aborted), never the payload."""
 
 from __future__ import annotations
 
@@ -69,4 +70,31 @@ class AccessLog:
             trace_id=traceparent.split("-")[1] if traceparent and "-" in traceparent else None,
             attempt=attempt,
             rule=rule,
+        )
+
+    def write_client(
+        self,
+        *,
+        callee: str,
+        endpoint: str,
+        code: str | None,
+        traceparent: str | None,
+        **marks: str,
+    ) -> None:
+        """One JSON line, on the caller's side (``side: client``), for an attempt traffic
+        management decided without the callee: a policy's fault delayed or aborted it
+        (``fault``, ``rule``; ``code``: the abort's, ``None`` for a delay), or an open circuit
+        refused it (``circuit: open``, ``destination``)."""
+        if self._logger is None:
+            self._logger = _access_logger()
+        self._logger.info(
+            "access",
+            side="client",
+            caller=self._agent,
+            caller_instance=self._instance,
+            callee=callee,
+            endpoint=endpoint,
+            code=code,
+            **marks,
+            trace_id=traceparent.split("-")[1] if traceparent and "-" in traceparent else None,
         )

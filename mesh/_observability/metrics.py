@@ -150,6 +150,24 @@ class _MetricsHub:
                 unit="s",
                 description="unix time at which the newest accepted head expires",
             ),
+            counter(
+                "mesh.traffic.events",
+                [each(_traffic_events)],
+                unit="{event}",
+                description="traffic-management events: faults, mirrors, circuits, ejections",
+            ),
+            gauge(
+                "mesh.circuit.state",
+                [each(_circuit_state)],
+                unit="1",
+                description="1 for each destination's circuit state (closed, open, half_open)",
+            ),
+            gauge(
+                "mesh.outlier.ejected",
+                [each(_ejected)],
+                unit="s",
+                description="seconds left of each instance this caller has ejected",
+            ),
             gauge(
                 "mesh.control.stale",
                 [each(_stale)],
@@ -191,6 +209,21 @@ def _inflight(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
 def _fates(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
     for fate, n in sorted(m.stats.fates.items()):
         yield Observation(n, {**base, "mesh.fate": fate})
+
+
+def _traffic_events(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
+    for event, n in sorted(m.traffic.counts.items()):
+        yield Observation(n, {**base, "mesh.event": event})
+
+
+def _circuit_state(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
+    for destination, state in sorted(m.traffic.circuits().items()):
+        yield Observation(1, {**base, "mesh.destination": destination, "mesh.state": state})
+
+
+def _ejected(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
+    for peer, left in sorted(m.traffic.ejected().items()):
+        yield Observation(left, {**base, "mesh.peer_instance": peer})
 
 
 def _decisions(m: StatsSource, base: dict[str, str]) -> Iterable[Observation]:
@@ -359,6 +392,22 @@ class MeshCollector:
             "1 when the instance may not run the mesh's current state",
             labels=base,
         )
+        events = CounterMetricFamily(
+            "mesh_traffic_events",
+            "traffic-management events: faults, mirrors, circuits, ejections",
+            labels=[*base, "mesh_event"],
+        )
+        circuit = GaugeMetricFamily(
+            "mesh_circuit_state",
+            "1 for each destination's circuit state (closed, open, half_open)",
+            labels=[*base, "mesh_destination", "mesh_state"],
+        )
+        ejected = GaugeMetricFamily(
+            "mesh_outlier_ejected_seconds",
+            "seconds left of each instance this caller has ejected",
+            labels=[*base, "mesh_peer_instance"],
+            unit="seconds",
+        )
         now = time.time()
         for m in self._sources():
             who = [m.name, m.instance]
@@ -384,8 +433,16 @@ class MeshCollector:
                 head_version.add_metric(who, m.head.version)
                 head_expiry.add_metric(who, m.head.expires_at)
             stale.add_metric(who, 1 if m.stale is not None else 0)
+            traffic = m.traffic
+            for event, n in sorted(traffic.counts.items()):
+                events.add_metric([*who, event], n)
+            for destination, state in sorted(traffic.circuits().items()):
+                circuit.add_metric([*who, destination, state], 1)
+            for peer, left in sorted(traffic.ejected().items()):
+                ejected.add_metric([*who, peer], left)
         yield from (requests, duration, inflight, fates, decisions, refused, limited)
         yield from (cert_expiry, cert_left, root_expiry, head_version, head_expiry, stale)
+        yield from (events, circuit, ejected)
 
 
 def serve_prometheus(

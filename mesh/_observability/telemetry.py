@@ -6,6 +6,7 @@ and never imports OpenTelemetry itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import metrics as otel_metrics
@@ -46,6 +47,18 @@ class Telemetry(Tracing):
     def log_access(self, **fields: Any) -> None:
         """One JSON line for a served request; never the payload."""
         self._access.write(**fields)
+
+    def traffic(
+        self,
+        span: Any,
+        event: str,
+        attrs: Mapping[str, str],
+        access: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A span event and, for an injected fault, a caller-side access-log line."""
+        super().traffic(span, event, attrs, access)
+        if access is not None:
+            self._access.write_client(**access)
 
     def register_metrics(self, source: StatsSource) -> None:
         """Report ``source``'s aggregates through the meter provider's instruments."""

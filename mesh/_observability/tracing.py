@@ -9,7 +9,8 @@ Sampling follows the parent (the SDK's default ``ParentBased`` sampler).
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -103,6 +104,22 @@ class Tracing:
                     "mesh.backoff_ms": round(delay * 1000, 3),
                 },
             )
+
+    def traffic(
+        self,
+        span: Span | None,
+        event: str,
+        attrs: Mapping[str, str],
+        access: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A traffic-management event as a span event (``mesh.fault`` also as an attribute,
+        so injected faults are easy to find)."""
+        if span is None:
+            return
+        span.add_event(event, {f"mesh.{k}": v for k, v in attrs.items()})
+        fault = attrs.get("fault")
+        if fault is not None:
+            span.set_attribute("mesh.fault", fault)
 
     def end(
         self, span: Span | None, code: str, fate: str | None = None, rule: str | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -51,6 +51,10 @@ class Context:
         attempt: attempt number of the request (1 for the first).
         idempotency_key: the caller's key, when given.
         traceparent / tracestate: W3C trace context received.
+        metadata: the request metadata the caller set (authenticated with the request, not
+            encrypted; routes match on it).
+        mirrored: the request is a mirror's copy: its reply is discarded, so a handler may
+            skip side effects (``docs/traffic.md``).
     """
 
     mesh: MeshHandle
@@ -61,6 +65,8 @@ class Context:
     idempotency_key: str | None = None
     traceparent: str | None = None
     tracestate: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    mirrored: bool = False
 
     @property
     def remaining(self) -> float | None:
@@ -78,8 +84,10 @@ class Context:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> M:
-        """Call another agent; the call inherits this request's deadline and trace context."""
+        """Call another agent; the call inherits this request's deadline and trace context
+        (not its metadata: pass ``metadata`` to set the nested call's)."""
         return await self.mesh.request(
             agent,
             endpoint,
@@ -88,6 +96,7 @@ class Context:
             timeout=timeout,
             deadline=self.deadline,
             idempotency_key=idempotency_key,
+            metadata=metadata,
             traceparent=self.traceparent,
             tracestate=self.tracestate,
         )

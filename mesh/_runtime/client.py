@@ -3,23 +3,30 @@
 A ``Call`` carries everything one call needs; the stages run in this order::
 
     prepare    names, trace context, idempotency key          (cheap checks, before anything)
-    route      policy, once: the caller's own authorization, timeout and retries (Route)
+    route      policy, once: the caller's own authorization, timeout and retries (Route), and
+               the traffic route the call's metadata selects (``spec.routes``)
     deadline   the earlier of the caller's timeout and an inherited deadline
     ---------- per call: signals and the CLIENT span open here
+    fault      delay or abort a share of a route's calls             (only if policy has faults)
+    mirror     copy a share of a route's calls to a shadow           (only if policy mirrors)
     retry      attempts until a reply, a final error or the deadline, within the retry budget
     ---------- per attempt
-    pick       one live instance serving the endpoint (power of two choices), or the pinned one
+    circuit    the destination's circuit breaker and limits          (only if policy has one)
+    observe    the attempt's outcome and latency, per instance       (outlier detection, EWMA)
+    pick       one live instance serving the endpoint: the route's split backend, ejected
+               instances left out, affinity, then the balancer (power of two choices on
+               outstanding requests, or peak EWMA); or the pinned one
     transmit   encode the header, seal, send to the instance's subject, await the sealed reply
                on the inbox (``mesh._runtime.replies`` opens it); on "no responders", send the
                same frame to the same instance again until the signed directory says it is gone;
                when the connection to NATS was lost meanwhile, a call safe to retry makes a
                fresh attempt and any other sends its frame again (the callee drops a copy)
 
-``attempt_stages`` (today ``retry``) are ``async (next, call)`` and call ``next(call)`` to go on,
-so a stage acts before and after the rest of the chain; the chain ends in ``attempt`` (``pick``
-then ``transmit``). Circuit breaking, routing, mirroring and fault injection plug in as attempt
-stages. The chain is composed once when the pipeline is built: a stage that is off is not in it
-and costs nothing per request.
+``attempt_stages`` are ``async (next, call)`` and call ``next(call)`` to go on, so a stage acts
+before and after the rest of the chain; the chain ends in ``attempt`` (``pick`` then
+``transmit``). The traffic-management stages are ``mesh._runtime.traffic``'s. The chain is
+composed again only when a new policy is installed: a stage no rule uses is not in it and costs
+nothing per request.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mesh._core.config import MeshConfig
@@ -37,11 +44,12 @@ from mesh._core.envelope import (
     HDR_DEADLINE,
     HDR_TRACEPARENT,
     HDR_TRACESTATE,
+    check_metadata,
     check_trace_context,
     request_header,
 )
 from mesh._core.names import rpc_subject, validate_name
-from mesh._core.policy import Route
+from mesh._core.policy import PolicyEngine, Route, Subset, TrafficRoute
 from mesh._core.records import InstanceRecord
 from mesh._core.resilience import Backoff, LeastLoadedPicker, RetryBudget
 from mesh._core.signals import EdgeKey, EdgeStats
@@ -49,8 +57,10 @@ from mesh._runtime.directory import Directory
 from mesh._runtime.governance import Governance
 from mesh._runtime.ports import MeshStats, Observer, Span
 from mesh._runtime.replies import LOST, Inbox, InstanceDown, NotDelivered, Pending
+from mesh._runtime.traffic import Destination, Traffic
 from mesh._transport.base import Transport
 from mesh.errors import (
+    CircuitOpen,
     DeadlineExceeded,
     Internal,
     InvalidArgument,
@@ -90,6 +100,12 @@ class Call:
         record: the instance of the current attempt; ``idempotent`` its endpoint's flag.
         pinned: the instance a keyed call stays on; ``avoid`` instances not to pick again.
         fate: how the call ended (``ok``, ``ok_after_retry``, ``retries_exhausted``, ...).
+        metadata: the request metadata the caller set.
+        traffic: the policy route the call matched (``spec.routes``), if any.
+        dest: the destination's circuit and ejections, when its settings have any.
+        backend: the index of the split backend chosen for the call.
+        subset: the instances a mirror copy may go to.
+        mirror: the call is a mirror's copy.
     """
 
     agent: str
@@ -109,6 +125,12 @@ class Call:
     pinned: InstanceRecord | None = None
     avoid: set[str] | None = None
     fate: str | None = None
+    metadata: dict[str, str] | None = None
+    traffic: TrafficRoute | None = None
+    dest: Destination | None = None
+    backend: int | None = None
+    subset: Subset | None = None
+    mirror: bool = False
 
 
 def compose(stages: Sequence[AttemptStage], last: Next) -> Next:
@@ -171,7 +193,21 @@ class ClientPipeline:
         self._max_body = config.limits.max_body
         self._checked_names: set[tuple[str, str]] = set()
         self._rpc_subject = functools.partial(rpc_subject, config.prefix)
+        self.traffic = Traffic(self)
+        self._engine: PolicyEngine | None = None
+        self._destinations = False  # whether any endpoint setting has a circuit or ejections
+        self._balancers = False  # whether any endpoint setting asks for peak EWMA
         self.attempt_stages: tuple[AttemptStage, ...] = (self.retry,)
+        self._run = compose(self.attempt_stages, self.attempt)
+
+    def _configure(self, engine: PolicyEngine) -> None:
+        """Compose the chain for a newly installed policy: only the stages it uses."""
+        self._engine = engine
+        features = engine.features
+        per_call, per_attempt = self.traffic.stages(features)
+        self._destinations = bool(features & {"circuit_breaker", "outlier_detection"})
+        self._balancers = "peak_ewma" in features
+        self.attempt_stages = (*per_call, self.retry, *per_attempt)
         self._run = compose(self.attempt_stages, self.attempt)
 
     async def call(
@@ -185,6 +221,7 @@ class ClientPipeline:
         idempotency_key: str | None,
         traceparent: str | None,
         tracestate: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> bytes:
         """Run one call through the stages; returns the reply body.
 
@@ -192,18 +229,28 @@ class ClientPipeline:
             MeshError: the subclass matching the failure.
         """
         self.prepare(agent, endpoint, idempotency_key, traceparent, tracestate)
+        md: dict[str, str] | None = None
+        if metadata:
+            md = dict(metadata)
+            check_metadata(md)
         try:
             route = self.route(agent, endpoint)
         except MeshError as exc:
             self._refused(agent, endpoint, exc, traceparent, tracestate)
             raise
-        dl = self.deadline(agent, endpoint, route, timeout, deadline)
+        engine = self._governance.engine
+        if engine is not self._engine:
+            self._configure(engine)
+        traffic = route.select(md) if route.traffic else None
+        dl = self.deadline(agent, endpoint, route, timeout, deadline, traffic)
         if len(body) > self._max_body:
             raise MessageTooLarge(
                 f"request body is {len(body)} bytes, the limit is {self._max_body}"
             )
         attempts, per_try = self._config.retry.attempts, self._config.retry.per_try_timeout
         retries = route.retries
+        if traffic is not None and traffic.retries is not None:
+            retries = traffic.retries
         if retries is not None:
             attempts = retries.attempts
             per_try = retries.per_try_timeout or per_try
@@ -217,6 +264,12 @@ class ClientPipeline:
             agent, endpoint, body, dl, route, idempotency_key, traceparent, tracestate,
             attempts, per_try, span,
         )  # fmt: skip
+        if md is not None:
+            c.metadata = md
+        if traffic is not None:
+            c.traffic = traffic
+        if self._destinations:
+            c.dest = self.traffic.destination(route, agent)
         started = time.perf_counter()
         code = OK
         try:
@@ -291,14 +344,19 @@ class ClientPipeline:
         route: Route,
         timeout: float | None,
         deadline: float | None,
+        traffic: TrafficRoute | None = None,
     ) -> float:
         """The call's absolute deadline: the earlier of the timeout and an inherited deadline.
+        The timeout is the caller's, else the traffic route's, else the endpoint's.
 
         Raises:
             DeadlineExceeded: it has already passed.
         """
         if timeout is None:
-            timeout = route.timeout or self._config.timeouts.request
+            if traffic is not None and traffic.timeout is not None:
+                timeout = traffic.timeout
+            else:
+                timeout = route.timeout or self._config.timeouts.request
         now = time.time()
         dl = now + timeout if deadline is None else min(now + timeout, deadline)
         if dl <= now:
@@ -350,6 +408,7 @@ class ClientPipeline:
             call.pinned = record
         if record is not None and isinstance(exc, ResourceExhausted) and exc.retry_after:
             self.picker.penalize(record.key, exc.retry_after)
+            self.traffic.penalize(record.key, exc.retry_after)
         await asyncio.sleep(delay)
 
     def _retry_delay(
@@ -357,6 +416,8 @@ class ClientPipeline:
     ) -> tuple[float | None, str]:
         """Seconds to wait before retrying (``None`` to give up), and the call's fate."""
         if not exc.retryable or not may_retry:
+            if isinstance(exc, CircuitOpen):
+                return None, "circuit_open"
             return None, "deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "failed"
         if attempt >= attempts:
             return None, "retries_exhausted"
@@ -384,7 +445,7 @@ class ClientPipeline:
                 call.avoid = set()
             call.avoid.add(pinned.key)
             pinned = call.pinned = None
-        record = pinned or self._choose(directory, call.agent, call.endpoint, call.avoid)
+        record = pinned or self._choose(directory, call)
         call.record = record
         info = record.endpoints.get(call.endpoint)
         if info is None:
@@ -392,15 +453,21 @@ class ClientPipeline:
         call.idempotent = info.idempotent
         return record
 
-    def _choose(
-        self, directory: Directory, agent: str, endpoint: str, avoid: set[str] | None
-    ) -> InstanceRecord:
+    def _choose(self, directory: Directory, call: Call) -> InstanceRecord:
+        agent, endpoint, avoid = call.agent, call.endpoint, call.avoid
         candidates = directory.instances(agent)
         if not candidates:
             raise NotDelivered(f"no live instance of agent {agent!r}")
         if len(candidates) > 1 and any(endpoint not in r.endpoints for r in candidates):
             # During a rolling upgrade some instances may not serve the endpoint yet.
             candidates = [r for r in candidates if endpoint in r.endpoints] or candidates
+        if (
+            call.traffic is not None
+            or call.dest is not None
+            or call.subset is not None
+            or self._balancers
+        ):
+            return self.traffic.choose(call, candidates)
         if avoid:
             candidates = [r for r in candidates if r.key not in avoid] or candidates
         return self.picker.pick(candidates, _record_key)
@@ -415,7 +482,7 @@ class ClientPipeline:
         aad = request_header(
             rid, int(time.time() * 1000), self.name, self.instance, record.agent,
             record.instance, call.endpoint, dl_ms, call.attempt, self.cert_raw,
-            call.idempotency_key, traceparent, tracestate,
+            call.idempotency_key, traceparent, tracestate, call.metadata, call.mirror,
         )  # fmt: skip
         headers = {HDR_DEADLINE: str(dl_ms)}
         if traceparent is not None:
@@ -432,6 +499,9 @@ class ClientPipeline:
         token, reply, pending, timer = self._inbox.add(rid, record, key, wait, by_deadline)
         picker_key = record.key
         self.picker.acquire(picker_key)
+        ewma = self.traffic.ewma
+        if ewma is not None:
+            ewma.acquire(picker_key)
         subject = self._rpc_subject(record.agent, record.instance, call.endpoint)
         if call.span is not None:
             self._observer.attempt(call.span, call.attempt, subject, rid)
@@ -444,6 +514,30 @@ class ClientPipeline:
         finally:
             self._inbox.remove(token, timer)
             self.picker.release(picker_key)
+            if ewma is not None:
+                ewma.release(picker_key)
+
+    def fate(self, call: Call, fate: str) -> None:
+        """End ``call`` with ``fate`` (counted), from a stage outside the retry stage."""
+        call.fate = fate
+        self._stats.fate(fate)
+
+    def traffic_event(
+        self, call: Call, event: str, *, access: dict[str, str] | None = None, **attrs: str
+    ) -> None:
+        """Tell the observer of a traffic-management event of ``call``. ``access``: the marks
+        of a caller-side access-log line (``fault`` and ``rule``, or ``circuit`` and
+        ``destination``), written when the access log is on, with ``attrs``' ``code``."""
+        line = None
+        if access is not None and (self._observer.access_log or call.route.access_log):
+            line = {
+                "callee": call.agent,
+                "endpoint": call.endpoint,
+                "code": attrs.get("code"),
+                "traceparent": call.traceparent,
+                **access,
+            }
+        self._observer.traffic(call.span, event, attrs, line)
 
     def heard(self, key: str, ts: float) -> None:
         """Fresh signed evidence of life from an instance (a record or beat the directory
@@ -453,10 +547,12 @@ class ClientPipeline:
         if since is not None and ts > since:
             del self._suspects[key]
             self.picker.penalize(key, 0.0)
+            self.traffic.penalize(key, 0.0)
 
     def _suspect(self, key: str) -> None:
         self._suspects[key] = time.time()
         self.picker.penalize(key, self._suspect_for)
+        self.traffic.penalize(key, self._suspect_for)
         if len(self._suspects) > 1024:  # forget the oldest: a penalty only steers new calls
             del self._suspects[next(iter(self._suspects))]
 

@@ -54,6 +54,7 @@ from mesh._runtime.registration import Registration
 from mesh._runtime.replies import Inbox
 from mesh._runtime.server import ServerPipeline
 from mesh._runtime.services import serve_services
+from mesh._runtime.traffic import Traffic
 from mesh._transport.base import InboundMessage, Subscription, Transport
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, Unavailable
 
@@ -186,6 +187,11 @@ class MeshRuntime:
     def endpoint_stats(self) -> dict[str, EndpointStats]:
         """Counters of each served endpoint (empty for a caller-only client)."""
         return self.server.endpoint_stats if self.server is not None else {}
+
+    @property
+    def traffic(self) -> Traffic:
+        """The caller's traffic management: event counts, circuit states, ejected instances."""
+        return self.client.traffic
 
     @property
     def decisions(self) -> Counter[tuple[str, str]]:
@@ -381,6 +387,7 @@ class MeshRuntime:
                 await asyncio.wait_for(self._report_signals(final=True), 1.0)
             except TimeoutError:
                 log.warning("mesh.signals_report_failed", error_type="TimeoutError")
+        await self.client.traffic.close()
         await self.governance.close()
         if registration is not None:
             with contextlib.suppress(MeshError):
@@ -428,6 +435,7 @@ class MeshRuntime:
         idempotency_key: str | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> M:
         """Call ``endpoint`` of ``agent`` and return its reply as ``reply_type``.
 
@@ -442,6 +450,9 @@ class MeshRuntime:
             idempotency_key: makes a non-idempotent call safe to retry; the callee runs it
                 at most once per key (per instance, within the reply-cache TTL).
             traceparent / tracestate: W3C trace context to carry.
+            metadata: request metadata: at most 16 string keys and values, authenticated with
+                the request (readable by the broker, like the endpoint name: no secrets),
+                matched by policy routes and given to the handler (``ctx.metadata``).
 
         Raises:
             MeshError: the subclass matching the failure (``PermissionDenied``,
@@ -457,6 +468,7 @@ class MeshRuntime:
             idempotency_key=idempotency_key,
             traceparent=traceparent,
             tracestate=tracestate,
+            metadata=metadata,
         )
         try:
             return reply_type.model_validate_json(payload)
@@ -474,6 +486,7 @@ class MeshRuntime:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Any:
         """Call ``endpoint`` of ``agent`` with a JSON body and return the reply parsed as JSON
         (for tools and shells that have no models: ``mesh-policy call``).
@@ -484,7 +497,7 @@ class MeshRuntime:
             body: the JSON text (``bytes`` or ``str``, checked to be JSON before anything is
                 sent) or a mapping to serialize.
             timeout: seconds from now (default: the policy's, else ``Timeouts.request``).
-            idempotency_key: as for ``request``.
+            idempotency_key / metadata: as for ``request``.
 
         Raises:
             InvalidArgument: ``body`` is not JSON (nothing is sent), or the reply is not JSON.
@@ -501,6 +514,7 @@ class MeshRuntime:
             idempotency_key=idempotency_key,
             traceparent=None,
             tracestate=None,
+            metadata=metadata,
         )
         try:
             return json.loads(reply)
@@ -563,7 +577,10 @@ class MeshRuntime:
                 await asyncio.sleep(self.config.signals_interval)
             try:
                 report = self.signals.snapshot_and_reset(time.time())
-                if report.edges:
+                traffic = self.client.traffic
+                report.circuits = {d: s for d, s in traffic.circuits().items() if s != "closed"}
+                report.ejected = traffic.ejected()
+                if report.edges or report.circuits or report.ejected:
                     await self.publish(SIGNALS_TOPIC, report)
                     if final:
                         await self.transport.flush(1.0)  # out before the connection closes

@@ -15,7 +15,7 @@ sides of the port read them.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -40,6 +40,7 @@ __all__ = [
     "Observer",
     "Span",
     "StatsSource",
+    "TrafficView",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -122,6 +123,18 @@ class Observer(Protocol):
         of a denial."""
         ...
 
+    def traffic(
+        self,
+        span: Span,
+        event: str,
+        attrs: Mapping[str, str],
+        access: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A traffic-management event of a call (``fault_delay``, ``fault_abort``,
+        ``circuit_opened``, ``circuit_closed``, ``ejected``): a span event; with ``access``
+        (an injected fault, when the access log is on), also a caller-side access-log line."""
+        ...
+
     def start_server(
         self,
         agent: str,
@@ -176,6 +189,15 @@ class NoObserver:
     def end(self, span: Span, code: str, fate: str | None = None, rule: str | None = None) -> None:
         pass
 
+    def traffic(
+        self,
+        span: Span,
+        event: str,
+        attrs: Mapping[str, str],
+        access: Mapping[str, Any] | None = None,
+    ) -> None:
+        pass
+
     def start_server(
         self,
         agent: str,
@@ -208,6 +230,16 @@ class MeshIdentity(Protocol):
     def trust_root(self) -> TrustRoot: ...
 
 
+class TrafficView(Protocol):
+    """What a caller's traffic management shows (``mesh._runtime.traffic.Traffic``)."""
+
+    counts: dict[str, int]
+
+    def circuits(self) -> dict[str, str]: ...
+
+    def ejected(self) -> dict[str, float]: ...
+
+
 class StatsSource(MeshIdentity, Protocol):
     """What metrics read of one mesh connection at collection time."""
 
@@ -221,6 +253,8 @@ class StatsSource(MeshIdentity, Protocol):
     def head(self) -> Head | None: ...
     @property
     def stale(self) -> str | None: ...
+    @property
+    def traffic(self) -> TrafficView: ...
 
 
 class MeshHandle(MeshIdentity, Protocol):
@@ -251,6 +285,7 @@ class MeshHandle(MeshIdentity, Protocol):
         idempotency_key: str | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> M: ...
 
     async def publish(

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from mesh._core.identity import Certificate
-from mesh._core.signals import GraphEdge, SignalRow
+from mesh._core.signals import GraphEdge, SignalRow, TrafficRow
 from mesh._runtime.control import IssuedCertificate, PolicyRevision
 
 __all__ = [
@@ -186,3 +186,5 @@ class SignalsReply(BaseModel):
     rows: list[SignalRow]
     edges: list[GraphEdge]
     nodes: list[str]
+    traffic: list[TrafficRow] = []
+    """Callers' open circuits and ejected instances (``SignalTable.traffic``)."""

@@ -478,6 +478,8 @@ class ServerPipeline:
                     idempotency_key=hdr.idempotency_key,
                     traceparent=traceparent,
                     tracestate=tracestate,
+                    metadata=hdr.metadata or {},
+                    mirrored=hdr.mirror is True,
                 )
                 async with asyncio.timeout(remaining):
                     if spec.wants_context:

@@ -1,5 +1,6 @@
 """The live instances as ``mesh-policy agents`` and the dashboard show them: each one's
-status against the newest signed head (``ok``, ``revoked``, ``refused``, ``stale``)."""
+status against the newest signed head (``ok``, ``revoked``, ``refused``, ``stale``), and the
+callers that have ejected it (outlier detection, from their latest signals reports)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mesh import Certificate, Mesh
+from mesh import Certificate, Mesh, MeshError
 from mesh._core.records import InstanceRecord
+from mesh.control_plane import REGISTRY, SignalsReply, SignalsRequest
 
 from ._output import iso
 
@@ -47,10 +49,13 @@ class AgentRow:
     record: InstanceRecord
     status: str
     detail: str | None
+    ejected_by: tuple[str, ...] = ()
+    """The callers (``agent.instance``) whose latest report lists this instance as ejected."""
 
     def document(self) -> dict[str, Any]:
         """``agents -o json``'s row: ``agent``, ``instance``, ``version``, ``state``,
-        ``serial``, ``certificate_expires``, ``policy_revision``, ``status``, ``detail``."""
+        ``serial``, ``certificate_expires``, ``policy_revision``, ``status``, ``detail``,
+        ``ejected_by``."""
         rec = self.record
         return {
             "agent": rec.agent,
@@ -62,6 +67,7 @@ class AgentRow:
             "policy_revision": rec.policy_revision,
             "status": self.status,
             "detail": self.detail,
+            "ejected_by": list(self.ejected_by),
         }
 
 
@@ -73,4 +79,27 @@ async def list_agents(mesh: Mesh) -> list[AgentRow]:
     revoked |= head.revoked_serials if head is not None else set()
     latest = head.policy_revision if head is not None else None
     records = sorted(mesh.directory.all(), key=lambda r: (r.agent, r.instance))
-    return [AgentRow(rec, *agent_status(rec, revoked, latest)) for rec in records]
+    ejected = await ejections(mesh)
+    return [
+        AgentRow(rec, *agent_status(rec, revoked, latest), ejected.get(rec.key, ()))
+        for rec in records
+    ]
+
+
+async def ejections(mesh: Mesh) -> dict[str, tuple[str, ...]]:
+    """Each ejected instance (``agent.instance``) and the callers that ejected it, from the
+    registry's signals; empty when no registry answers (the list is a hint, not a state)."""
+    if not mesh.directory.instances(REGISTRY):
+        return {}
+    try:
+        reply = await mesh.request(
+            REGISTRY, "signals", SignalsRequest(reporter="client", by_caller=False), SignalsReply,
+            timeout=5,
+        )  # fmt: skip
+    except MeshError:
+        return {}
+    found: dict[str, list[str]] = {}
+    for row in reply.traffic:
+        if row.kind == "ejection":
+            found.setdefault(row.target, []).append(row.caller)
+    return {key: tuple(sorted(callers)) for key, callers in found.items()}

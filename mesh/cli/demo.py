@@ -5,22 +5,29 @@ root and identities, starts the policy registry and applies ``policies/research.
 the agents of ``examples/research.py``, and narrates a short conversation: sealed
 request/reply with a nested call that inherits the deadline, signed events, a deadline that is
 too short, a denied call and the rule that denied it, a captured request that a broker-level
-attacker replays and tampers with (refused both times), and the audit log.
+attacker replays and tampers with (refused both times), a canary rollout of the researcher's v2
+by a weighted route (``policies/research-canary.yaml``: 90/10, then 0/100), a researcher
+instance that fails every call and that the planner's outlier detection ejects, and the audit
+log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import yaml
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -32,7 +39,8 @@ from mesh._core.config import DirectoryConfig, MeshConfig
 from mesh._core.envelope import decode_frame, encode_header
 from mesh._core.identity import TrustRoot, save_identity, save_trust_root
 from mesh._core.names import rpc_prefix
-from mesh._core.policy import PolicyEngine
+from mesh._core.policy import PolicyEngine, parse_policy
+from mesh._runtime.agent import Agent
 from mesh._transport.nats import NatsTransport
 from mesh.control_plane import ApplyReply, ApplyRequest
 from mesh.embedded import NatsServer
@@ -49,10 +57,19 @@ def say(line: str = "") -> None:
 
 async def _attack(url: str, planner: Mesh) -> None:
     """A client with broker access but no mesh keys captures a request and replays it."""
-    from mesh_examples.research import Answer, Question
-
     spy = NatsTransport([url], name="attacker")
     await spy.connect()
+    try:
+        await _capture_and_replay(spy, planner)
+    finally:
+        await spy.close()
+
+
+async def _capture_and_replay(spy: NatsTransport, planner: Mesh) -> None:
+    """The attacker's connection captures the planner's next request, then resends it as it is
+    and with a fresh message id."""
+    from mesh_examples.research import Answer, Question
+
     captured: asyncio.Queue[tuple[str, bytes, dict[str, str]]] = asyncio.Queue()
     refusals: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -65,6 +82,9 @@ async def _attack(url: str, planner: Mesh) -> None:
     await spy.subscribe(f"{rpc_prefix(planner.config.prefix)}researcher.>", capture)
     inbox = spy.new_inbox()
     await spy.subscribe(inbox, refused)
+    # Twice: nats-py (2.16) writes a flush's PING at once but the SUBs before it later, so the
+    # first PONG can come back before the server has the subscriptions; the second cannot.
+    await spy.flush()
     await spy.flush()
     await planner.request("researcher", "answer", Question(text="nats"), Answer, timeout=5)
     subject, frame, headers = await asyncio.wait_for(captured.get(), 5)
@@ -81,7 +101,6 @@ async def _attack(url: str, planner: Mesh) -> None:
         await spy.publish(subject, data, reply=inbox, headers=headers)
         hdr, _ = decode_frame(await asyncio.wait_for(refusals.get(), 5))
         say(f"attacker   {label}: refused {hdr.status} ({hdr.message})")
-    await spy.close()
 
 
 def _trace_lines(spans: Sequence[ReadableSpan], trace_id: int) -> list[str]:
@@ -107,10 +126,23 @@ def _trace_lines(spans: Sequence[ReadableSpan], trace_id: int) -> list[str]:
     return lines
 
 
-def _policy_text() -> tuple[str, str]:
-    """The demo's policy: ``policies/research.yaml`` (installed as ``mesh_policies``)."""
-    text = resources.files("mesh_policies").joinpath("research.yaml").read_text()
-    return text, "policies/research.yaml"
+def _policy_text(name: str = "research.yaml") -> tuple[str, str]:
+    """A policy of the demo: ``policies/research.yaml`` by default (installed as
+    ``mesh_policies``)."""
+    text = resources.files("mesh_policies").joinpath(name).read_text()
+    return text, f"policies/{name}"
+
+
+async def _apply(admin: Mesh, meshes: Sequence[Mesh], text: str, source: str) -> ApplyReply:
+    """The admin applies a policy through the registry, which signs and distributes it; returns
+    once every mesh of ``meshes`` runs the new revision."""
+    applied = await admin.request(
+        "registry", "apply", ApplyRequest(policy=text, source=source), ApplyReply
+    )
+    say(f"admin      -> registry.apply({source}): revision {applied.revision}, signed")
+    for mesh in meshes:
+        await mesh.governance.wait_for_revision(applied.revision)
+    return applied
 
 
 async def _intruder(config: MeshConfig, root: TrustRoot, res: Mesh) -> None:
@@ -131,6 +163,159 @@ async def _intruder(config: MeshConfig, root: TrustRoot, res: Mesh) -> None:
         except PermissionDenied as exc:
             say(f"intruder   <- refused by researcher: PERMISSION_DENIED, rule {exc.rule!r}")
     await asyncio.sleep(0.2)  # the denial report reaches the registry's audit log
+
+
+def _researcher_v2() -> tuple[Agent, Agent]:
+    """Version 2.0.0 of the researcher (the example's own ``answer`` handler), and the same
+    version with a bug: its ``answer`` raises on every call."""
+    from mesh_examples.research import answer, researcher
+
+    v2 = Agent("researcher", version="2.0.0", description=researcher.description)
+    v2.endpoint(idempotent=True, concurrency=8)(answer)
+    buggy = Agent("researcher", version="2.0.0", description=researcher.description)
+
+    @buggy.endpoint(idempotent=True, concurrency=8)
+    @functools.wraps(answer)  # the same endpoint: its name, and its body and reply types
+    async def broken(q: Any, ctx: Any) -> Any:
+        raise RuntimeError("a bug in this instance")
+
+    return v2, buggy
+
+
+async def _start_researcher(
+    root: TrustRoot,
+    config: MeshConfig,
+    extra: contextlib.AsyncExitStack,
+    plan: Mesh,
+    agent: Agent,
+) -> Mesh:
+    """One more researcher instance, with a fresh identity from the demo's root and stopped
+    with the demo; returns once the planner's directory lists it."""
+    identity = root.issue_identity("researcher", roles=["analyst"])
+    mesh = await extra.enter_async_context(Mesh(identity, config, agent=agent))
+    key = f"researcher.{mesh.instance}"
+    for _ in range(250):  # 5 s
+        if any(r.key == key for r in plan.directory.instances("researcher")):
+            return mesh
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"the planner's directory does not list {key}")
+
+
+def _served(researchers: Sequence[Mesh]) -> Counter[str]:
+    """Requests each researcher instance was sent, by instance."""
+    return Counter({m.instance: m.endpoint_stats["answer"].requests for m in researchers})
+
+
+async def _batch(plan: Mesh, n: int) -> int:
+    """``n`` questions from the planner, ten at a time; returns how many failed."""
+    from mesh_examples.research import Answer, Question
+
+    async def ask(i: int) -> None:
+        q = Question(text=QUESTIONS[i % len(QUESTIONS)])
+        await plan.request("researcher", "answer", q, Answer, timeout=5)
+
+    failed = 0
+    for start in range(0, n, 10):
+        done = await asyncio.gather(
+            *(ask(i) for i in range(start, min(n, start + 10))), return_exceptions=True
+        )
+        for outcome in done:
+            if isinstance(outcome, MeshError):
+                failed += 1
+            elif isinstance(outcome, BaseException):
+                raise outcome
+    return failed
+
+
+async def _split_batch(plan: Mesh, n: int, split: str, versions: dict[Mesh, str]) -> None:
+    """``n`` questions, and the instances (named by version) that answered them."""
+    before = _served(list(versions))
+    failed = await _batch(plan, n)
+    got = _served(list(versions)) - before
+    shares = ", ".join(f"{got[m.instance]} to {v}" for m, v in versions.items())
+    say(f"planner    -> researcher.answer x{n} (split {split}): {shares}; {failed} failed")
+
+
+async def _traffic(
+    root: TrustRoot,
+    config: MeshConfig,
+    extra: contextlib.AsyncExitStack,
+    admin: Mesh,
+    meshes: Sequence[Mesh],
+    res: Mesh,
+    plan: Mesh,
+) -> None:
+    """A canary rollout of the researcher's v2 by a weighted route, then a v2 instance that
+    fails every call, which the planner's outlier detection ejects."""
+    from mesh_examples import research
+
+    research.narrate = lambda line: None  # hundreds of calls: counted, not told one by one
+    try:
+        v2_agent, buggy_agent = _researcher_v2()
+        v2 = await _start_researcher(root, config, extra, plan, v2_agent)
+        v1_name, v2_name = f"v{research.researcher.version}", f"v{v2_agent.version}"
+        say(f"canary     researcher {v2_name} starts as instance {v2.instance}, next to {v1_name}")
+        text, source = _policy_text("research-canary.yaml")
+        await _apply(admin, (*meshes, v2), text, source)
+        policy = parse_policy(text, source=source, require_units=True)
+        route = policy.spec.routes[0]
+        split = ", ".join(f"{b.weight} % to {b.describe()}" for b in route.split)
+        say(f"  route {route.name!r}: planner -> researcher.answer, {split}")
+        outliers = policy.spec.endpoints["researcher.answer"].outlier_detection
+        assert outliers is not None
+        failures = outliers.consecutive_failures
+        say(f"  researcher.answer: an instance that fails {failures} calls in a row is ejected")
+        versions = {res: v1_name, v2: v2_name}
+        await _split_batch(plan, 100, "90/10", versions)
+        # The rollout goes on: the same file with the weights moved, applied as the next revision.
+        doc = yaml.safe_load(text)
+        for backend in doc["spec"]["routes"][0]["split"]:
+            backend["weight"] = 100 if backend["version"] == "2.*" else 0
+        say("admin      moves the split to 0 % version 1.*, 100 % version 2.*")
+        edited = yaml.safe_dump(doc, sort_keys=False)
+        await _apply(admin, (*meshes, v2), edited, f"{source}, edited to 0/100")
+        await _split_batch(plan, 50, "0/100", versions)
+        say()
+        buggy = await _start_researcher(root, config, extra, plan, buggy_agent)
+        say(
+            f"outliers   a third researcher instance starts: {buggy.instance}, {v2_name} too, "
+            "but its answer handler raises on every call"
+        )
+        await _eject(plan, buggy, failures)
+    finally:
+        await asyncio.sleep(0.1)  # the events of the last calls are handled, untold
+        research.narrate = say
+
+
+async def _eject(plan: Mesh, buggy: Mesh, failures: int) -> None:
+    """Calls go on until the planner ejects ``buggy``; then none reaches it, and all succeed."""
+    from mesh_examples.research import Answer, Question
+
+    traffic = plan.client.traffic
+    say("planner    -> researcher.answer, one call after another")
+    calls = 0
+    while not traffic.ejected() and calls < 50:
+        calls += 1
+        try:
+            await plan.request("researcher", "answer", Question(text="nats"), Answer, timeout=5)
+        except MeshError as exc:
+            say(f"planner    <- call {calls}: {exc.code} ({exc.message})")
+    ejected = traffic.ejected()
+    if not ejected:
+        say(f"planner    ejected no instance in {calls} calls")
+    for key, left in ejected.items():
+        say(
+            f"planner    ejected {key} after {failures} failures in a row, for {left:.0f}s "
+            f"(client.traffic.ejected(); counts {traffic.counts})"
+        )
+    n = 30
+    before = _served((buggy,))
+    failed = await _batch(plan, n)
+    sent = (_served((buggy,)) - before)[buggy.instance]
+    say(
+        f"planner    -> researcher.answer x{n} after the ejection: {n - failed} OK, "
+        f"{failed} failed; {sent} sent to the ejected instance"
+    )
 
 
 async def run_demo(*, keep: bool = False) -> int:
@@ -186,15 +371,10 @@ async def _run_demo(keys: Path, *, keep: bool) -> int:
             Mesh(ids["librarian"], config, agent=librarian, tracer_provider=tracing) as lib,
             Mesh(ids["researcher"], config, agent=researcher, tracer_provider=tracing) as res,
             Mesh(ids["planner"], config, agent=planner, tracer_provider=tracing) as plan,
+            contextlib.AsyncExitStack() as extra,  # the agents started later, stopped first
         ):
             await admin.wait_for("registry")
-            text, source = _policy_text()
-            applied = await admin.request(
-                "registry", "apply", ApplyRequest(policy=text, source=source), ApplyReply
-            )
-            say(f"admin      -> registry.apply({source}): revision {applied.revision}, signed")
-            for mesh in (lib, res, plan):
-                await mesh.governance.wait_for_revision(applied.revision)
+            await _apply(admin, (lib, res, plan), *_policy_text())
             await asyncio.sleep(0.1)  # acknowledgements reach the directory
             await plan.wait_for("researcher")
             await res.wait_for("librarian")
@@ -247,6 +427,13 @@ async def _run_demo(keys: Path, *, keep: bool) -> int:
             )
             for line in _trace_lines(spans.get_finished_spans(), first.context.trace_id):
                 say(line)
+            say()
+            try:
+                await _traffic(root, config, extra, admin, (lib, res, plan), res, plan)
+            except (MeshError, TimeoutError) as exc:
+                say(f"traffic demo failed: {exc}")
+                return 1
+            say()
             await asyncio.sleep(config.signals_interval + 0.3)  # the last signal reports
             signals = await fetch_signals(admin, "server", True)
             say("`mesh-policy top` (golden signals the agents reported to the registry):")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
+from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -38,8 +39,9 @@ async def fetch_signals(
     )
 
 
-def render_top(reply: SignalsReply, *, client: bool = False) -> Table:
-    """The `top` table: per agent and endpoint, rps, success rate, p50, p99, in flight.
+def render_top(reply: SignalsReply, *, client: bool = False) -> RenderableType:
+    """The `top` table: per agent and endpoint, rps, success rate, p50, p99, in flight; then,
+    when a caller reported any, its circuits that are not closed and the instances it ejected.
 
     Args:
         reply: the registry's signals.
@@ -50,19 +52,32 @@ def render_top(reply: SignalsReply, *, client: bool = False) -> Table:
     table = Table(*cells[0], title=f"golden signals, last {reply.window_s:.0f} s ({side})")
     for row in cells[1:]:
         table.add_row(*row)
-    return table
+    if not reply.traffic:
+        return table
+    traffic = Table(
+        "CALLER", "CIRCUIT / EJECTED", "STATE", title="circuits not closed, ejected instances"
+    )
+    for t in reply.traffic:
+        state = t.state
+        if t.seconds_left is not None:
+            state += f" ({t.seconds_left:.0f} s left when reported)"
+        traffic.add_row(t.caller, t.target, state)
+    return Group(table, traffic)
 
 
 def top_document(reply: SignalsReply, *, client: bool = False) -> dict[str, Any]:
     """``top -o json|yaml``: ``at`` (when fetched), ``window_s``, ``side`` (``server`` or
     ``client``) and ``rows``, one per callee endpoint in total (``caller`` ``*``) and per
     caller: ``callee``, ``endpoint``, ``caller``, ``rps``, ``success_rate`` (0..1 or
-    ``null``), ``p50_ms``, ``p99_ms``, ``inflight``, ``requests``, ``errors``."""
+    ``null``), ``p50_ms``, ``p99_ms``, ``inflight``, ``requests``, ``errors``; ``traffic``:
+    callers' circuits that are not closed and the instances they ejected (``caller``,
+    ``kind`` ``circuit`` or ``ejection``, ``target``, ``state``, ``seconds_left``)."""
     return {
         "at": iso(time.time()),
         "window_s": reply.window_s,
         "side": "client" if client else "server",
         "rows": [row.model_dump() for row in reply.rows],
+        "traffic": [t.model_dump() for t in reply.traffic],
     }
 
 

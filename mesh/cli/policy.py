@@ -17,7 +17,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -62,9 +61,7 @@ from ._common import (
 )
 from ._common import main as run_main
 from ._output import emit, iso, output_option
-
-if TYPE_CHECKING:
-    pass
+from ._traffic import parse_meta, traffic_document, traffic_lines, uses_traffic
 
 # --- offline commands -----------------------------------------------------------------------
 
@@ -116,7 +113,9 @@ def cmd_validate(args: Args) -> int:
         spec = policy.spec
         out.print(
             f"{path}: OK ({policy.metadata.name}: {len(spec.rules)} rules, "
-            f"{len(spec.endpoints)} endpoint settings, default {spec.defaults.authorization})"
+            f"{len(spec.endpoints)} endpoint settings, "
+            + (f"{len(spec.routes)} routes, " if spec.routes else "")
+            + f"default {spec.defaults.authorization})"
         )
     if args.live and valid:
         unknown = asyncio.run(check.analyze_live(args, valid))
@@ -143,8 +142,8 @@ async def cmd_apply(args: Args) -> int:
         if unknown and args.strict:
             check.print_warnings(unknown)
             raise FailedPrecondition(
-                f"{args.path}: not applied: it names {len(unknown)} agents, endpoints or "
-                "roles that no live instance has (--strict)"
+                f"{args.path}: not applied: it names {len(unknown)} agents, endpoints, "
+                "roles, versions or labels that no live instance has (--strict)"
             )
         reply = await call_registry(
             mesh, "apply", ApplyRequest(policy=text, source=args.path), ApplyReply
@@ -249,8 +248,11 @@ async def cmd_rollback(args: Args) -> int:
 
 
 async def cmd_explain(args: Args) -> int:
-    """Print the decision for CALLER -> CALLEE.ENDPOINT and the rule, sending no request."""
+    """Print the decision for CALLER -> CALLEE.ENDPOINT and the rule, sending no request;
+    with a policy that manages traffic, also the route that call's metadata selects and its
+    destination's settings."""
     roles = tuple(r for r in (args.roles or "").split(",") if r)
+    md: dict[str, str] = args.meta
     if args.file:
         engine = PolicyEngine(load_policy(args.file), source=args.file)
     else:
@@ -270,13 +272,16 @@ async def cmd_explain(args: Args) -> int:
                 revision=rev.revision,
                 source=rev.source,
             )
-    decision = engine.decide(args.caller, roles, args.callee, args.endpoint)
+    route = engine.route(args.caller, roles, args.callee, args.endpoint)
+    decision = route.decision
     line = decision.explain(engine.source, engine.revision)
+    traffic = traffic_document(engine, route, args.caller, roles, args.endpoint, md)
     document = {
         "caller": args.caller,
         "roles": list(roles),
         "callee": args.callee,
         "endpoint": args.endpoint,
+        "metadata": md,
         "decision": "ALLOW" if decision.allowed else "DENY",
         "rule": decision.rule,
         "effect": decision.effect,
@@ -284,8 +289,16 @@ async def cmd_explain(args: Args) -> int:
         "source": engine.source,
         "revision": engine.revision,
         "explanation": line,
+        "traffic": traffic,
     }
-    emit(args, document, lambda: out.print(line, markup=False))
+
+    def show() -> None:
+        out.print(line, markup=False)
+        if uses_traffic(engine.policy):
+            for text in traffic_lines(traffic, f"{args.callee}.{args.endpoint}", md):
+                out.print(text, markup=False)
+
+    emit(args, document, show)
     return 0 if decision.allowed else 3
 
 
@@ -310,6 +323,9 @@ async def cmd_agents(args: Args) -> int:
             if detail:  # as before: "refused: why", "stale: why", "stale (current is N)"
                 shown += f": {detail}" if status != "stale" or rec.stale else f" ({detail})"
             style = _STATUS_STYLE[status]
+            if row.ejected_by:
+                shown += f"; ejected by {', '.join(row.ejected_by)}"
+                style = style or "yellow"
             table.add_row(
                 rec.agent,
                 rec.instance,
@@ -323,6 +339,17 @@ async def cmd_agents(args: Args) -> int:
 
     emit(args, rows, show)
     return 0
+
+
+def meta_option() -> click.Parameter:
+    """``--meta KEY=VALUE`` (repeatable): request metadata, checked as a call checks it."""
+    return option(
+        "--meta",
+        multiple=True,
+        callback=parse_meta,
+        metavar="KEY=VALUE",
+        help="request metadata of the call, which selects its traffic route (repeatable)",
+    )
 
 
 def _call_body(text: str) -> str:
@@ -346,6 +373,7 @@ async def cmd_call(args: Args) -> int:
             body,
             timeout=timeout,
             idempotency_key=args.idempotency_key,
+            metadata=args.meta,
         )
     print(json.dumps(reply, indent=2, ensure_ascii=False))
     return 0
@@ -455,8 +483,8 @@ def _commands() -> list[click.Command]:
         online_command(
             "explain",
             cmd_explain,
-            "print the decision and its rule for CALLER calling CALLEE's ENDPOINT, sending "
-            "nothing (exit 0 ALLOW, 3 DENY)",
+            "print the decision and its rule for CALLER calling CALLEE's ENDPOINT, and the "
+            "traffic route and settings that apply, sending nothing (exit 0 ALLOW, 3 DENY)",
             [
                 argument("caller"),
                 argument("callee"),
@@ -465,6 +493,7 @@ def _commands() -> list[click.Command]:
                     "--roles", help="caller roles [default: from a live instance's certificate]"
                 ),
                 option("--file", help="decide with this policy file instead of the current one"),
+                meta_option(),
                 output_option(),
             ],
         ),
@@ -488,6 +517,7 @@ def _commands() -> list[click.Command]:
                     help="e.g. 5s [default: the policy's, else the mesh's]",
                 ),
                 option("--idempotency-key", help="the callee runs the call at most once per key"),
+                meta_option(),
             ],
         ),
         command(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -123,10 +124,18 @@ def test_identity_issue_refuses_bad_agent_name(tmp_path: Path) -> None:
     assert result.returncode == 2 and "invalid agent name" in result.stderr
 
 
-@pytest.mark.integration  # the demo starts its own nats-server
-def test_demo_runs_a_secure_conversation_and_exits_zero() -> None:
+@pytest.fixture(scope="module")
+def demo() -> subprocess.CompletedProcess[str]:
+    """One run of `mesh-agent demo` (it starts its own nats-server), for the tests that read it."""
+    return run("mesh-agent", "demo", timeout=120)
+
+
+@pytest.mark.integration
+def test_demo_runs_a_secure_conversation_and_exits_zero(
+    demo: subprocess.CompletedProcess[str],
+) -> None:
     """`mesh-agent demo` needs no server, shows sealed calls, signed events and refusals."""
-    result = run("mesh-agent", "demo", timeout=120)
+    result = demo
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "embedded nats-server with JetStream" in out
@@ -138,6 +147,48 @@ def test_demo_runs_a_secure_conversation_and_exits_zero() -> None:
     assert "registry.apply(policies/research.yaml): revision 1" in out
     assert "refused by researcher: PERMISSION_DENIED, rule 'default deny'" in out
     assert "authz.denied" in out and "verified" in out
+
+
+@pytest.mark.integration
+def test_demo_rolls_out_a_canary_and_ejects_a_failing_instance(
+    demo: subprocess.CompletedProcess[str],
+) -> None:
+    """The demo's canary: 100 calls split about 90/10 between v1 and v2, then 50 all on v2,
+    none failed; then a v2 instance that fails every call is ejected after 3 failures in a
+    row, and the 30 calls after the ejection all succeed without reaching it."""
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    assert "registry.apply(policies/research-canary.yaml): revision 2, signed" in out
+    assert "route 'researcher-canary': planner -> researcher.answer, 90 % to version 1.*, " in out
+    canary = re.search(
+        r"^planner    -> researcher\.answer x100 \(split 90/10\): (\d+) to v1\.2\.0, "
+        r"(\d+) to v2\.0\.0; 0 failed$",
+        out,
+        re.MULTILINE,
+    )
+    assert canary is not None, out
+    v1, v2 = int(canary[1]), int(canary[2])
+    assert v1 + v2 == 100 and 1 <= v2 <= 30, (v1, v2)  # binomial(100, 0.1); 50/50 would be far off
+    assert "registry.apply(policies/research-canary.yaml, edited to 0/100): revision 3" in out
+    assert (
+        "planner    -> researcher.answer x50 (split 0/100): 0 to v1.2.0, 50 to v2.0.0; 0 failed"
+        in out
+    )
+    started = re.search(r"^outliers   a third researcher instance starts: ([0-9a-f]+),", out, re.M)
+    assert started is not None, out
+    ejected = re.search(
+        r"^planner    ejected researcher\.([0-9a-f]+) after 3 failures in a row, for 30s "
+        r"\(client\.traffic\.ejected\(\); counts \{'ejected': 1\}\)$",
+        out,
+        re.MULTILINE,
+    )
+    assert ejected is not None, out
+    assert ejected[1] == started[1]
+    assert out.count(": INTERNAL (handler answer failed)") == 3
+    assert (
+        "planner    -> researcher.answer x30 after the ejection: 30 OK, 0 failed; "
+        "0 sent to the ejected instance" in out
+    )
 
 
 def test_run_rejects_a_target_that_is_not_an_agent() -> None:

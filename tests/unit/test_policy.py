@@ -414,7 +414,9 @@ class TestErrors:
     def test_unknown_field_lists_the_allowed_ones(self) -> None:
         err = error_of(doc("  zzz: 1\n"))
 
-        assert err.problem == "unknown field 'zzz' (expected one of defaults, rules, endpoints)"
+        assert err.problem == (
+            "unknown field 'zzz' (expected one of defaults, rules, endpoints, routes)"
+        )
         assert (err.line, err.path) == (5, "spec.zzz")
 
     def test_all_errors_are_collected_in_line_order(self) -> None:

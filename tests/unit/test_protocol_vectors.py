@@ -70,6 +70,7 @@ EXPECTED_VALUES = {
     "keys": 8,
     "certificate": 2,
     "request": 4,
+    "routed": 2,
     "reply": 2,
     "refusal": 1,
     "event": 6,
@@ -166,6 +167,8 @@ class Block:
                 raw = self.entry(name).value
                 assert raw in ("true", "false"), f"{self.name}.{name}: not a bool: {raw}"
                 out[name] = raw == "true"
+            elif typ is dict:
+                out[name] = self.json(name)
         return out
 
     def expected_count(self) -> int:
@@ -249,7 +252,7 @@ def parse_blocks(text: str) -> dict[str, Block]:
 
 def header_types(section4: str) -> dict[str, type]:
     """Header keys and their types from the table of section 4."""
-    types = {"int": int, "str": str, "bin": bytes, "bin16": bytes, "bool": bool}
+    types = {"int": int, "str": str, "bin": bytes, "bin16": bytes, "bool": bool, "map": dict}
     rows = re.findall(r"^\| `(\w+)` \| (\w+) \|", section4, re.M)
     assert len(rows) >= 20, f"section 4 lists {len(rows)} header fields"
     return {key: types[typ] for key, typ in rows}
@@ -498,6 +501,23 @@ def test_reply_frame(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> None:
     vectors.done()
 
 
+def test_routed_request_header(vectors: Vectors) -> None:
+    """A request with metadata and the mirror mark: its header bytes, in v1 key order, and
+    the decoder gives both fields back."""
+    v = vectors.check("routed")
+    hdr = v.header(TYPES)
+    aad = request_header(
+        hdr["id"], hdr["ts"], hdr["fa"], hdr["fi"], hdr["ta"], hdr["ti"], hdr["ep"], hdr["dl"],
+        hdr["at"], hdr["ct"], None, None, None, hdr["md"], hdr["mr"],
+    )  # fmt: skip
+    assert aad == v.bytes("associated data")
+    assert len(aad) == PREFIX_LEN + v.integer("hlen")
+    assert list(msgpack.unpackb(aad[PREFIX_LEN:], raw=False)) == list(hdr)  # v1 key order
+    decoded, _ = decode_frame(aad + b"\x00" * 40)
+    assert decoded.metadata == hdr["md"] and decoded.mirror is True
+    vectors.done()
+
+
 def test_refusal_frame(vectors: Vectors) -> None:
     """The refusal's whole frame: prefix and header, no body."""
     v = vectors.check("refusal")
@@ -711,8 +731,8 @@ def test_instance_and_message_id_lengths() -> None:
 def test_header_field_types() -> None:
     """Section 4's types, by the decoder: a field of another type is refused, and every key of
     the table is known to it (a request with the field's right type still decodes)."""
-    right: dict[type, Any] = {int: 1, str: "x", bytes: b"\x00" * 16, bool: True}
-    wrong: dict[type, Any] = {int: True, str: b"x", bytes: "x", bool: 1}
+    right: dict[type, Any] = {int: 1, str: "x", bytes: b"\x00" * 16, bool: True, dict: {"a": "b"}}
+    wrong: dict[type, Any] = {int: True, str: b"x", bytes: "x", bool: 1, dict: ["a"]}
     base = {
         "k": 1,
         "id": b"\x00" * 16,

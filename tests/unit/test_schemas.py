@@ -56,4 +56,5 @@ def test_policy_schema_describes_the_examples() -> None:
 
     assert set(schema["properties"]) == {"apiVersion", "kind", "metadata", "spec"}
     assert schema["additionalProperties"] is False
-    assert set(schema["$defs"]["Spec"]["properties"]) == {"defaults", "rules", "endpoints"}
+    spec = set(schema["$defs"]["Spec"]["properties"])
+    assert spec == {"defaults", "rules", "endpoints", "routes"}

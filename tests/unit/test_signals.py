@@ -452,3 +452,30 @@ class TestSignalTable:
     def test_window_must_be_positive(self) -> None:
         with pytest.raises(ValueError, match="window"):
             SignalTable(window=0)
+
+
+class TestTrafficRows:
+    def test_latest_report_of_each_caller_gives_its_circuits_and_ejections(self) -> None:
+        """Only a caller's newest report counts (a circuit that closed since is gone), sorted
+        by caller, kind and target; reports out of the window are forgotten."""
+        clock = FakeClock()
+        table = SignalTable(window=60, clock=clock)
+
+        def traffic(
+            instance: str, at: float, circuits: dict[str, str], ejected: dict[str, float]
+        ) -> EdgeReport:
+            return EdgeReport(
+                agent="planner", instance=instance, interval_s=5, at=at, circuits=circuits,
+                ejected=ejected,
+            )  # fmt: skip
+
+        table.add(traffic("p1", 1.0, {"researcher (researcher.*)": "open"}, {}))
+        table.add(traffic("p1", 2.0, {}, {"researcher.r2": 25.0}))
+        table.add(traffic("p0", 1.5, {"writer (writer.draft)": "half_open"}, {}))
+        rows = [(r.caller, r.kind, r.target, r.state, r.seconds_left) for r in table.traffic()]
+        assert rows == [
+            ("planner.p0", "circuit", "writer (writer.draft)", "half_open", None),
+            ("planner.p1", "ejection", "researcher.r2", "ejected", 25.0),
+        ]
+        clock.advance(61)
+        assert table.traffic() == []

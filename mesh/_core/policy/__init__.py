@@ -30,7 +30,8 @@ The package owns, one idea per module:
 - ``load``: ``PolicyError`` and reading documents with file, line and path in every error
   (``parse_policy``, ``parse_canonical``, ``load_policy``), the canonical bytes and the schema.
 - ``diff``: ``diff_policies``, what changes between two policies, as lines for people.
-- ``engine``: ``Decision``, ``Route`` and ``PolicyEngine`` (compiled rules, cached answers).
+- ``engine``: ``Decision``, ``Route`` and ``PolicyEngine`` (compiled rules and traffic routes,
+  cached answers).
 - ``analyze``: ``analyze_policy``, the agents, endpoints and roles a policy names that no live
   instance has (an ``Inventory`` of the directory), with "did you mean" suggestions.
 - ``__main__``: ``python -m mesh._core.policy --export-schema schemas/policy.schema.json``.
@@ -54,15 +55,23 @@ from mesh._core.policy.load import (
 )
 from mesh._core.policy.model import (
     API_VERSION,
+    Backend,
+    CircuitBreakerSpec,
     Defaults,
     EndpointPolicy,
+    FaultSpec,
     Match,
     Metadata,
+    MirrorSpec,
+    OutlierDetectionSpec,
     Policy,
     RateLimitSpec,
     RetrySpec,
+    RouteMatch,
     Rule,
     Spec,
+    Subset,
+    TrafficRoute,
     parse_duration,
     parse_rate,
 )
@@ -70,21 +79,29 @@ from mesh._core.policy.model import (
 __all__ = [
     "API_VERSION",
     "SCHEMA_ID",
+    "Backend",
+    "CircuitBreakerSpec",
     "Decision",
     "Defaults",
     "EndpointPolicy",
+    "FaultSpec",
     "Finding",
     "Inventory",
     "Match",
     "Metadata",
+    "MirrorSpec",
+    "OutlierDetectionSpec",
     "Policy",
     "PolicyEngine",
     "PolicyError",
     "RateLimitSpec",
     "RetrySpec",
     "Route",
+    "RouteMatch",
     "Rule",
     "Spec",
+    "Subset",
+    "TrafficRoute",
     "analyze_policy",
     "canonical_policy_bytes",
     "diff_policies",

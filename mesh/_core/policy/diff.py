@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
 
 from mesh._core.policy.model import (
+    WITH_UNITS,
     Defaults,
     EndpointPolicy,
     Policy,
     Rule,
+    TrafficRoute,
     format_duration,
     format_rate,
 )
@@ -55,7 +61,54 @@ def _endpoint_fields(ep: EndpointPolicy) -> dict[str, str]:
         out["max_queue"] = str(ep.max_queue)
     if ep.access_log is not None:
         out["access_log"] = str(ep.access_log).lower()
+    for name in ("circuit_breaker", "outlier_detection"):
+        block = getattr(ep, name)
+        if block is not None:
+            out.update(_flat(name, block))
+    if ep.load_balancer is not None:
+        out["load_balancer"] = ep.load_balancer
     return out
+
+
+def _flat(prefix: str, model: BaseModel) -> dict[str, str]:
+    """A model's fields as ``prefix.field`` -> text as a policy file writes it (durations with
+    units, nested blocks as dotted keys, lists as compact JSON); unset fields left out."""
+    out: dict[str, str] = {}
+
+    def walk(path: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{path}.{k}", v)
+        elif value is not None and value != []:
+            out[path] = _text(_clean(value))
+
+    walk(prefix, model.model_dump(mode="json", context={WITH_UNITS: True}))
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """``value`` without ``None``, empty maps and empty lists (defaults nobody wrote)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if v is not None and v != {} and v != []}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _route_fields(route: TrafficRoute) -> dict[str, str]:
+    return {
+        k.removeprefix("route."): v for k, v in _flat("route", route).items() if k != "route.name"
+    }
 
 
 def _defaults_fields(d: Defaults) -> dict[str, str]:
@@ -125,4 +178,30 @@ def diff_policies(old: Policy | None, new: Policy) -> list[str]:
             changes = _changes(_endpoint_fields(prev), _endpoint_fields(ep))
             lines.append(f"endpoint {key} changed: {'; '.join(changes)}")
     lines += [f"endpoint {key} removed" for key in old_eps if key not in new.spec.endpoints]
+    lines += _route_changes(() if old is None else old.spec.routes, new.spec.routes)
+    return lines
+
+
+def _route_changes(old: Sequence[TrafficRoute], new: Sequence[TrafficRoute]) -> list[str]:
+    """Routes matched by name: added, changed (field by field), removed, and their order (the
+    first matching route applies, so order matters as it does for rules)."""
+    lines: list[str] = []
+    before = {r.name: r for r in old}
+    after = {r.name: r for r in new}
+    for name, route in after.items():
+        prev = before.get(name)
+        fields = _route_fields(route)
+        if prev is None:
+            lines.append(
+                f'route "{name}" added: ' + " ".join(f"{k}={v}" for k, v in fields.items())
+            )
+        elif prev != route:
+            lines.append(
+                f'route "{name}" changed: ' + "; ".join(_changes(_route_fields(prev), fields))
+            )
+    lines += [f'route "{name}" removed' for name in before if name not in after]
+    common_old = [n for n in before if n in after]
+    common_new = [n for n in after if n in before]
+    if common_old != common_new:
+        lines.append(f"route order changed: {', '.join(common_old)} -> {', '.join(common_new)}")
     return lines

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mesh._core.policy.model import (
+    CircuitBreakerSpec,
     EndpointPolicy,
+    LoadBalancer,
+    OutlierDetectionSpec,
     Policy,
     RateLimitSpec,
     RetrySpec,
-    Rule,
+    TrafficRoute,
     _is_glob,
 )
 
@@ -82,6 +85,10 @@ class Route:
             slot; ``None``: the runtime's default.
         access_log: whether to write an access-log line: the entry's ``access_log``, else
             ``defaults.access_log``; ``False`` with no policy.
+        destination: the winning ``spec.endpoints`` key (``researcher.*``): the scope of the
+            entry's circuit breaker and outlier detection, shared by the calls it matches.
+        traffic: the ``spec.routes`` whose callers, agent and endpoints match, in file order;
+            ``select`` picks the first whose metadata matches a call's.
     """
 
     decision: Decision
@@ -91,6 +98,31 @@ class Route:
     rate_limit: RateLimitSpec | None
     access_log: bool
     max_queue: int | None = None
+    destination: str | None = None
+    traffic: tuple[TrafficRoute, ...] = ()
+
+    @property
+    def circuit_breaker(self) -> CircuitBreakerSpec | None:
+        return None if self.settings is None else self.settings.circuit_breaker
+
+    @property
+    def outlier_detection(self) -> OutlierDetectionSpec | None:
+        return None if self.settings is None else self.settings.outlier_detection
+
+    @property
+    def load_balancer(self) -> LoadBalancer:
+        lb = None if self.settings is None else self.settings.load_balancer
+        return lb or "least_outstanding"
+
+    def select(self, metadata: dict[str, str] | None) -> TrafficRoute | None:
+        """The first of ``traffic`` whose metadata all match the call's, or ``None``."""
+        for tr in self.traffic:
+            want = tr.match.metadata
+            if not want or (
+                metadata is not None and all(metadata.get(k) == v for k, v in want.items())
+            ):
+                return tr
+        return None
 
 
 class _Names:
@@ -102,7 +134,7 @@ class _Names:
         pats = list(patterns)
         self.any = "*" in pats
         self.exact = frozenset(p for p in pats if not _is_glob(p))
-        globs = [p for p in pats if _is_glob(p) and p != "*"]
+        globs = [p for p in pats if _is_glob(p)]
         self.regex = (
             re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in globs)) if globs else None
         )
@@ -120,15 +152,19 @@ class _Names:
 
 
 class _CompiledRule:
+    """The callers, callee agent and endpoints of a rule or a route, compiled."""
+
     __slots__ = ("agent", "endpoints", "name", "names", "roles")
 
-    def __init__(self, rule: Rule) -> None:
-        m = rule.match
-        self.name = rule.name
-        self.names = _Names(c for c in m.callers if not c.startswith("role:"))
-        self.roles = _Names(c[5:] for c in m.callers if c.startswith("role:"))
-        self.agent = _Names([m.agent])
-        self.endpoints = _Names(m.endpoints)
+    def __init__(
+        self, name: str, callers: Iterable[str], agent: str, endpoints: Iterable[str]
+    ) -> None:
+        callers = tuple(callers)
+        self.name = name
+        self.names = _Names(c for c in callers if not c.startswith("role:"))
+        self.roles = _Names(c[5:] for c in callers if c.startswith("role:"))
+        self.agent = _Names([agent])
+        self.endpoints = _Names(endpoints)
 
     def matches(self, caller: str, roles: tuple[str, ...], callee: str, endpoint: str) -> bool:
         if not (self.agent.matches(callee) and self.endpoints.matches(endpoint)):
@@ -144,7 +180,23 @@ def _specificity(key: str, index: int) -> tuple[bool, bool, int, int]:
     return (not _is_glob(agent), not _is_glob(endpoint), literal, -index)
 
 
-_MISS = object()
+def _features(policy: Policy) -> frozenset[str]:
+    spec = policy.spec
+    found = set()
+    for t in spec.routes:
+        found.add("routes")
+        if t.fault is not None:
+            found.add("fault")
+        if t.mirror is not None:
+            found.add("mirror")
+    for ep in spec.endpoints.values():
+        if ep.circuit_breaker is not None:
+            found.add("circuit_breaker")
+        if ep.outlier_detection is not None:
+            found.add("outlier_detection")
+        if ep.load_balancer == "peak_ewma":
+            found.add("peak_ewma")
+    return frozenset(found)
 
 
 class PolicyEngine:
@@ -168,19 +220,37 @@ class PolicyEngine:
         self._revision = revision
         self._source = source
         self._decisions: dict[tuple[str, tuple[str, ...], str, str], Decision] = {}
-        self._settings: dict[tuple[str, str], EndpointPolicy | None] = {}
+        self._settings: dict[tuple[str, str], tuple[str | None, EndpointPolicy | None]] = {}
         self._routes: dict[tuple[str, tuple[str, ...], str, str], Route] = {}
         if policy is None:
             self._deny: list[_CompiledRule] = []
             self._allow: list[_CompiledRule] = []
-            self._endpoints: list[tuple[_Names, _Names, EndpointPolicy]] = []
+            self._endpoints: list[tuple[_Names, _Names, str, EndpointPolicy]] = []
+            self._traffic: list[tuple[_CompiledRule, TrafficRoute]] = []
             self._default = Decision(True, "no policy", "allow", False)
             self._audit = False
+            self.features: frozenset[str] = frozenset()
             return
         spec = policy.spec
         self._audit = spec.defaults.mode == "audit"
-        self._deny = [_CompiledRule(r) for r in spec.rules if r.deny is not None]
-        self._allow = [_CompiledRule(r) for r in spec.rules if r.allow is not None]
+        rules = [(r, r.match) for r in spec.rules]
+        self._deny = [
+            _CompiledRule(r.name, m.callers, m.agent, m.endpoints)
+            for r, m in rules
+            if r.deny is not None
+        ]
+        self._allow = [
+            _CompiledRule(r.name, m.callers, m.agent, m.endpoints)
+            for r, m in rules
+            if r.allow is not None
+        ]
+        self._traffic = [
+            (_CompiledRule(t.name, t.match.callers, t.match.agent, t.match.endpoints), t)
+            for t in spec.routes
+        ]
+        self.features = _features(policy)
+        """What the client pipeline needs stages for: ``routes``, ``fault``, ``mirror``,
+        ``circuit_breaker``, ``outlier_detection``, ``peak_ewma``."""
         self._default = self._verdict(
             f"default {spec.defaults.authorization}", spec.defaults.authorization
         )
@@ -192,7 +262,7 @@ class PolicyEngine:
         self._endpoints = []
         for _i, (key, ep) in ranked:
             agent, endpoint = key.split(".")
-            self._endpoints.append((_Names([agent]), _Names([endpoint]), ep))
+            self._endpoints.append((_Names([agent]), _Names([endpoint]), key, ep))
 
     def _verdict(self, rule: str, effect: Literal["allow", "deny"]) -> Decision:
         if effect == "allow":
@@ -265,14 +335,18 @@ class PolicyEngine:
         then the key with more literal (non-wildcard) characters, then the earlier key in the
         file. Settings are not merged across keys: the winner's settings apply alone.
         """
+        return self._setting(agent, endpoint)[1]
+
+    def _setting(self, agent: str, endpoint: str) -> tuple[str | None, EndpointPolicy | None]:
+        """The winning ``spec.endpoints`` key and its settings (``endpoint_settings``)."""
         key = (agent, endpoint)
-        hit = self._settings.get(key, _MISS)
-        if hit is not _MISS:
-            return hit  # type: ignore[return-value]
-        found: EndpointPolicy | None = None
-        for agents, endpoints, ep in self._endpoints:
+        hit = self._settings.get(key)
+        if hit is not None:
+            return hit
+        found: tuple[str | None, EndpointPolicy | None] = (None, None)
+        for agents, endpoints, name, ep in self._endpoints:
             if agents.matches(agent) and endpoints.matches(endpoint):
-                found = ep
+                found = (name, ep)
                 break
         if len(self._settings) >= _CACHE_MAX:
             self._settings.clear()
@@ -303,7 +377,7 @@ class PolicyEngine:
         hit = self._routes.get(key)
         if hit is not None:
             return hit
-        settings = self.endpoint_settings(callee_agent, endpoint)
+        destination, settings = self._setting(callee_agent, endpoint)
         if settings is not None and settings.access_log is not None:
             access_log = settings.access_log
         else:
@@ -316,6 +390,12 @@ class PolicyEngine:
             rate_limit=None if settings is None else settings.rate_limit,
             access_log=access_log,
             max_queue=None if settings is None else settings.max_queue,
+            destination=destination,
+            traffic=tuple(
+                t
+                for c, t in self._traffic
+                if c.matches(caller_agent, caller_roles, callee_agent, endpoint)
+            ),
         )
         if len(self._routes) >= _CACHE_MAX:
             self._routes.clear()

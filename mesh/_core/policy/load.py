@@ -438,5 +438,4 @@ def canonical_policy_bytes(policy: Policy) -> bytes:
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
-        allow_nan=False,
     ).encode("utf-8")

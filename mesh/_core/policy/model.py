@@ -7,9 +7,11 @@ tools (``mesh/cli/_common.py``) both use it. Pure: no I/O.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -424,6 +426,129 @@ class RateLimitSpec(_Model):
         return self.total_burst if self.total_burst is not None else max(1, math.ceil(self.total))
 
 
+def _percent(value: object) -> float:
+    number = _positive_number(value)
+    if number is None or not math.isfinite(number) or not 0 <= number <= 100:
+        raise _fail(f"invalid percentage {value!r}: use a number from 0 to 100")
+    return number
+
+
+@functools.lru_cache(maxsize=256)
+def _version_glob(pattern: str) -> Callable[[str], object]:
+    """A matcher of versions against ``pattern`` (a glob, or a plain version that matches only
+    itself), compiled once: ``Subset.matches`` runs on every attempt of a split call."""
+    if not _is_glob(pattern):
+        return lambda version: False  # equal versions were compared before
+    return re.compile(fnmatch.translate(pattern)).match
+
+
+def _check_version(value: object) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not value.isprintable():
+        raise _fail(f"invalid version {value!r}: use the version string agents announce")
+    return value
+
+
+Percent = Annotated[
+    float,
+    BeforeValidator(_percent),
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": 100}),
+]
+"""A percentage of requests, 0 to 100."""
+
+VersionPattern = Annotated[
+    str,
+    BeforeValidator(_check_version),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 64}),
+]
+"""An agent version as its instances announce it (``2.0.0``), or a glob (``2.*``)."""
+
+KeyName = Annotated[str, BeforeValidator(_check_plain_name("key")), WithJsonSchema(_NAME_SCHEMA)]
+AgentName = Annotated[
+    str, BeforeValidator(_check_plain_name("agent")), WithJsonSchema(_NAME_SCHEMA)
+]
+
+LoadBalancer = Literal["least_outstanding", "peak_ewma"]
+ABORT_CODES = (
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "INTERNAL",
+    "RESOURCE_EXHAUSTED",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "NOT_FOUND",
+    "INVALID_ARGUMENT",
+    "FAILED_PRECONDITION",
+)
+AbortCode = Literal[
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "INTERNAL",
+    "RESOURCE_EXHAUSTED",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "NOT_FOUND",
+    "INVALID_ARGUMENT",
+    "FAILED_PRECONDITION",
+]
+
+
+class CircuitBreakerSpec(_Model):
+    """Fail fast while a destination keeps failing, and bound what waits on it (Envoy's
+    circuit-breaker thresholds, Hystrix's closed, open and half-open states)."""
+
+    consecutive_failures: StrictInt = Field(
+        5, ge=1, le=10_000, description="failures in a row that open the circuit"
+    )
+    open_for: Duration = Field(
+        1.0, description="how long the circuit first stays open; doubled at each reopening"
+    )
+    max_open_for: Duration = Field(60.0, description="the longest the circuit stays open")
+    max_concurrent: StrictInt | None = Field(
+        None, ge=1, description="attempts in flight to the destination at once (none: no limit)"
+    )
+    max_pending: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="calls that may wait for one of max_concurrent's slots (default 1024)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CircuitBreakerSpec:
+        if self.max_open_for < self.open_for:
+            raise _fail("max_open_for must not be shorter than open_for", "max_open_for")
+        if self.max_pending is not None and self.max_concurrent is None:
+            raise _fail("max_pending needs max_concurrent", "max_pending")
+        return self
+
+
+class OutlierDetectionSpec(_Model):
+    """Eject an instance that keeps failing from the caller's balancing, for a while (Envoy's
+    outlier detection, Istio's ``outlierDetection``)."""
+
+    consecutive_failures: StrictInt = Field(
+        5, ge=1, le=10_000, description="failures in a row that eject an instance"
+    )
+    base_ejection_time: Duration = Field(
+        30.0, description="ejection time, times the number of times the instance was ejected"
+    )
+    max_ejection_time: Duration = Field(300.0, description="the longest one ejection lasts")
+    max_ejection_percent: Percent = Field(
+        10.0, description="the most instances ejected at once, in per cent (at least one)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OutlierDetectionSpec:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise _fail(
+                "max_ejection_time must not be shorter than base_ejection_time",
+                "max_ejection_time",
+            )
+        return self
+
+
+_NEWER_ENDPOINT_FIELDS = ("max_queue", "circuit_breaker", "outlier_detection", "load_balancer")
+
+
 class EndpointPolicy(_Model):
     """Traffic settings for the endpoints one ``<agent>.<endpoint>`` key matches."""
 
@@ -437,15 +562,196 @@ class EndpointPolicy(_Model):
         "with RESOURCE_EXHAUSTED and a retry-after (default 1024; 0: no queue)",
     )
     access_log: StrictBool | None = Field(None, description="overrides defaults.access_log")
+    circuit_breaker: CircuitBreakerSpec | None = None
+    outlier_detection: OutlierDetectionSpec | None = None
+    load_balancer: LoadBalancer | None = Field(
+        None,
+        description="how callers choose an instance: least_outstanding (default) or peak_ewma",
+    )
 
     @model_serializer(mode="wrap")
-    def _omit_unset_max_queue(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # A policy that does not set max_queue keeps the canonical bytes (and signatures) it
-        # had before the field existed, and stays readable by agents that do not know it.
+    def _omit_unset_newer_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A policy that does not set a field added after the first release keeps the canonical
+        # bytes (and signatures) it had before the field existed, and stays readable by agents
+        # that do not know it.
         out: dict[str, Any] = handler(self)
-        if self.max_queue is None:
-            out.pop("max_queue", None)
+        for name in _NEWER_ENDPOINT_FIELDS:
+            if getattr(self, name) is None:
+                out.pop(name, None)
         return out
+
+
+class Subset(_Model):
+    """Instances of the callee chosen by the version and labels their signed directory records
+    announce; an instance is in the subset when it matches all that is given."""
+
+    version: VersionPattern | None = Field(None, description="a version or a glob (2.*)")
+    labels: dict[KeyName, str] = Field(default_factory=dict, description="labels, all required")
+
+    def matches(self, version: str, labels: Mapping[str, str]) -> bool:
+        """Whether an instance announcing ``version`` and ``labels`` is in the subset."""
+        want = self.version
+        if want is not None and want != version and not _version_glob(want)(version):
+            return False
+        return not self.labels or all(labels.get(k) == v for k, v in self.labels.items())
+
+    def may_overlap(self, other: Subset) -> bool:
+        """Whether some instance could be in both subsets: versions that can match one version
+        (equal, or one a glob the other matches; two globs are assumed to) and no label given
+        different values."""
+        a, b = self.version, other.version
+        if a is not None and b is not None and a != b:
+            if not _is_glob(a) and not _is_glob(b):
+                return False
+            if not _is_glob(a) and not fnmatch.fnmatchcase(a, b):
+                return False
+            if not _is_glob(b) and not fnmatch.fnmatchcase(b, a):
+                return False
+        return all(other.labels.get(k, v) == v for k, v in self.labels.items())
+
+    def describe(self) -> str:
+        """``version 2.0.0``, ``labels track=canary`` or both (labels sorted)."""
+        parts = [] if self.version is None else [f"version {self.version}"]
+        if self.labels:
+            pairs = sorted(self.labels.items())
+            parts.append("labels " + ",".join(f"{k}={v}" for k, v in pairs))
+        return " ".join(parts) or "any instance"
+
+
+class Backend(Subset):
+    """One weighted part of a split."""
+
+    weight: StrictInt = Field(ge=0, le=100, description="per cent of the route's calls")
+
+    @model_validator(mode="after")
+    def _names_a_subset(self) -> Backend:
+        if self.version is None and not self.labels:
+            raise _fail("a split backend needs a version, labels or both")
+        return self
+
+
+class MirrorSpec(Subset):
+    """A copy of some calls for a shadow: sealed to it, its reply discarded."""
+
+    agent: AgentName = Field(description="the shadow agent (the route's own with a version)")
+    percent: Percent = Field(100.0, description="per cent of the route's calls copied")
+
+
+class FaultDelay(_Model):
+    """Hold some calls before sending them."""
+
+    percent: Percent = Field(description="per cent of the route's calls delayed")
+    fixed: Duration = Field(description="how long")
+
+
+class FaultAbort(_Model):
+    """Fail some calls at once with an error code, without sending them."""
+
+    percent: Percent = Field(description="per cent of the route's calls aborted")
+    code: AbortCode = Field(description="the error code callers see")
+
+
+class FaultSpec(_Model):
+    """Faults injected into a route's calls, to test how callers cope (Istio's ``fault``)."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> FaultSpec:
+        if self.delay is None and self.abort is None:
+            raise _fail("a fault needs a delay, an abort or both")
+        return self
+
+
+class RouteMatch(_Model):
+    """Which calls a route is about: callers, the callee agent, its endpoints and the request
+    metadata the caller set (every key given must have the value given)."""
+
+    callers: tuple[CallerPattern, ...] = Field(
+        ("*",), min_length=1, description="agent names or globs, or role:<role>"
+    )
+    agent: AgentName = Field(description="the callee agent")
+    endpoints: tuple[EndpointPattern, ...] = Field(
+        ("*",), min_length=1, description="endpoint names or globs"
+    )
+    metadata: dict[KeyName, str] = Field(
+        default_factory=dict, description="request metadata keys and their exact values"
+    )
+
+
+class TrafficRoute(_Model):
+    """Where and how a matching call goes: a weighted split over versions or labels, affinity,
+    its own timeout and retries, a mirror and injected faults (Istio's ``VirtualService``
+    HTTP routes). The first route that matches a call applies."""
+
+    name: RuleName
+    match: RouteMatch
+    split: tuple[Backend, ...] = Field(
+        (), description="weighted backends; weights sum to 100 (none: any instance)"
+    )
+    hash_on: str | None = Field(
+        None,
+        description="affinity: calls with the same value stay on one instance while it lives; "
+        "idempotency_key, or metadata.<key>",
+    )
+    timeout: Duration | None = Field(None, description="request timeout of the route's calls")
+    retries: RetrySpec | None = None
+    mirror: MirrorSpec | None = None
+    fault: FaultSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrafficRoute:
+        if self.split:
+            total = sum(b.weight for b in self.split)
+            if total != 100:
+                weights = " + ".join(str(b.weight) for b in self.split)
+                raise _fail(f"split weights must sum to 100, not {weights} = {total}", "split")
+            seen: set[str] = set()
+            for i, b in enumerate(self.split):
+                what = b.describe()
+                if what in seen:
+                    raise _fail(f"split names {what} twice", "split", i)
+                seen.add(what)
+        if self.hash_on is not None and not (
+            self.hash_on == "idempotency_key"
+            or (self.hash_on.startswith("metadata.") and _is_name(self.hash_on[9:]))
+        ):
+            raise _fail(
+                f"invalid hash_on {self.hash_on!r}: use idempotency_key or metadata.<key>",
+                "hash_on",
+            )
+        mirror = self.mirror
+        if mirror is not None and mirror.agent == self.match.agent:
+            if mirror.version is None and not mirror.labels:
+                raise _fail(
+                    f"the mirror is the route's own agent {mirror.agent!r}: name another agent, "
+                    "or the version or labels of a shadow deployment",
+                    "mirror",
+                )
+            if not self.split:
+                raise _fail(
+                    f"the mirror ({mirror.describe()}) is part of the route's own agent, which "
+                    "takes the route's live calls on every instance: add a split that sends "
+                    "none to it, or mirror to another agent",
+                    "mirror",
+                )
+            for b in self.split:
+                if b.weight > 0 and mirror.may_overlap(b):
+                    raise _fail(
+                        f"the mirror ({mirror.describe()}) may take live calls from the split's "
+                        f"{b.describe()}: mirror to a shadow deployment the split does not use",
+                        "mirror",
+                    )
+        return self
+
+
+def _is_name(value: str) -> bool:
+    try:
+        validate_name("key", value)
+    except InvalidArgument:
+        return False
+    return True
 
 
 class Spec(_Model):
@@ -454,21 +760,34 @@ class Spec(_Model):
     defaults: Defaults = Defaults()
     rules: tuple[Rule, ...] = ()
     endpoints: dict[EndpointKey, EndpointPolicy] = Field(default_factory=dict)
+    routes: tuple[TrafficRoute, ...] = Field(
+        (), description="traffic routes, in file order: the first that matches a call applies"
+    )
 
     @model_validator(mode="after")
-    def _unique_rule_names(self) -> Spec:
-        seen: dict[str, int] = {}
-        for i, rule in enumerate(self.rules):
-            if rule.name in seen:
-                first = seen[rule.name]
-                raise _fail(
-                    f"duplicate rule name {rule.name!r} (first used by spec.rules[{first}])",
-                    "rules",
-                    i,
-                    "name",
-                )
-            seen[rule.name] = i
+    def _unique_names(self) -> Spec:
+        for field_name, kind in (("rules", "rule"), ("routes", "route")):
+            seen: dict[str, int] = {}
+            for i, item in enumerate(getattr(self, field_name)):
+                if item.name in seen:
+                    first = seen[item.name]
+                    raise _fail(
+                        f"duplicate {kind} name {item.name!r} (first used by "
+                        f"spec.{field_name}[{first}])",
+                        field_name,
+                        i,
+                        "name",
+                    )
+                seen[item.name] = i
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_routes(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A policy without routes keeps the canonical bytes it had before routes existed.
+        out: dict[str, Any] = handler(self)
+        if not self.routes:
+            out.pop("routes", None)
+        return out
 
 
 class Policy(_Model):
