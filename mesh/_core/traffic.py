@@ -181,8 +181,7 @@ class CircuitBreaker:
         base = min(self.max_open_for, self.open_for * 2.0 ** min(self._openings - 1, 64))
         self._opened_at = now
         self._open_until = now + base * self._rng.uniform(0.8, 1.0)
-        self._probe_at = None
-        self._failures = 0
+        self._probe_at = None  # (the failure count restarts when the circuit closes)
 
 
 @dataclass(slots=True)
@@ -280,8 +279,7 @@ class OutlierDetector(Generic[T]):
         host.times += 1
         host.until = now + min(self.max_ejection, self.base_ejection * host.times)
         self._last_return = max(self._last_return, host.until)
-        host.failures = 0
-        return True
+        return True  # (its failure count restarts when it returns: ``_settle``)
 
     def is_ejected(self, key: T) -> bool:
         """Whether ``key`` is ejected now."""

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 import mesh._core.policy as policy_mod
@@ -29,7 +30,7 @@ from mesh._core.policy import (
     policy_schema,
     policy_text,
 )
-from mesh._core.policy.model import format_duration, format_rate
+from mesh._core.policy.model import Metadata, format_duration, format_rate
 from mesh.cli._common import parse_duration as cli_parse_duration
 from mesh.errors import InvalidArgument
 
@@ -258,6 +259,60 @@ class TestParsing:
         assert schema["title"] == "Mesh policy"
         assert schema["required"] == ["apiVersion", "kind", "metadata", "spec"]
 
+    def test_schema_numbers_must_be_greater_than_zero(self) -> None:
+        """As in the parser, a duration or rate written as a number must be > 0 (0.5 is)."""
+        validator = Draft202012Validator(policy_schema())
+        text = doc(
+            "  defaults: {timeout: 500ms}\n  endpoints:\n    a.b: {rate_limit: {total: 30/m}}\n"
+        )
+        p = parse_policy(text)
+        data = json.loads(canonical_policy_bytes(p))
+        assert data["spec"]["defaults"]["timeout"] == 0.5
+        assert data["spec"]["endpoints"]["a.b"]["rate_limit"]["total"] == 0.5
+
+        assert list(validator.iter_errors(data)) == []
+        data["spec"]["defaults"]["timeout"] = 0
+        data["spec"]["endpoints"]["a.b"]["rate_limit"]["total"] = 0
+        assert [e.json_path for e in validator.iter_errors(data)] == [
+            "$.spec.defaults.timeout",
+            "$.spec.endpoints['a.b'].rate_limit",
+        ]
+
+    def test_without_a_context_a_bare_number_is_seconds(self) -> None:
+        """Validated with no context (as canonical JSON is), a bare number is seconds."""
+        p = policy_of({"defaults": {"timeout": 30}, "endpoints": {"a.b": {"timeout": 0.5}}})
+
+        assert p.spec.defaults.timeout == 30.0
+        assert p.spec.endpoints["a.b"].timeout == 0.5
+        assert Policy.model_validate_json(canonical_policy_bytes(p)) == p
+
+    def test_policy_text_keeps_the_field_order(self) -> None:
+        """``policy_text`` writes fields in the models' order (name before allow), not sorted."""
+        text = policy_text(parse_policy(doc("  rules:\n    - {name: r, allow: {callers: [a]}}\n")))
+
+        assert (
+            "  defaults:\n"
+            "    authorization: deny\n"
+            "    mode: enforce\n"
+            "    timeout: null\n"
+            "    access_log: false\n"
+            "  rules:\n"
+            "  - name: r\n"
+            "    allow:\n"
+            "      callers:\n"
+            "      - a\n"
+            "      agent: '*'\n"
+        ) in text
+
+    def test_policy_text_keeps_unicode(self) -> None:
+        """A description with non-ASCII characters is written as those characters."""
+        p = parse_policy(
+            "apiVersion: mesh/v1\nkind: Policy\n"
+            "metadata: {name: x, description: café ☕}\nspec: {}\n"
+        )
+
+        assert "  description: café ☕\n" in policy_text(p)
+
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -419,6 +474,17 @@ class TestErrors:
         )
         assert (err.line, err.path) == (5, "spec.zzz")
 
+    def test_unknown_field_in_an_endpoint_entry_suggests_the_close_one(self) -> None:
+        """A misspelt field of an endpoints entry is named with its line and the field meant."""
+        text = doc("  endpoints:\n    researcher.answer:\n      timout: 5s\n")
+
+        with pytest.raises(
+            PolicyError,
+            match=r'^p\.yaml:7: spec\.endpoints\["researcher\.answer"\]\.timout: '
+            r"unknown field 'timout' \(did you mean 'timeout'\?\)$",
+        ):
+            parse_policy(text, "p.yaml")
+
     def test_all_errors_are_collected_in_line_order(self) -> None:
         text = doc(
             "  rules:\n"  # 5
@@ -559,6 +625,38 @@ class TestErrors:
         assert err.line == 3
         assert err.path == "kind[0]"
 
+    def test_syntax_error_after_a_list_used_as_a_key(self) -> None:
+        """After a key that is a list (``? [a, b]``), a syntax error still names its entry."""
+        text = HEADER.replace("metadata: {name: test}\n", "") + (
+            "metadata:\n  ? [a, b]\n  : x\n  name: {p: @\n"
+        )
+
+        with pytest.raises(
+            PolicyError,
+            match=r"^p\.yaml:6: metadata\.name\.p: invalid YAML: found character '@' that "
+            r"cannot start any token",
+        ):
+            parse_policy(text, "p.yaml")
+
+    def test_syntax_error_in_the_value_of_a_list_used_as_a_key(self) -> None:
+        """An error in the value of a list key (no name to show) is placed in its mapping."""
+        text = "metadata:\n  ? [a, b]\n  : - x\n    - @\n"
+
+        with pytest.raises(
+            PolicyError,
+            match=r"^p\.yaml:4: metadata\[0\]: invalid YAML: found character '@'",
+        ):
+            parse_policy(text, "p.yaml")
+
+    def test_syntax_error_after_a_complete_entry(self) -> None:
+        """A syntax error where a key should be names the mapping, not the entry before."""
+        text = "metadata:\n  name: p\n  @bad\n"
+
+        with pytest.raises(
+            PolicyError, match=r"^p\.yaml:3: metadata: invalid YAML: found character '@'"
+        ):
+            parse_policy(text, "p.yaml")
+
     def test_tab_indentation(self) -> None:
         err = error_of(HEADER + "spec:\n\trules: []\n")
 
@@ -569,6 +667,13 @@ class TestErrors:
         err = error_of(HEADER + "spec: {}\n\x00\n")
 
         assert (err.line, err.problem) == (5, "invalid YAML: unacceptable character #x0000")
+
+    def test_unprintable_character_after_a_blank_first_line(self) -> None:
+        """The line of an unprintable character counts a newline that opens the document."""
+        with pytest.raises(
+            PolicyError, match=r"^p\.yaml:3: invalid YAML: unacceptable character #x0007$"
+        ):
+            parse_policy("\napiVersion: mesh/v1\nkind: \x07Policy\n", "p.yaml")
 
     def test_unknown_yaml_tag(self) -> None:
         """Only plain YAML data: python tags are refused, never constructed."""
@@ -763,6 +868,18 @@ class TestDecisions:
             assert e.endpoint_settings(f"a{i}", "y") is None
             assert e.route(f"a{i}", (), "x", "y").decision.rule == "r"
             assert len(e._decisions) <= 8 and len(e._settings) <= 8 and len(e._routes) <= 8
+
+    def test_cache_holds_10000_answers(self) -> None:
+        """The caches keep 10 000 answers; the next new one empties them first."""
+        e = engine_of([{"name": "r", "allow": {"callers": ["a*"]}}])
+        for i in range(10_000):
+            e.decide(f"a{i}", (), "x", "y")
+            e.endpoint_settings("x", f"y{i}")
+        assert len(e._decisions) == len(e._settings) == 10_000
+
+        assert e.decide("a-new", (), "x", "y").rule == "r"
+        assert e.endpoint_settings("x", "y-new") is None
+        assert len(e._decisions) == len(e._settings) == 1
 
 
 class TestExplain:
@@ -993,6 +1110,13 @@ class TestDiff:
         p = policy_of(self.BASE)
 
         assert diff_policies(p, policy_of(self.BASE)) == []
+
+    def test_description_change(self) -> None:
+        """A changed description is one line with the old and the new text, quoted."""
+        old = policy_of(self.BASE)
+        new = old.model_copy(update={"metadata": Metadata(name="test", description="v2: ops")})
+
+        assert diff_policies(old, new) == ["metadata.description '' -> 'v2: ops'"]
 
     def test_from_nothing(self) -> None:
         lines = diff_policies(None, policy_of(self.BASE))

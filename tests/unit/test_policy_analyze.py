@@ -95,6 +95,22 @@ def test_a_name_far_from_every_live_name_gets_no_suggestion() -> None:
     assert findings(spec) == ['rule "x" names agent "zzzzzz", which no live instance has']
 
 
+def test_at_most_three_suggestions_closest_first() -> None:
+    """Of five close live names, the three closest are suggested, the closest first."""
+    spec = """spec:
+  rules:
+    - name: x
+      allow: {callers: [plannr]}
+"""
+    names = ["planner", "planners", "plannerx", "plan-ner", "planer"]
+    inventory = Inventory({n: frozenset() for n in names})
+
+    assert findings(spec, inventory) == [
+        'rule "x" names agent "plannr", which no live instance has '
+        '(did you mean "planner" or "plannerx" or "planners"?)'
+    ]
+
+
 def test_the_star_wildcard_is_never_reported() -> None:
     """`*` matches anything, even an empty directory."""
     spec = """spec:
@@ -135,6 +151,18 @@ def test_endpoints_of_an_agent_glob_are_looked_up_in_every_agent_it_matches() ->
 """
     assert findings(spec) == [
         'rule "x" names endpoint "nope" of agent "*", which no live instance has'
+    ]
+
+
+def test_endpoints_of_a_partial_agent_glob_are_looked_up_only_in_the_agents_it_matches() -> None:
+    """With a callee glob such as lib*, an endpoint only another agent announces is reported."""
+    spec = """spec:
+  rules:
+    - name: x
+      allow: {callers: [planner], agent: "lib*", endpoints: [search, answer]}
+"""
+    assert findings(spec) == [
+        'rule "x" names endpoint "answer" of agent "lib*", which no live instance has'
     ]
 
 

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+import yaml
+from pydantic import TypeAdapter, WrapSerializer
+from pydantic_core import PydanticCustomError
 
 from mesh._core.policy import PolicyError, load_policy, parse_duration, parse_policy
 from mesh._core.policy.engine import PolicyEngine
-from mesh._core.policy.model import RateLimitSpec, RetrySpec, format_duration
+from mesh._core.policy.load import _fields_at, _line_of
+from mesh._core.policy.model import (
+    WITH_UNITS,
+    RateLimitSpec,
+    RetrySpec,
+    _as_field,
+    _check_plain_name,
+    _written,
+    format_duration,
+    parse_rate,
+)
 from mesh._core.resilience import Backoff, LeastLoadedPicker
 from mesh.errors import InvalidArgument
 
@@ -183,3 +197,79 @@ class TestPicker:
     def test_backoff_bound_for_huge_retry_numbers(self) -> None:
         """A huge retry number still gives a delay within the cap."""
         assert 0.0 <= Backoff(rng=random.Random(1)).delay(10_000) <= 0.25
+
+
+class TestErrorLocations:
+    """Where the loader places an error: the nearest line a path reaches in the document, and
+    the fields a "did you mean" hint is drawn from."""
+
+    DOCUMENT = (
+        "apiVersion: mesh/v1\n"
+        "kind: Policy\n"
+        "metadata: {name: p}\n"
+        "spec:\n"
+        "  rules:\n"
+        "    - name: r\n"
+        "      allow: {callers: [a]}\n"
+    )
+
+    def test_an_index_past_the_end_of_a_list_is_placed_on_the_list(self) -> None:
+        """A path to an item a list does not have gets the line of the list's key."""
+        root = yaml.compose(self.DOCUMENT)
+
+        assert _line_of(root, ["spec", "rules", 0, "allow", "callers", 0]) == 7
+        assert _line_of(root, ["spec", "rules", 1]) == 5
+        assert _line_of(root, ["spec", "rules", 1, "name"]) == 5
+
+    def test_a_path_through_a_node_of_another_shape_stops_at_that_node(self) -> None:
+        """A key where the document has a list, or an index at a scalar, stops at that node."""
+        root = yaml.compose(self.DOCUMENT)
+
+        assert _line_of(root, ["spec", "rules", "name"]) == 5
+        assert _line_of(root, ["metadata", "name", 0]) == 3
+
+    def test_a_scalar_has_no_fields_to_suggest(self) -> None:
+        """A path ending at, or running through, a scalar has no field names to suggest."""
+        assert _fields_at(["metadata", "name"]) is None
+        assert _fields_at(["metadata", "name", "first"]) is None
+        assert _fields_at(["metadata"]) == ["name", "description"]
+
+
+class TestFieldFactories:
+    """model.py makes its field validators and serializers once, when it is imported; each
+    factory is tested here by what a validator or serializer made afresh from it does."""
+
+    def test_a_plain_name_validator_refuses_a_non_string(self) -> None:
+        """A name that is not a string is refused saying what kind of name was expected."""
+        with pytest.raises(
+            PydanticCustomError, match=r"^expected a rule name \(a string\), got 5$"
+        ):
+            _check_plain_name("rule")(5)
+
+    def test_a_plain_name_validator_refuses_an_invalid_name(self) -> None:
+        """A string that is no valid name is refused with the name rules."""
+        with pytest.raises(
+            PydanticCustomError, match=r"^invalid policy name 'Ops team': use 1-63 of a-z, 0-9"
+        ):
+            _check_plain_name("policy")("Ops team")
+
+    def test_a_plain_name_validator_returns_a_valid_name(self) -> None:
+        """A valid name passes unchanged."""
+        assert _check_plain_name("rule")("planner-may-ask") == "planner-may-ask"
+
+    def test_a_scalar_validator_refuses_with_the_parsers_message(self) -> None:
+        """A rate the parser refuses is refused with the parser's message, no prefix added."""
+        with pytest.raises(
+            PydanticCustomError, match=r"^invalid rate 'fast': use N/s, N/m or N/h \(e\.g\. 20/s\)"
+        ):
+            _as_field(parse_rate)("fast")
+
+    def test_a_serializer_writes_units_only_when_the_context_asks(self) -> None:
+        """A duration is written with its unit under WITH_UNITS only, else as a number."""
+        seconds = TypeAdapter(
+            Annotated[float, WrapSerializer(_written(format_duration), when_used="json")]
+        )
+
+        assert seconds.dump_python(90.0, mode="json", context={WITH_UNITS: True}) == "90s"
+        assert seconds.dump_python(90.0, mode="json") == 90.0
+        assert seconds.dump_python(90.0, mode="json", context={"other": True}) == 90.0

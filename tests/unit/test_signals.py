@@ -479,3 +479,16 @@ class TestTrafficRows:
         ]
         clock.advance(61)
         assert table.traffic() == []
+
+    def test_of_two_reports_at_one_time_the_later_received_counts(self) -> None:
+        """Two reports of one instance with the same ``at``: the one received last is newest."""
+        table = SignalTable(window=60, clock=FakeClock())
+        for state in ("open", "half_open"):
+            table.add(
+                EdgeReport(
+                    agent="planner", instance="p1", interval_s=5, at=1.0,
+                    circuits={"researcher (researcher.*)": state},
+                )
+            )  # fmt: skip
+
+        assert [r.state for r in table.traffic()] == ["half_open"]

@@ -282,6 +282,65 @@ class TestCircuitBreaker:
         assert breaker.admit() is None
         assert breaker.admit() == 1.0
 
+    def test_default_threshold_is_five_failures(self) -> None:
+        """With the defaults 4 failures in a row leave the circuit closed, the 5th opens it."""
+        breaker = CircuitBreaker(clock=FakeClock())
+        for _ in range(4):
+            breaker.record(True)
+        assert breaker.state == CLOSED
+
+        breaker.record(True)
+
+        assert breaker.state == OPEN
+
+    def test_default_first_opening_lasts_one_second(self) -> None:
+        """With the defaults the first opening lasts 1 s (at the top of its jitter)."""
+        breaker = CircuitBreaker(1, clock=FakeClock(), rng=TopRng())
+
+        breaker.record(True)
+
+        assert breaker.retry_after == 1.0
+
+    def test_default_openings_double_up_to_sixty_seconds(self) -> None:
+        """With the defaults openings last 1, 2, 4 ... 32 s, then 60 s and no more."""
+        clock = FakeClock()
+        breaker = CircuitBreaker(1, clock=clock, rng=TopRng())
+        breaker.record(True)
+        waits = []
+        for _ in range(8):
+            waits.append(breaker.retry_after)
+            clock.advance(breaker.retry_after)
+            breaker.admit()
+            breaker.record(True)
+
+        assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+
+    def test_default_probe_lease_is_thirty_seconds(self) -> None:
+        """With the defaults a silent probe's lease has 0.5 s left after 29.5 s and ends at 30 s."""
+        clock = FakeClock()
+        breaker = CircuitBreaker(1, 100.0, 100.0, clock=clock, rng=TopRng())
+        breaker.record(True)
+        clock.advance(100.0)
+        assert breaker.admit() is None
+
+        clock.advance(29.5)
+        assert breaker.admit() == 0.5
+        clock.advance(0.5)
+
+        assert breaker.admit() is None
+
+    def test_doubling_stops_at_2_to_the_64th(self) -> None:
+        """With no cap (max_open_for infinite) an opening grows to open_for * 2**64, no more."""
+        clock = FakeClock()
+        breaker = opened(clock, max_open_for=math.inf)
+        for _ in range(70):
+            clock.advance(2 * breaker.retry_after)
+            breaker.admit()
+            breaker.record(True)
+
+        assert breaker.openings == 71
+        assert breaker.retry_after == pytest.approx(2.0**64)
+
 
 class TestOutlierDetector:
     def test_one_failure_short_of_threshold_keeps_instance(self) -> None:
@@ -496,6 +555,81 @@ class TestOutlierDetector:
 
         assert set(detector.ejected()) == {"b", "c"}
 
+    def test_default_threshold_is_five_failures(self) -> None:
+        """With the defaults the 4th consecutive failure keeps the instance, the 5th ejects it."""
+        detector: OutlierDetector[str] = OutlierDetector(clock=FakeClock())
+
+        results = [detector.record("a", True, 10) for _ in range(5)]
+
+        assert results == [False] * 4 + [True]
+
+    def test_default_cap_is_ten_percent(self) -> None:
+        """With the defaults 10 of 100 instances may be ejected at once, not 11."""
+        detector: OutlierDetector[int] = OutlierDetector(1, clock=FakeClock())
+
+        assert sum(detector.record(i, True, 100) for i in range(100)) == 10
+
+    def test_default_ejections_grow_by_thirty_seconds_up_to_300(self) -> None:
+        """With the defaults ejections last 30, 60 ... 300 s, then 300 s again."""
+        clock = FakeClock()
+        detector: OutlierDetector[str] = OutlierDetector(1, clock=clock)
+        lengths = []
+        for _ in range(11):
+            detector.record("a", True, 10)
+            lengths.append(detector.ejected()["a"])
+            clock.advance(lengths[-1])
+
+        assert lengths == [30.0 * n for n in range(1, 11)] + [300.0]
+
+    def test_default_state_bound_is_4096_instances(self) -> None:
+        """With the defaults the 4097th instance recorded makes the first one forgotten."""
+        detector: OutlierDetector[int] = OutlierDetector(2, clock=FakeClock())
+        for i in range(4097):
+            detector.record(i, True, 10_000)
+
+        assert not detector.record(0, True, 10_000)
+        assert detector.record(4096, True, 10_000)
+
+    def test_ejection_ends_at_its_exact_end_time(self) -> None:
+        """At the very instant its ejection ends the instance is back, with nothing left."""
+        clock = FakeClock()
+        detector: OutlierDetector[str] = OutlierDetector(1, clock=clock)
+        detector.record("a", True, 10)
+
+        clock.advance(30.0)
+
+        assert detector.ejected() == {}
+        assert not detector.is_ejected("a")
+
+    def test_multiplier_decays_period_by_period(self) -> None:
+        """The multiplier drops one per whole base_ejection in service, counted from the end of
+        the last whole period: after 45 s it is 2, 30 s later 1 (not 0)."""
+        clock = FakeClock()
+        detector: OutlierDetector[str] = OutlierDetector(1, clock=clock)
+        for _ in range(3):  # ejected for 30, 60, 90 s: the multiplier is 3
+            detector.record("a", True, 10)
+            clock.advance(detector.ejected()["a"])
+        clock.advance(45.0)
+        detector.record("a", False, 10)
+        clock.advance(30.0)
+
+        detector.record("a", True, 10)
+
+        assert detector.ejected() == {"a": 60.0}
+
+    def test_state_bounded_counts_an_ejection_ending_now_as_in_service(self) -> None:
+        """Past max_keys an instance whose ejection ends this very instant is forgotten first."""
+        clock = FakeClock()
+        detector: OutlierDetector[str] = OutlierDetector(2, max_keys=2, clock=clock)
+        detector.record("a", True, 10)
+        detector.record("a", True, 10)
+        detector.record("b", True, 10)
+        clock.advance(30.0)
+
+        detector.record("c", False, 10)  # "a" is forgotten, "b" keeps its failure
+
+        assert detector.record("b", True, 10)
+
 
 class TestPeakEwmaPicker:
     def test_defaults_are_linkerd(self) -> None:
@@ -688,6 +822,87 @@ class TestPeakEwmaPicker:
         assert {picker.pick(["b", "loaded"]) for _ in range(50)} == {"b"}
         assert {picker.pick(["a", "loaded"]) for _ in range(50)} == {"loaded"}
 
+    def test_default_random_source(self) -> None:
+        """Without an rng the picker draws from its own random source."""
+        picker: PeakEwmaPicker[str] = PeakEwmaPicker(clock=FakeClock())
+
+        assert {picker.pick(["a", "b"]) for _ in range(50)} == {"a", "b"}
+
+    def test_cost_is_rtt_times_outstanding_plus_one(self) -> None:
+        """30 ms with one outstanding (cost 60) loses to 50 ms idle (50), beats 70 ms idle (70)."""
+        picker: PeakEwmaPicker[str] = PeakEwmaPicker(rng=random.Random(0), clock=FakeClock())
+        picker.acquire("busy")
+        picker.observe("busy", 0.030)
+        picker.observe("idle50", 0.050)
+        picker.observe("idle70", 0.070)
+
+        assert {picker.pick(["busy", "idle50"]) for _ in range(50)} == {"idle50"}
+        assert {picker.pick(["busy", "idle70"]) for _ in range(50)} == {"busy"}
+
+    def test_two_distinct_candidates_are_compared(self) -> None:
+        """Of three candidates the costliest is never picked: it is never compared with itself."""
+        picker: PeakEwmaPicker[str] = PeakEwmaPicker(rng=random.Random(0), clock=FakeClock())
+        picker.observe("slow", 1.0)
+
+        chosen = {picker.pick(["slow", "a", "b"]) for _ in range(200)}
+
+        assert chosen == {"a", "b"}
+
+    def test_a_tie_goes_to_the_first_sampled(self) -> None:
+        """Of two candidates of equal cost the first one drawn is picked."""
+        picker: PeakEwmaPicker[str] = PeakEwmaPicker(rng=random.Random(7), clock=FakeClock())
+        draws = random.Random(7)
+        names = ["a", "b", "c"]
+
+        for _ in range(50):
+            first = names[draws.randrange(3)]
+            draws.randrange(2)
+            assert picker.pick(names) == first
+
+    def test_lower_sample_soon_after_blends_by_its_short_elapsed_time(self) -> None:
+        """Half a second after the last sample a lower one is weighted 1 - exp(-0.05)."""
+        clock = FakeClock()
+        picker: PeakEwmaPicker[str] = PeakEwmaPicker(clock=clock)
+        picker.observe("a", 1.0)
+        clock.advance(0.5)
+
+        picker.observe("a", 0.1)
+
+        w = math.exp(-0.05)
+        assert picker.rtt("a") == pytest.approx(1.0 * w + 0.1 * (1 - w))
+
+    def test_an_expired_penalty_frees_its_place(self) -> None:
+        """A penalty found expired (at its very end) is dropped, so a new one evicts no live one."""
+        clock = FakeClock()
+        picker: PeakEwmaPicker[str] = PeakEwmaPicker(max_keys=2, rng=random.Random(0), clock=clock)
+        for _ in range(50):
+            picker.acquire("loaded")
+        picker.penalize("a", 100.0)
+        picker.penalize("b", 5.0)
+        clock.advance(5.0)
+        assert {picker.pick(["b", "loaded"]) for _ in range(20)} == {"b"}
+
+        picker.penalize("c", 60.0)
+
+        assert {picker.pick(["a", "loaded"]) for _ in range(50)} == {"loaded"}
+
+    def test_releasing_the_only_outstanding_request_forgets_the_key(self) -> None:
+        """One acquire and one release leave nothing outstanding."""
+        picker: PeakEwmaPicker[str] = PeakEwmaPicker(clock=FakeClock())
+        picker.acquire("a")
+
+        picker.release("a")
+
+        assert picker.outstanding == {}
+
+    def test_default_bound_is_4096_keys(self) -> None:
+        """With the defaults the 4097th key observed drops the first one's estimate."""
+        picker: PeakEwmaPicker[int] = PeakEwmaPicker(clock=FakeClock())
+        for i in range(4097):
+            picker.observe(i, 1.0)
+
+        assert (picker.rtt(0), picker.rtt(1), picker.rtt(4096)) == (0.030, 1.0, 1.0)
+
 
 class TestWeightedChoice:
     @pytest.mark.parametrize(
@@ -724,6 +939,11 @@ class TestWeightedChoice:
         """Negative weights, a sum that is not positive or a draw outside [0, 1) are refused."""
         with pytest.raises(ValueError, match="non-negative"):
             weighted_choice(weights, u)
+
+    def test_a_single_weight_of_one_is_a_split(self) -> None:
+        """The smallest positive total, 1, is accepted: its one entry is always chosen."""
+        assert weighted_choice([1], 0.5) == 0
+        assert weighted_choice([0, 1], 0.0) == 1
 
 
 def on(key: str, names: list[str]) -> str:

@@ -264,3 +264,15 @@ def test_the_inventory_of_records_has_their_versions_and_labels(trust: Trust) ->
         "researcher": {("track", "stable"), ("track", "canary"), ("zone", "eu")},
         "planner": frozenset(),
     }
+
+
+def test_a_label_finding_suggests_at_most_three_labels_closest_first() -> None:
+    """Of four close live labels only the three closest are suggested."""
+    inventory = Inventory(
+        endpoints={"planner": frozenset({"plan"}), "researcher": frozenset({"answer"})},
+        labels={"researcher": frozenset({("track", f"canary{i}") for i in range(1, 5)})},
+    )
+    spec = route("      split:\n        - {labels: {track: canary1x}, weight: 100}\n")
+    found = analyze_policy(parse_policy(HEADER + spec, require_units=True), inventory)
+
+    assert [f.suggestions for f in found] == [("track=canary1", "track=canary4", "track=canary3")]

@@ -4,8 +4,13 @@ metadata the envelope carries."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import msgpack
 import pytest
+from jsonschema import Draft202012Validator
 
 from mesh._core.envelope import (
     MAGIC,
@@ -23,6 +28,7 @@ from mesh._core.policy import (
     diff_policies,
     parse_canonical,
     parse_policy,
+    policy_schema,
     policy_text,
 )
 from mesh.errors import DecodeError, InvalidArgument
@@ -481,4 +487,212 @@ def test_a_diff_names_route_and_endpoint_traffic_changes_field_by_field() -> Non
         "fault.delay.percent=1 fault.delay.fixed=2s",
         'route "old" removed',
         "route order changed: canary, keep -> keep, canary",
+    ]
+
+
+# --- versions, percentages and thresholds at their bounds ---------------------------------------
+
+
+def split_version(version: str) -> str:
+    return route(f"      split: [{{version: {version}, weight: 100}}]\n")
+
+
+@pytest.mark.parametrize(
+    ("version", "shown"),
+    [("''", "''"), ("'" + "v" * 65 + "'", repr("v" * 65)), ('"2.0\\t"', repr("2.0\t")), ("2", "2")],
+)
+def test_a_version_is_a_printable_string_of_1_to_64_characters(version: str, shown: str) -> None:
+    """An empty, 65-character or unprintable version, or one that is not a string, is refused."""
+    with pytest.raises(PolicyError, match=f"invalid version {re.escape(shown)}: use the version"):
+        policy(split_version(version))
+
+
+@pytest.mark.parametrize("version", ["'v'", "'" + "v" * 64 + "'"])
+def test_versions_of_1_and_64_characters_are_accepted(version: str) -> None:
+    """The shortest and the longest version."""
+    p = policy(split_version(version))
+    assert p.spec.routes[0].split[0].version == version.strip("'")
+
+
+def test_the_largest_percentage_is_100() -> None:
+    """100 is a percentage; the next float above it is not."""
+    above = math.nextafter(100.0, math.inf)
+    with pytest.raises(PolicyError, match=f"invalid percentage {re.escape(repr(above))}:"):
+        policy(route(f"      mirror: {{agent: shadow, percent: {above!r}}}\n"))
+
+
+def test_a_mirror_copies_every_call_by_default() -> None:
+    """A mirror without percent copies 100 % of the route's calls."""
+    mirror = policy(route("      mirror: {agent: shadow}\n")).spec.routes[0].mirror
+    assert mirror is not None and mirror.percent == 100.0
+
+
+@pytest.mark.parametrize("block", ["circuit_breaker", "outlier_detection"])
+@pytest.mark.parametrize("failures", [1, 10_000])
+def test_failure_thresholds_from_1_to_10000_are_accepted(block: str, failures: int) -> None:
+    """One failure, or ten thousand, may open a circuit or eject an instance."""
+    p = policy(endpoint(f"{block}: {{consecutive_failures: {failures}}}"))
+    spec = getattr(p.spec.endpoints["researcher.answer"], block)
+    assert spec.consecutive_failures == failures
+
+
+@pytest.mark.parametrize("block", ["circuit_breaker", "outlier_detection"])
+def test_a_failure_threshold_above_10000_is_refused(block: str) -> None:
+    """10001 failures in a row is refused."""
+    with pytest.raises(PolicyError, match="less than or equal to 10000"):
+        policy(endpoint(f"{block}: {{consecutive_failures: 10001}}"))
+
+
+def test_one_concurrent_attempt_and_no_pending_call_are_accepted() -> None:
+    """max_concurrent 1 with max_pending 0: one attempt in flight, none waiting."""
+    p = policy(endpoint("circuit_breaker: {max_concurrent: 1, max_pending: 0}"))
+    cb = p.spec.endpoints["researcher.answer"].circuit_breaker
+    assert cb is not None and (cb.max_concurrent, cb.max_pending) == (1, 0)
+
+
+def test_a_negative_max_pending_is_refused() -> None:
+    """max_pending -1 is refused."""
+    with pytest.raises(PolicyError, match="greater than or equal to 0"):
+        policy(endpoint("circuit_breaker: {max_concurrent: 1, max_pending: -1}"))
+
+
+def test_max_open_for_equal_to_open_for_is_accepted() -> None:
+    """An opening that never grows: max_open_for equal to open_for."""
+    p = policy(endpoint("circuit_breaker: {open_for: 5s, max_open_for: 5s}"))
+    cb = p.spec.endpoints["researcher.answer"].circuit_breaker
+    assert cb is not None and cb.max_open_for == cb.open_for == 5.0
+
+
+def test_max_ejection_time_equal_to_the_base_is_accepted() -> None:
+    """Ejections that never grow: max_ejection_time equal to base_ejection_time."""
+    p = policy(endpoint("outlier_detection: {base_ejection_time: 1m, max_ejection_time: 60s}"))
+    od = p.spec.endpoints["researcher.answer"].outlier_detection
+    assert od is not None and od.max_ejection_time == od.base_ejection_time == 60.0
+
+
+# --- subsets ------------------------------------------------------------------------------------
+
+
+def test_a_plain_version_matches_only_itself() -> None:
+    """A version without wildcards matches that version, not another."""
+    s = Subset(version="2.0.0")
+    assert s.matches("2.0.0", {})
+    assert not s.matches("2.0.1", {})
+
+
+def test_a_subset_with_labels_only_matches_any_version() -> None:
+    """No version given: only the labels decide."""
+    s = Subset(labels={"track": "canary"})
+    assert s.matches("9.9.9", {"track": "canary"})
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ({"version": "1"}, {"version": "2"}, False),
+        ({"version": "1"}, {"version": "1"}, True),
+        ({"version": "1.*"}, {"version": "2.0"}, False),
+        ({"version": "2.0"}, {"version": "1.*"}, False),
+        ({"version": "2.*"}, {"version": "2.0"}, True),
+        ({"version": "2.0"}, {"version": "2.*"}, True),
+        ({"version": "1.*"}, {"version": "2.*"}, True),
+        ({"version": "1"}, {}, True),
+        ({}, {"version": "1"}, True),
+    ],
+)
+def test_subsets_may_overlap_by_version(a: dict, b: dict, overlap: bool) -> None:  # type: ignore[type-arg]
+    """Different plain versions never overlap; a glob overlaps the versions it matches; two
+    globs, or no version on one side, are assumed to."""
+    assert Subset(**a).may_overlap(Subset(**b)) is overlap
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ({"track": "canary"}, {"track": "stable"}, False),
+        ({"track": "canary"}, {"track": "canary", "zone": "eu"}, True),
+        ({"track": "canary"}, {"zone": "eu"}, True),
+        ({}, {"track": "canary"}, True),
+    ],
+)
+def test_subsets_overlap_unless_a_label_has_two_values(a: dict, b: dict, overlap: bool) -> None:  # type: ignore[type-arg]
+    """Only a label given different values on the two sides keeps them apart."""
+    assert Subset(labels=a).may_overlap(Subset(labels=b)) is overlap
+    assert Subset(labels=b).may_overlap(Subset(labels=a)) is overlap
+
+
+@pytest.mark.parametrize(
+    ("subset", "text"),
+    [
+        (Subset(), "any instance"),
+        (Subset(version="2.0.0"), "version 2.0.0"),
+        (Subset(labels={"zone": "eu", "track": "canary"}), "labels track=canary,zone=eu"),
+    ],
+)
+def test_a_subset_describes_itself(subset: Subset, text: str) -> None:
+    """A version, sorted labels, or any instance when neither is given."""
+    assert subset.describe() == text
+
+
+def test_a_backend_of_weight_1_that_the_mirror_may_cover_is_refused() -> None:
+    """Even 1 % of live calls on the mirror's subset makes it no shadow."""
+    with pytest.raises(PolicyError, match="may take live calls from the split's version 2"):
+        policy(
+            route(
+                "      split: [{version: '1', weight: 99}, {version: '2', weight: 1}]\n"
+                "      mirror: {agent: researcher, version: '2'}\n"
+            )
+        )
+
+
+def _schema_errors(data: dict) -> list[str]:  # type: ignore[type-arg]
+    return [e.json_path for e in Draft202012Validator(policy_schema()).iter_errors(data)]
+
+
+def test_the_schema_bounds_percentages_as_validation_does() -> None:
+    """The schema takes 0 and 100 and refuses just outside them, as the parser does."""
+    p = policy(route("      mirror: {agent: shadow, percent: 50}\n"))
+    data = json.loads(canonical_policy_bytes(p))
+    mirror = data["spec"]["routes"][0]["mirror"]
+    for percent, errors in [(0, 0), (100, 0), (-0.5, 1), (100.5, 1)]:
+        mirror["percent"] = percent
+        assert len(_schema_errors(data)) == errors, percent
+
+
+def test_the_schema_bounds_versions_as_validation_does() -> None:
+    """The schema takes versions of 1 to 64 characters, as the parser does."""
+    p = policy(split_version("'1'"))
+    data = json.loads(canonical_policy_bytes(p))
+    backend = data["spec"]["routes"][0]["split"][0]
+    for version, errors in [("v", 0), ("v" * 64, 0), ("", 1), ("v" * 65, 1)]:
+        backend["version"] = version
+        assert len(_schema_errors(data)) == errors, version
+
+
+@pytest.mark.parametrize(
+    ("body", "features"),
+    [
+        (route(""), {"routes"}),
+        (route("      mirror: {agent: shadow}\n"), {"routes", "mirror"}),
+        (route("      fault: {abort: {percent: 1, code: INTERNAL}}\n"), {"routes", "fault"}),
+        (endpoint("circuit_breaker: {}"), {"circuit_breaker"}),
+        (endpoint("outlier_detection: {}"), {"outlier_detection"}),
+        (endpoint("load_balancer: peak_ewma"), {"peak_ewma"}),
+        (endpoint("load_balancer: least_outstanding"), set()),
+        (endpoint("timeout: 1s"), set()),
+    ],
+)
+def test_each_feature_is_named_only_when_used(body: str, features: set[str]) -> None:
+    """One setting names its one stage; a route or an endpoint key without it names none."""
+    assert PolicyEngine(policy(body)).features == features
+
+
+def test_a_diff_writes_non_ascii_text_as_it_is() -> None:
+    """A label value outside ASCII shows as written in a changed split, not as an escape."""
+    old = policy(route("      split: [{labels: {team: 'ø'}, weight: 100}]\n"))
+    new = policy(route("      split: [{labels: {team: 'é'}, weight: 100}]\n"))
+
+    assert diff_policies(old, new) == [
+        'route "r" changed: split [{"labels":{"team":"ø"},"weight":100}]'
+        ' -> [{"labels":{"team":"é"},"weight":100}]'
     ]
