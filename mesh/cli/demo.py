@@ -82,10 +82,7 @@ async def _capture_and_replay(spy: NatsTransport, planner: Mesh) -> None:
     await spy.subscribe(f"{rpc_prefix(planner.config.prefix)}researcher.>", capture)
     inbox = spy.new_inbox()
     await spy.subscribe(inbox, refused)
-    # Twice: nats-py (2.16) writes a flush's PING at once but the SUBs before it later, so the
-    # first PONG can come back before the server has the subscriptions; the second cannot.
-    await spy.flush()
-    await spy.flush()
+    await spy.flush()  # the server has both subscriptions (NatsTransport.flush)
     await planner.request("researcher", "answer", Question(text="nats"), Answer, timeout=5)
     subject, frame, headers = await asyncio.wait_for(captured.get(), 5)
     say(
