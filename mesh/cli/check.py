@@ -26,7 +26,7 @@ from rich.markup import escape
 from mesh import Identity, Mesh, MeshError, Policy, load_identity
 from mesh._core.config import Timeouts
 from mesh._core.names import audit_stream, directory_bucket, store_bucket
-from mesh._core.policy import Finding, Inventory, analyze_policy
+from mesh._core.policy import Finding, Inventory, analyze_policy, line_of
 from mesh._core.records import InstanceRecord, decode_record
 from mesh._transport.nats import NatsTransport, map_nats_errors
 from mesh.control_plane import ADMIN_ROLE, REGISTRY, Empty, IdentityList
@@ -575,10 +575,20 @@ async def cmd_check(args: Args) -> int:
 # --- names in policy files that nothing live has --------------------------------------------
 
 
-def unknown_names(path: str, policy: Policy, records: Iterable[InstanceRecord]) -> list[str]:
-    """A warning line for each name ``policy`` uses that no live instance has."""
+def unknown_names(
+    path: str, policy: Policy, records: Iterable[InstanceRecord], text: str | None = None
+) -> tuple[list[str], list[str]]:
+    """The names ``policy`` uses that no live instance has, as lines ``path[:line]: ...``:
+    ``(warnings, refusals)``, the refusals being split backends and mirrors no live instance
+    is in (``Finding.blocking``), with the line of the file ``text`` where known."""
     findings: list[Finding] = analyze_policy(policy, Inventory.of(records))
-    return [f"{path}: {f.message}" for f in findings]
+    warnings: list[str] = []
+    refusals: list[str] = []
+    for f in findings:
+        line = line_of(text, f.loc) if text is not None and f.loc else None
+        where = f"{path}:{line}" if line is not None else path
+        (refusals if f.blocking else warnings).append(f"{where}: {f.message}")
+    return warnings, refusals
 
 
 def print_warnings(lines: Iterable[str]) -> None:
@@ -586,19 +596,34 @@ def print_warnings(lines: Iterable[str]) -> None:
         err.print(f"[yellow]warning:[/] {escape(line)}")
 
 
-def warn_unknown_names(path: str, policy: Policy, records: Iterable[InstanceRecord]) -> int:
-    """Print a warning to stderr for each name ``policy`` uses that no live instance has;
-    returns how many."""
-    lines = unknown_names(path, policy, records)
-    print_warnings(lines)
-    return len(lines)
+def print_refusals(lines: Iterable[str]) -> None:
+    for line in lines:
+        err.print(f"[red]error:[/] {escape(line)}")
 
 
-async def analyze_live(args: Args, policies: Sequence[tuple[str, Policy]]) -> int:
-    """``warn_unknown_names`` for each policy, against the live directory; returns the total."""
+def warn_unknown_names(
+    path: str, policy: Policy, records: Iterable[InstanceRecord]
+) -> tuple[int, int]:
+    """Print to stderr a warning for each name ``policy`` uses that no live instance has, and
+    an error for each split backend or mirror no live instance is in; returns how many of
+    each."""
+    try:
+        text: str | None = Path(path).read_text()
+    except OSError:
+        text = None
+    warnings, refusals = unknown_names(path, policy, records, text)
+    print_refusals(refusals)
+    print_warnings(warnings)
+    return len(warnings), len(refusals)
+
+
+async def analyze_live(args: Args, policies: Sequence[tuple[str, Policy]]) -> tuple[int, int]:
+    """``warn_unknown_names`` for each policy, against the live directory; returns the
+    totals of warnings and of refusals."""
     async with admin_mesh(args) as mesh:
         records = mesh.directory.all()
-    return sum(warn_unknown_names(path, policy, records) for path, policy in policies)
+    counts = [warn_unknown_names(path, policy, records) for path, policy in policies]
+    return sum(w for w, _ in counts), sum(r for _, r in counts)
 
 
 def commands() -> click.Command:

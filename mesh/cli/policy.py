@@ -118,8 +118,8 @@ def cmd_validate(args: Args) -> int:
             + f"default {spec.defaults.authorization})"
         )
     if args.live and valid:
-        unknown = asyncio.run(check.analyze_live(args, valid))
-        failed += 1 if unknown and args.strict else 0
+        unknown, refused = asyncio.run(check.analyze_live(args, valid))
+        failed += 1 if refused or (unknown and args.strict) else 0
     return 1 if failed else 0
 
 
@@ -138,13 +138,21 @@ async def cmd_apply(args: Args) -> int:
     text = _read(args.path)
     policy = parse_policy(text, source=args.path, require_units=True)  # fail before connecting
     async with admin_mesh(args) as mesh:
-        unknown = check.unknown_names(args.path, policy, mesh.directory.all())
+        unknown, missing = check.unknown_names(args.path, policy, mesh.directory.all(), text)
+        if missing and not args.allow_unknown_versions:
+            check.print_refusals(missing)
+            raise FailedPrecondition(
+                f"{args.path}: not applied: {len(missing)} split backends or mirrors name "
+                "versions or labels no live instance has: start such instances first, or "
+                "apply with --allow-unknown-versions to route ahead of them"
+            )
         if unknown and args.strict:
             check.print_warnings(unknown)
             raise FailedPrecondition(
-                f"{args.path}: not applied: it names {len(unknown)} agents, endpoints, "
-                "roles, versions or labels that no live instance has (--strict)"
+                f"{args.path}: not applied: it names {len(unknown)} agents, endpoints or "
+                "roles that no live instance has (--strict)"
             )
+        unknown += missing  # allowed: warned of
         reply = await call_registry(
             mesh, "apply", ApplyRequest(policy=text, source=args.path), ApplyReply
         )
@@ -448,6 +456,12 @@ def _commands() -> list[click.Command]:
                 argument("path"),
                 option(
                     "--strict", is_flag=True, help="refuse (exit 2) if it names anything not live"
+                ),
+                option(
+                    "--allow-unknown-versions",
+                    is_flag=True,
+                    help="apply routes whose split or mirror names versions or labels no live "
+                    "instance has yet (a rollout ahead of its instances); warned of, not refused",
                 ),
             ],
         ),

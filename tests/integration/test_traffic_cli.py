@@ -81,8 +81,8 @@ spec:
         - {version: 1.2.0, weight: 90}
         - {version: 1.3.0, weight: 10}
 """
-VERSION_WARNING = (
-    'warning: {path}: route "canary" names version "1.3.0" of agent "researcher", which no '
+VERSION_FINDING = (
+    '{kind}: {path}:11: route "canary" names version "1.3.0" of agent "researcher", which no '
     'live instance has (did you mean "1.2.0"?)'
 )
 
@@ -322,45 +322,51 @@ async def test_explain_shows_the_route_of_the_applied_revision(world: World) -> 
     ]
 
 
-async def test_apply_warns_of_a_split_version_no_live_instance_runs(
+async def test_apply_refuses_a_split_version_no_live_instance_runs(
     world: World, tmp_path: Path
 ) -> None:
-    """`apply` names the file, the route and the version with a did-you-mean, and applies."""
+    """`apply` names the file, the line, the route and the version with a did-you-mean and the
+    fix, exits 2 and applies nothing: the backend's share would go to the others."""
     path = tmp_path / "canary.yaml"
     path.write_text(SPLIT_TO_NOBODY)
     result = await run("mesh-policy", "apply", path, env=world.env())
-    assert result.returncode == 0, result.stderr
-    assert VERSION_WARNING.format(path=path) in result.stderr.splitlines()
-    assert "applied revision 1" in result.stdout
-
-
-async def test_apply_strict_refuses_a_split_version_no_live_instance_runs(
-    world: World, tmp_path: Path
-) -> None:
-    """`apply --strict` prints the warning, exits 2 and applies nothing."""
-    path = tmp_path / "canary.yaml"
-    path.write_text(SPLIT_TO_NOBODY)
-    result = await run("mesh-policy", "apply", "--strict", path, env=world.env())
     assert result.returncode == 2, result.stdout + result.stderr
-    assert VERSION_WARNING.format(path=path) in result.stderr.splitlines()
-    assert f"FailedPrecondition: {path}: not applied" in result.stderr
+    assert VERSION_FINDING.format(kind="error", path=path) in result.stderr.splitlines()
+    assert (
+        f"FailedPrecondition: {path}: not applied: 1 split backends or mirrors name versions "
+        "or labels no live instance has: start such instances first, or apply with "
+        "--allow-unknown-versions to route ahead of them"
+    ) in result.stderr
     assert "Traceback" not in result.stderr
     assert await world.current_revision() is None
 
 
-async def test_validate_live_warns_of_a_split_version_no_live_instance_runs(
+async def test_apply_allow_unknown_versions_applies_with_a_warning(
     world: World, tmp_path: Path
 ) -> None:
-    """`validate --live` prints the same warning (exit 0); with `--strict` it exits 1."""
+    """`apply --allow-unknown-versions`: a rollout routed ahead of its instances is applied,
+    the version named as a warning."""
+    path = tmp_path / "canary.yaml"
+    path.write_text(SPLIT_TO_NOBODY)
+    result = await run("mesh-policy", "apply", "--allow-unknown-versions", path, env=world.env())
+    assert result.returncode == 0, result.stderr
+    assert VERSION_FINDING.format(kind="warning", path=path) in result.stderr.splitlines()
+    assert "applied revision 1" in result.stdout
+
+
+async def test_validate_live_refuses_a_split_version_no_live_instance_runs(
+    world: World, tmp_path: Path
+) -> None:
+    """`validate --live` prints the same error and exits 1, `--strict` or not."""
     path = tmp_path / "canary.yaml"
     path.write_text(SPLIT_TO_NOBODY)
     result, strict = await asyncio.gather(
         run("mesh-policy", "validate", "--live", path, env=world.env()),
         run("mesh-policy", "validate", "--live", "--strict", path, env=world.env()),
     )
-    assert result.returncode == 0, result.stderr
-    assert VERSION_WARNING.format(path=path) in result.stderr.splitlines()
-    assert strict.returncode == 1, strict.stderr
+    for r in (result, strict):
+        assert r.returncode == 1, r.stderr
+        assert VERSION_FINDING.format(kind="error", path=path) in r.stderr.splitlines()
 
 
 CHAOS = """apiVersion: mesh/v1

@@ -3,7 +3,7 @@ versions and labels a route names that nothing live has."""
 
 from __future__ import annotations
 
-from mesh._core.policy import Finding, Inventory, analyze_policy, parse_policy
+from mesh._core.policy import Finding, Inventory, analyze_policy, line_of, parse_policy
 from mesh._core.records import EndpointInfo, InstanceRecord
 from mesh.testing import Trust
 
@@ -241,7 +241,14 @@ def test_a_version_finding_carries_typed_fields() -> None:
         source="p.yaml",
     )
     assert analyze_policy(policy, LIVE) == [
-        Finding('route "canary"', "version", "3.0.0", agent="researcher", suggestions=("2.0.0",))
+        Finding(
+            'route "canary"',
+            "version",
+            "3.0.0",
+            agent="researcher",
+            suggestions=("2.0.0",),
+            loc=("spec", "routes", 0, "split", 0, "version"),
+        )
     ]
 
 
@@ -276,3 +283,29 @@ def test_a_label_finding_suggests_at_most_three_labels_closest_first() -> None:
     found = analyze_policy(parse_policy(HEADER + spec, require_units=True), inventory)
 
     assert [f.suggestions for f in found] == [("track=canary1", "track=canary4", "track=canary3")]
+
+
+def test_a_subset_finding_blocks_and_others_do_not() -> None:
+    """A version or a label no live instance has blocks an apply; an unknown agent, endpoint
+    or role is a warning; a label finding's place is its key under the subset's labels."""
+    spec = route(
+        "      split: [{version: 1.2.0, labels: {track: nope}, weight: 100}]\n"
+        "      mirror: {agent: nobody}\n"
+    )
+    policy = parse_policy(HEADER + spec, source="p.yaml", require_units=True)
+    found = {(f.kind, f.blocking, f.loc) for f in analyze_policy(policy, LIVE)}
+    assert found == {
+        ("label", True, ("spec", "routes", 0, "split", 0, "labels", "track")),
+        ("agent", False, ()),
+    }
+
+
+def test_line_of_finds_a_finding_in_its_file() -> None:
+    """The line a finding's place is written on, as policy errors report lines."""
+    text = HEADER + route(
+        "      split:\n"
+        "        - {version: 1.2.0, weight: 50}\n"
+        "        - {version: 3.0.0, weight: 50}\n"
+    )
+    assert line_of(text, ("spec", "routes", 0, "split", 1, "version")) == 10
+    assert line_of("{not: [yaml", ("spec",)) is None

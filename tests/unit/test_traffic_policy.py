@@ -595,14 +595,17 @@ def test_a_subset_with_labels_only_matches_any_version() -> None:
         ({"version": "2.0"}, {"version": "1.*"}, False),
         ({"version": "2.*"}, {"version": "2.0"}, True),
         ({"version": "2.0"}, {"version": "2.*"}, True),
-        ({"version": "1.*"}, {"version": "2.*"}, True),
+        ({"version": "1.*"}, {"version": "2.*"}, False),
+        ({"version": "2.*"}, {"version": "2.1*"}, True),
+        ({"version": "2.1?"}, {"version": "2.*"}, True),
+        ({"version": "*"}, {"version": "2.*"}, True),
         ({"version": "1"}, {}, True),
         ({}, {"version": "1"}, True),
     ],
 )
 def test_subsets_may_overlap_by_version(a: dict, b: dict, overlap: bool) -> None:  # type: ignore[type-arg]
     """Different plain versions never overlap; a glob overlaps the versions it matches; two
-    globs, or no version on one side, are assumed to."""
+    globs do unless their literal beginnings differ; no version on one side always does."""
     assert Subset(**a).may_overlap(Subset(**b)) is overlap
 
 

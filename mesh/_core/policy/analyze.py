@@ -18,6 +18,7 @@ the mirror's) agent announce. Pure: no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping
@@ -86,6 +87,8 @@ class Finding:
         name: the name as written (a label as ``key=value``).
         agent: for an endpoint, a version or a label, the agent (pattern) it belongs to.
         suggestions: live names close to ``name``, closest first.
+        loc: where in the document the name is written (``spec.routes[0].split[1].version``
+            as a path), when it names a subset; ``()`` otherwise.
     """
 
     where: str
@@ -93,6 +96,14 @@ class Finding:
     name: str
     agent: str | None = None
     suggestions: tuple[str, ...] = ()
+    loc: tuple[str | int, ...] = ()
+
+    @property
+    def blocking(self) -> bool:
+        """A split backend or a mirror no live instance is in (a version or a label): its calls
+        would go elsewhere, or its copies fail. ``apply`` refuses it unless told it is a
+        rollout ahead of the instances; other findings are warnings."""
+        return self.kind in ("version", "label")
 
     @property
     def message(self) -> str:
@@ -157,9 +168,12 @@ def _callers(where: str, callers: Iterable[str], inventory: Inventory) -> list[F
     return found
 
 
-def _subset(where: str, agent: str, subset: Subset, inventory: Inventory) -> list[Finding]:
-    """The version (when plain) and the labels of ``subset`` that no live instance of
-    ``agent`` announces (none when ``agent`` is not live: that is reported about the agent)."""
+def _subset(
+    where: str, agent: str, subset: Subset, inventory: Inventory, loc: tuple[str | int, ...]
+) -> list[Finding]:
+    """The version (when plain) and the labels of ``subset`` (written at ``loc``) that no live
+    instance of ``agent`` announces (none when ``agent`` is not live: that is reported about
+    the agent)."""
     if agent not in inventory.agents:
         return []
     found: list[Finding] = []
@@ -167,7 +181,7 @@ def _subset(where: str, agent: str, subset: Subset, inventory: Inventory) -> lis
     if subset.version is not None and versions is not None:
         f = _unknown(where, "version", subset.version, versions, agent)
         if f is not None:
-            found.append(f)
+            found.append(dataclasses.replace(f, loc=(*loc, "version")))
     labels = inventory.labels.get(agent)
     if labels is not None:
         pairs = sorted(f"{k}={v}" for k, v in labels)
@@ -175,11 +189,12 @@ def _subset(where: str, agent: str, subset: Subset, inventory: Inventory) -> lis
             if (key, value) not in labels:  # labels match exactly: no globs
                 label = f"{key}={value}"
                 close = difflib.get_close_matches(label, pairs, n=3, cutoff=0.7)
-                found.append(Finding(where, "label", label, agent, tuple(close)))
+                at = (*loc, "labels", key)
+                found.append(Finding(where, "label", label, agent, tuple(close), at))
     return found
 
 
-def _route(route: TrafficRoute, inventory: Inventory) -> list[Finding]:
+def _route(route: TrafficRoute, index: int, inventory: Inventory) -> list[Finding]:
     """What a traffic route names that nothing live has: its callers, its callee agent and
     endpoints, its split backends' versions and labels, and its mirror (the agent, its
     version and labels, and the route's endpoints, which the mirror is sent)."""
@@ -190,15 +205,16 @@ def _route(route: TrafficRoute, inventory: Inventory) -> list[Finding]:
     if f is not None:
         found.append(f)
     found.extend(_endpoints(where, m.agent, m.endpoints, inventory))
-    for backend in route.split:
-        found.extend(_subset(where, m.agent, backend, inventory))
+    loc: tuple[str | int, ...] = ("spec", "routes", index)
+    for i, backend in enumerate(route.split):
+        found.extend(_subset(where, m.agent, backend, inventory, (*loc, "split", i)))
     mirror = route.mirror
     if mirror is not None:
         f = _unknown(where, "agent", mirror.agent, inventory.agents)
         if f is not None:
             found.append(f)
         found.extend(_endpoints(where, mirror.agent, m.endpoints, inventory))
-        found.extend(_subset(where, mirror.agent, mirror, inventory))
+        found.extend(_subset(where, mirror.agent, mirror, inventory, (*loc, "mirror")))
     return found
 
 
@@ -235,8 +251,8 @@ def analyze_policy(policy: Policy, inventory: Inventory) -> list[Finding]:
         if f is not None:
             found.append(f)
         found.extend(_endpoints(where, agent, [endpoint], inventory))
-    for route in policy.spec.routes:
-        found.extend(_route(route, inventory))
+    for index, route in enumerate(policy.spec.routes):
+        found.extend(_route(route, index, inventory))
     unique: dict[tuple[str, str, str, str | None], Finding] = {}
     for f in found:
         unique.setdefault((f.where, f.kind, f.name, f.agent), f)

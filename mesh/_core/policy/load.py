@@ -102,6 +102,16 @@ def _mark_line(node: yaml.Node | None) -> int | None:
     return None if node is None else int(node.start_mark.line) + 1
 
 
+def line_of(text: str, loc: Sequence[str | int]) -> int | None:
+    """The line of ``loc`` (a path in the document, as errors report it) in the policy file
+    ``text``, or of its nearest parent that is written; ``None`` for text that is not YAML."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    return _line_of(root, loc)
+
+
 def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
     """The line of the YAML node at ``loc``, or of the nearest parent that exists.
 

@@ -433,6 +433,11 @@ def _percent(value: object) -> float:
     return number
 
 
+def _literal_start(pattern: str) -> str:
+    """What every version a glob matches begins with: its text before the first wildcard."""
+    return re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+
+
 @functools.lru_cache(maxsize=256)
 def _version_glob(pattern: str) -> Callable[[str], object]:
     """A matcher of versions against ``pattern`` (a glob, or a plain version that matches only
@@ -597,8 +602,8 @@ class Subset(_Model):
 
     def may_overlap(self, other: Subset) -> bool:
         """Whether some instance could be in both subsets: versions that can match one version
-        (equal, or one a glob the other matches; two globs are assumed to) and no label given
-        different values."""
+        (equal, or one a glob the other matches; two globs unless their literal beginnings
+        differ, as ``1.*`` and ``2.*`` do) and no label given different values."""
         a, b = self.version, other.version
         if a is not None and b is not None and a != b:
             if not _is_glob(a) and not _is_glob(b):
@@ -606,6 +611,9 @@ class Subset(_Model):
             if not _is_glob(a) and not fnmatch.fnmatchcase(a, b):
                 return False
             if not _is_glob(b) and not fnmatch.fnmatchcase(b, a):
+                return False
+            pa, pb = _literal_start(a), _literal_start(b)
+            if not (pa.startswith(pb) or pb.startswith(pa)):
                 return False
         return all(other.labels.get(k, v) == v for k, v in self.labels.items())
 
