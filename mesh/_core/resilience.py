@@ -15,6 +15,7 @@ __all__ = [
     "Backoff",
     "LeastLoadedPicker",
     "RetryBudget",
+    "two_choices",
 ]
 
 Clock = Callable[[], float]
@@ -90,6 +91,17 @@ class RetryBudget:
         return True
 
 
+def two_choices(rng: random.Random, candidates: Sequence[C]) -> tuple[C, C]:
+    """Two different candidates drawn at random, for the power of two choices (at least two
+    candidates)."""
+    n = len(candidates)
+    i = rng.randrange(n)
+    j = rng.randrange(n - 1)
+    if j >= i:
+        j += 1
+    return candidates[i], candidates[j]
+
+
 class LeastLoadedPicker(Generic[T]):
     """Power of two choices on outstanding requests: sample two, take the less loaded.
 
@@ -121,14 +133,9 @@ class LeastLoadedPicker(Generic[T]):
             candidates: what to choose from.
             key: maps a candidate to the key its load is kept under (default: itself).
         """
-        n = len(candidates)
-        if n == 1:
+        if len(candidates) == 1:
             return candidates[0]
-        i = self._rng.randrange(n)
-        j = self._rng.randrange(n - 1)
-        if j >= i:
-            j += 1
-        a, b = candidates[i], candidates[j]
+        a, b = two_choices(self._rng, candidates)
         ka, kb = (a, b) if key is None else (key(a), key(b))
         now = self._clock()
         return a if self._load(ka, now) <= self._load(kb, now) else b  # type: ignore[arg-type]

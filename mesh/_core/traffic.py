@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from mesh._core.resilience import two_choices
+
 __all__ = [
     "CLOSED",
     "FAILURE_CODES",
@@ -384,14 +386,9 @@ class PeakEwmaPicker(Generic[T]):
             candidates: what to choose from.
             key: maps a candidate to the key its state is kept under (default: itself).
         """
-        n = len(candidates)
-        if n == 1:
+        if len(candidates) == 1:
             return candidates[0]
-        i = self._rng.randrange(n)
-        j = self._rng.randrange(n - 1)
-        if j >= i:
-            j += 1
-        a, b = candidates[i], candidates[j]
+        a, b = two_choices(self._rng, candidates)
         ka, kb = (a, b) if key is None else (key(a), key(b))
         now = self._clock()
         return a if self._cost(ka, now) <= self._cost(kb, now) else b  # type: ignore[arg-type]
