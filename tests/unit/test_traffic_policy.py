@@ -699,3 +699,13 @@ def test_a_diff_writes_non_ascii_text_as_it_is() -> None:
         'route "r" changed: split [{"labels":{"team":"ø"},"weight":100}]'
         ' -> [{"labels":{"team":"é"},"weight":100}]'
     ]
+
+
+def test_the_abort_codes_are_the_mesh_error_codes() -> None:
+    """A fault may abort with any code the mesh's errors carry, and no other."""
+    from typing import get_args
+
+    from mesh._core.policy.model import AbortCode
+    from mesh.errors import CODES
+
+    assert set(get_args(AbortCode)) == CODES

@@ -473,18 +473,7 @@ AgentName = Annotated[
 ]
 
 LoadBalancer = Literal["least_outstanding", "peak_ewma"]
-ABORT_CODES = (
-    "UNAVAILABLE",
-    "DEADLINE_EXCEEDED",
-    "INTERNAL",
-    "RESOURCE_EXHAUSTED",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-    "NOT_FOUND",
-    "INVALID_ARGUMENT",
-    "FAILED_PRECONDITION",
-)
-AbortCode = Literal[
+AbortCode = Literal[  # the error codes of mesh.errors (a test keeps the two the same)
     "UNAVAILABLE",
     "DEADLINE_EXCEEDED",
     "INTERNAL",
