@@ -191,7 +191,8 @@ class ReplyCache:
     """Recent replies by idempotency key, so a retried attempt is answered without re-running.
 
     An entry is a future: a retry that arrives while the first attempt still runs waits for its
-    result instead of starting the handler again. Bounded by count and age.
+    result instead of starting the handler again, however long it runs. Bounded by count and
+    by age, counted from when the reply was made.
     """
 
     def __init__(
@@ -244,7 +245,16 @@ class ReplyCache:
             return False, hit[2]
         fut: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
         self._entries[key] = (now, fingerprint, fut)
+        fut.add_done_callback(lambda _f: self._finished(key, fut))
         return True, fut
+
+    def _finished(self, key: tuple[str, str, str], fut: asyncio.Future[tuple[str, bytes]]) -> None:
+        """The reply is kept ``ttl`` from when it was made, not from when the call began: a
+        call that ran for hours is answered from here for as long as a short one."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[2] is fut:
+            self._entries[key] = (self._clock(), entry[1], fut)
+            self._entries.move_to_end(key)
 
     def forget(self, key: tuple[str, str, str]) -> None:
         """Drop a reservation whose attempt failed before producing a reply worth keeping."""
