@@ -24,7 +24,9 @@ if _TYPE_CHECKING:
     from mesh._core.policy import Policy, PolicyError, load_policy, parse_policy
     from mesh._runtime.agent import Agent, Context, Peer
     from mesh._runtime.ports import EndpointStats, MeshHandle
+    from mesh._runtime.streams import Progress, Stream
     from mesh.errors import (
+        Cancelled,
         CertificateError,
         CircuitOpen,
         DeadlineExceeded,
@@ -37,6 +39,7 @@ if _TYPE_CHECKING:
         NotFound,
         PermissionDenied,
         ResourceExhausted,
+        StreamBroken,
         Unauthenticated,
         Unavailable,
     )
@@ -45,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "Cancelled",
     "Certificate",
     "CertificateError",
     "CircuitOpen",
@@ -69,8 +73,11 @@ __all__ = [
     "PermissionDenied",
     "Policy",
     "PolicyError",
+    "Progress",
     "ResourceExhausted",
     "RetryPolicy",
+    "Stream",
+    "StreamBroken",
     "Timeouts",
     "Unauthenticated",
     "Unavailable",
@@ -99,6 +106,7 @@ _SOURCES = {
     **dict.fromkeys(["Policy", "PolicyError", "load_policy", "parse_policy"], "mesh._core.policy"),
     **dict.fromkeys(["Agent", "Context", "Peer"], "mesh._runtime.agent"),
     **dict.fromkeys(["EndpointStats", "MeshHandle"], "mesh._runtime.ports"),
+    **dict.fromkeys(["Progress", "Stream"], "mesh._runtime.streams"),
 }
 
 

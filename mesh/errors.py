@@ -12,8 +12,10 @@ MeshError                      code            retryable
 ├── ResourceExhausted          RESOURCE_EXHAUSTED (retryable when .retry_after is set)
 │   └── MessageTooLarge        RESOURCE_EXHAUSTED (never retryable)
 ├── Unavailable                UNAVAILABLE        yes
-│   └── CircuitOpen            UNAVAILABLE        no (fails fast; .retry_after says when to try)
+│   ├── CircuitOpen            UNAVAILABLE        no (fails fast; .retry_after says when to try)
+│   └── StreamBroken           UNAVAILABLE        no (a streamed reply lost a frame in transit)
 ├── FailedPrecondition         FAILED_PRECONDITION (e.g. used before ready, after close)
+├── Cancelled                  CANCELLED          (the caller cancelled the call)
 └── Internal                   INTERNAL           (a handler raised; the message is safe)
 ```
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "Cancelled",
     "CertificateError",
     "CircuitOpen",
     "DeadlineExceeded",
@@ -38,6 +41,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "StreamBroken",
     "Unauthenticated",
     "Unavailable",
     "error_from_code",
@@ -168,10 +172,29 @@ class CircuitOpen(Unavailable):
         return False
 
 
+class StreamBroken(Unavailable):
+    """A streamed reply's frames did not arrive as sent: one is missing or out of order, or the
+    callee sent beyond the credit it was granted (``docs/protocol.md`` section 21). Chunks
+    already delivered were genuine and in order; what follows cannot be trusted, so the stream
+    ends here. Never retried: part of the stream was consumed."""
+
+    @property
+    def retryable(self) -> bool:
+        return False
+
+
 class FailedPrecondition(MeshError):
     """The operation is not allowed in the current state (not ready, closed, draining)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Cancelled(MeshError):
+    """The caller cancelled the call (its task was cancelled, it left a stream, or a call it
+    depends on was cancelled): the callee's handler is cancelled too, and every call it made in
+    turn (``docs/protocol.md`` section 21)."""
+
+    code = "CANCELLED"
 
 
 class Internal(MeshError):
@@ -191,6 +214,7 @@ _BY_CODE: dict[str, type[MeshError]] = {
         ResourceExhausted,
         Unavailable,
         FailedPrecondition,
+        Cancelled,
         Internal,
     )
 }

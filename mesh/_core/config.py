@@ -31,6 +31,8 @@ class Timeouts:
         claim_window: how long an idempotency claim (``MeshConfig.claims``) is kept: a keyed
             call repeated within it is answered with the first execution's outcome, on any
             instance. The max age of the claims bucket; read when the bucket is created.
+        credit_wait: how long a streaming handler waits for the caller's credit before it is
+            stopped: a caller that vanished (or stopped reading) frees it within this.
     """
 
     request: float = 10.0
@@ -42,6 +44,7 @@ class Timeouts:
     head_ttl: float = 120.0
     renewal_grace: float = 7 * 24 * 3600.0
     claim_window: float = 24 * 3600.0
+    credit_wait: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

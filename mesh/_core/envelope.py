@@ -28,15 +28,20 @@ __all__ = [
     "HDR_TRACEPARENT",
     "HDR_TRACESTATE",
     "MAGIC",
+    "MAX_CREDIT",
     "MAX_HEADER",
     "MAX_METADATA",
     "MAX_METADATA_VALUE",
+    "OP_CANCEL",
+    "OP_CREDIT",
     "PREFIX",
     "PREFIX_LEN",
+    "PROGRESS",
     "Header",
     "Kind",
     "check_metadata",
     "check_trace_context",
+    "control_header",
     "decode_frame",
     "encode_frame",
     "encode_header",
@@ -111,6 +116,15 @@ class Kind(enum.IntEnum):
     REPLY = 2
     EVENT = 3
     REFUSAL = 4  # unsealed error reply, sent when the request could not be authenticated
+    CONTROL = 5  # sealed, caller to callee about a call in progress: cancel it, grant credit
+
+
+OP_CANCEL = "cancel"
+OP_CREDIT = "credit"
+PROGRESS = "PROGRESS"
+"""The status of a REPLY frame that reports progress (``end`` false, never the last)."""
+MAX_CREDIT = 1024
+"""The most chunks a caller may grant at once (``sm``), and ahead of what it consumed."""
 
 
 # field name -> (header key, python type). Keys are short to keep frames small.
@@ -138,6 +152,10 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "end": ("end", bool),
     "metadata": ("md", dict),
     "mirror": ("mr", bool),
+    "stream": ("sm", int),
+    "progress": ("pg", bool),
+    "op": ("op", str),
+    "credit": ("cr", int),
 }
 _REQUIRED: dict[int, tuple[str, ...]] = {
     Kind.REQUEST: (
@@ -164,6 +182,16 @@ _REQUIRED: dict[int, tuple[str, ...]] = {
     ),
     Kind.EVENT: ("id", "ts", "from_agent", "from_instance", "name", "cert"),
     Kind.REFUSAL: ("id", "ts", "reply_to", "status"),
+    Kind.CONTROL: (
+        "id",
+        "ts",
+        "from_agent",
+        "from_instance",
+        "to_agent",
+        "to_instance",
+        "reply_to",
+        "op",
+    ),
 }
 
 
@@ -205,6 +233,10 @@ class Header:
     end: bool | None = None
     metadata: dict[str, str] | None = None
     mirror: bool | None = None
+    stream: int | None = None
+    progress: bool | None = None
+    op: str | None = None
+    credit: int | None = None
 
     def to_map(self) -> dict[str, Any]:
         """The wire map: short keys, ``None`` fields left out."""
@@ -252,8 +284,11 @@ def request_header(
     tracestate: str | None,
     metadata: dict[str, str] | None = None,
     mirror: bool = False,
+    stream: int | None = None,
+    progress: bool = False,
 ) -> bytes:
-    """The prefix and header of a request: the associated data of its seal.
+    """The prefix and header of a request: the associated data of its seal. ``stream``: the
+    initial credit of a streamed reply; ``progress``: the caller accepts progress frames.
 
     Raises:
         InvalidArgument: the header would exceed ``MAX_HEADER``.
@@ -281,6 +316,10 @@ def request_header(
         hdr["md"] = metadata
     if mirror:
         hdr["mr"] = True
+    if stream is not None:
+        hdr["sm"] = stream
+    if progress:
+        hdr["pg"] = True
     hb = msgpack.packb(hdr, use_bin_type=True)
     if len(hb) > MAX_HEADER:
         raise InvalidArgument(f"request header of {len(hb)} bytes exceeds {MAX_HEADER}")
@@ -296,8 +335,11 @@ def reply_header(
     to_instance: str | None,
     reply_to: bytes,
     status: str,
+    seq: int = 0,
+    end: bool = True,
 ) -> bytes:
-    """The prefix and header of a (whole, unstreamed) reply: the associated data of its seal."""
+    """The prefix and header of a reply frame: the associated data of its seal. A whole reply
+    is ``seq`` 0 and ``end``; a streamed one's frames count up from 0, the last has ``end``."""
     hb = msgpack.packb(
         {
             "k": 2,  # Kind.REPLY
@@ -309,11 +351,41 @@ def reply_header(
             "ti": to_instance,
             "re": reply_to,
             "st": status,
-            "sq": 0,
-            "end": True,
+            "sq": seq,
+            "end": end,
         },
         use_bin_type=True,
     )
+    return PREFIX.pack(MAGIC, len(hb)) + hb
+
+
+def control_header(
+    id: bytes,
+    ts: int,
+    from_agent: str,
+    from_instance: str,
+    to_agent: str,
+    to_instance: str,
+    request_id: bytes,
+    op: str,
+    credit: int | None = None,
+) -> bytes:
+    """The prefix and header of a CONTROL frame about the call ``request_id``: ``cancel`` it,
+    or grant ``credit`` (the total number of chunks the caller accepts so far)."""
+    hdr: dict[str, Any] = {
+        "k": 5,  # Kind.CONTROL
+        "id": id,
+        "ts": ts,
+        "fa": from_agent,
+        "fi": from_instance,
+        "ta": to_agent,
+        "ti": to_instance,
+        "re": request_id,
+        "op": op,
+    }
+    if credit is not None:
+        hdr["cr"] = credit
+    hb = msgpack.packb(hdr, use_bin_type=True)
     return PREFIX.pack(MAGIC, len(hb)) + hb
 
 

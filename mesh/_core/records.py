@@ -36,6 +36,8 @@ class EndpointInfo:
 
     name: str
     idempotent: bool = False
+    streams: bool = False
+    """The endpoint answers with a stream of chunks (``Mesh.stream``), not one reply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,7 @@ def encode_record(
     """Sign a record with the instance's key: ``msgpack([body, signature])``."""
     body: dict[str, Any] = {
         "cert": cert.raw,
-        "endpoints": [{"name": e.name, "idempotent": e.idempotent} for e in endpoints],
+        "endpoints": [_endpoint(e) for e in endpoints],
         "version": version,
         "labels": labels,
         "ts": round(ts * 1000),
@@ -97,6 +99,13 @@ def encode_record(
     if stale is not None:
         body["stale"] = stale
     return sign_document(body, lambda packed: signing.sign(packed).signature)
+
+
+def _endpoint(e: EndpointInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": e.name, "idempotent": e.idempotent}
+    if e.streams:  # left out when false: records of endpoints that do not stream keep their bytes
+        out["streams"] = True
+    return out
 
 
 def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
@@ -115,9 +124,11 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
             raise DecodeError(f"{what} endpoints must be maps")
         name = typed_field(e, "name", str, f"{what} endpoint")
         idempotent = e.get("idempotent", False)
-        if type(idempotent) is not bool:
-            raise DecodeError(f"{what} endpoint field 'idempotent' must be bool")
-        endpoints[name] = EndpointInfo(name, idempotent)
+        streams = e.get("streams", False)
+        for flag, value in (("idempotent", idempotent), ("streams", streams)):
+            if type(value) is not bool:
+                raise DecodeError(f"{what} endpoint field {flag!r} must be bool")
+        endpoints[name] = EndpointInfo(name, idempotent, streams)
     version = typed_field(body, "version", str, what)
     labels = body.get("labels", {})
     if not isinstance(labels, dict) or not all(

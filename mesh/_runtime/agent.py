@@ -6,10 +6,11 @@ An ``Agent`` is only a declaration; a ``Mesh`` connection serves it (``mesh.serv
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import time
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -21,11 +22,13 @@ from mesh.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from mesh._runtime.ports import MeshHandle
+    from mesh._runtime.streams import Progress, Stream
 
 __all__ = ["Agent", "Context", "EndpointSpec", "EventSpec", "Peer"]
 
 M = TypeVar("M", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+S = TypeVar("S", bound=Callable[..., Awaitable[Any] | AsyncIterator[Any]])
 H = TypeVar("H", bound=Callable[["MeshHandle"], Awaitable[None]])
 
 
@@ -55,6 +58,9 @@ class Context:
             encrypted; routes match on it).
         mirrored: the request is a mirror's copy: its reply is discarded, so a handler may
             skip side effects (``docs/traffic.md``).
+
+    Nested calls (``request``, ``stream``) inherit the deadline and the trace context, and are
+    cancelled with the handler: a call tree is cancelled from its root down.
     """
 
     mesh: MeshHandle
@@ -67,6 +73,26 @@ class Context:
     tracestate: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     mirrored: bool = False
+    reporter: Callable[[float, str], Awaitable[None]] | None = field(default=None, repr=False)
+    """Sends a progress frame; set by the server when the caller accepts them."""
+
+    async def progress(self, fraction: float, note: str = "") -> None:
+        """Report how far the call has come (``0.0`` to ``1.0``) and what it is doing.
+
+        The caller sees it (``on_progress``, ``Stream.progress``) when it asked for progress,
+        and each report keeps its inactivity timeout (``idle_timeout``) from firing; the
+        deadline never moves. At most 10 reports a second are sent: reports in between are
+        dropped, the last one (``fraction`` 1.0) never. A caller that did not ask gets none.
+
+        Raises:
+            InvalidArgument: ``fraction`` outside 0 to 1, or ``note`` over 256 characters.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise InvalidArgument(f"progress fraction {fraction!r} is not between 0 and 1")
+        if len(note) > 256:
+            raise InvalidArgument("progress notes are at most 256 characters")
+        if self.reporter is not None:
+            await self.reporter(float(fraction), note)
 
     @property
     def remaining(self) -> float | None:
@@ -85,6 +111,8 @@ class Context:
         timeout: float | None = None,
         idempotency_key: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        idle_timeout: float | None = None,
     ) -> M:
         """Call another agent; the call inherits this request's deadline and trace context
         (not its metadata: pass ``metadata`` to set the nested call's)."""
@@ -96,6 +124,38 @@ class Context:
             timeout=timeout,
             deadline=self.deadline,
             idempotency_key=idempotency_key,
+            metadata=metadata,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
+            on_progress=on_progress,
+            idle_timeout=idle_timeout,
+        )
+
+    def stream(
+        self,
+        agent: str,
+        endpoint: str,
+        body: BaseModel,
+        chunk_type: type[M],
+        *,
+        timeout: float | None = None,
+        credit: int | None = None,
+        idle_timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Stream[M]:
+        """Call a streaming endpoint of another agent (``Mesh.stream``); the call inherits
+        this request's deadline and trace context."""
+        return self.mesh.stream(
+            agent,
+            endpoint,
+            body,
+            chunk_type,
+            timeout=timeout,
+            deadline=self.deadline,
+            credit=credit,
+            idle_timeout=idle_timeout,
+            on_progress=on_progress,
             metadata=metadata,
             traceparent=self.traceparent,
             tracestate=self.tracestate,
@@ -113,12 +173,15 @@ class EndpointSpec:
     """A declared endpoint."""
 
     name: str
-    handler: Callable[..., Awaitable[Any]]
+    handler: Callable[..., Any]
+    """An async function, or an async generator function when ``streams``."""
     input_type: type[BaseModel]
     output_type: type[BaseModel] | None
     idempotent: bool
     concurrency: int | None
     wants_context: bool
+    streams: bool = False
+    """The handler is an async generator: it answers with a stream of ``output_type``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +195,9 @@ class EventSpec:
     wants_context: bool
 
 
-def _model_param(fn: Callable[..., Any], what: str) -> tuple[type[BaseModel], Any, bool]:
+def _model_param(
+    fn: Callable[..., Any], what: str, streams: bool = False
+) -> tuple[type[BaseModel], Any, bool]:
     try:
         hints = typing.get_type_hints(fn)
     except Exception as exc:  # NameError and friends from unresolvable annotations
@@ -147,9 +212,27 @@ def _model_param(fn: Callable[..., Any], what: str) -> tuple[type[BaseModel], An
         raise InvalidArgument(
             f"{what} {fn.__qualname__}: first parameter must be annotated with a pydantic model"
         )
-    if not inspect.iscoroutinefunction(fn):
+    if not inspect.iscoroutinefunction(fn) and not (streams and inspect.isasyncgenfunction(fn)):
         raise InvalidArgument(f"{what} {fn.__qualname__} must be an async function")
     return model, hints.get("return"), len(params) == 2
+
+
+def _chunk_type(fn: Callable[..., Any], out: Any) -> Any:
+    """The chunk model of a streaming endpoint: ``X`` of its ``AsyncIterator[X]`` (or
+    ``AsyncGenerator[X, None]``, ``AsyncIterable[X]``) return annotation."""
+    origin = typing.get_origin(out)
+    if origin in (
+        collections.abc.AsyncIterator,
+        collections.abc.AsyncGenerator,
+        collections.abc.AsyncIterable,
+    ):
+        args = typing.get_args(out)
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return args[0]
+    raise InvalidArgument(
+        f"streaming endpoint {fn.__qualname__} must be annotated to return "
+        "AsyncIterator[Model] of a pydantic model"
+    )
 
 
 @dataclass
@@ -177,7 +260,7 @@ class Agent:
         validate_name("agent", self.name)
 
     @overload
-    def endpoint(self, fn: F) -> F: ...
+    def endpoint(self, fn: S) -> S: ...
 
     @overload
     def endpoint(
@@ -186,11 +269,11 @@ class Agent:
         name: str | None = None,
         idempotent: bool = False,
         concurrency: int | None = None,
-    ) -> Callable[[F], F]: ...
+    ) -> Callable[[S], S]: ...
 
     def endpoint(
         self,
-        fn: Callable[..., Awaitable[Any]] | None = None,
+        fn: Callable[..., Awaitable[Any] | AsyncIterator[Any]] | None = None,
         *,
         name: str | None = None,
         idempotent: bool = False,
@@ -198,15 +281,22 @@ class Agent:
     ) -> Any:
         """Register an async handler ``(body: Model, ctx: Context) -> Model`` as an endpoint.
 
+        An async generator ``(body, ctx) -> AsyncIterator[Chunk]`` is a streaming endpoint:
+        each ``yield`` sends one sealed chunk, as fast as the caller grants credit
+        (``Mesh.stream``, ``docs/streaming.md``).
+
         Args:
             name: endpoint name (default: the function name).
             idempotent: safe to run twice; allows automatic retries.
             concurrency: handlers of this endpoint run at once (default from ``Limits``).
         """
 
-        def register(f: F) -> F:
+        def register(f: S) -> S:
             ep_name = validate_name("endpoint", name or f.__name__.replace("_", "-"))
-            model, out, wants_ctx = _model_param(f, "endpoint")
+            model, out, wants_ctx = _model_param(f, "endpoint", streams=True)
+            streams = inspect.isasyncgenfunction(f)
+            if streams:
+                out = _chunk_type(f, out)
             if (
                 out is not None
                 and out is not type(None)
@@ -225,6 +315,7 @@ class Agent:
                 idempotent=idempotent,
                 concurrency=concurrency,
                 wants_context=wants_ctx,
+                streams=streams,
             )
             return f
 

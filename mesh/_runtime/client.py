@@ -32,6 +32,7 @@ nothing per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import time
@@ -44,8 +45,12 @@ from mesh._core.envelope import (
     HDR_DEADLINE,
     HDR_TRACEPARENT,
     HDR_TRACESTATE,
+    MAX_CREDIT,
+    OP_CANCEL,
+    OP_CREDIT,
     check_metadata,
     check_trace_context,
+    control_header,
     request_header,
 )
 from mesh._core.names import rpc_subject, validate_name
@@ -57,6 +62,7 @@ from mesh._runtime.directory import Directory
 from mesh._runtime.governance import Governance
 from mesh._runtime.ports import MeshStats, Observer, Span
 from mesh._runtime.replies import LOST, Inbox, InstanceDown, NotDelivered, Pending
+from mesh._runtime.streams import Progress, StreamState
 from mesh._runtime.traffic import Destination, Traffic
 from mesh._transport.base import Transport
 from mesh.errors import (
@@ -68,6 +74,7 @@ from mesh.errors import (
     MessageTooLarge,
     NotFound,
     ResourceExhausted,
+    StreamBroken,
     Unavailable,
 )
 
@@ -106,6 +113,8 @@ class Call:
         backend: the index of the split backend chosen for the call.
         subset: the instances a mirror copy may go to.
         mirror: the call is a mirror's copy.
+        stream: the chunks of a streamed call (``Mesh.stream``).
+        on_progress / idle: the caller's progress hook and inactivity timeout.
     """
 
     agent: str
@@ -131,6 +140,9 @@ class Call:
     backend: int | None = None
     subset: Subset | None = None
     mirror: bool = False
+    stream: StreamState | None = None
+    on_progress: Callable[[Progress], None] | None = None
+    idle: float | None = None
 
 
 def compose(stages: Sequence[AttemptStage], last: Next) -> Next:
@@ -199,6 +211,7 @@ class ClientPipeline:
         self._balancers = False  # whether any endpoint setting asks for peak EWMA
         self.attempt_stages: tuple[AttemptStage, ...] = (self.retry,)
         self._run = compose(self.attempt_stages, self.attempt)
+        self._controls: set[asyncio.Task[None]] = set()  # cancel and credit frames being sent
 
     def _configure(self, engine: PolicyEngine) -> None:
         """Compose the chain for a newly installed policy: only the stages it uses."""
@@ -222,13 +235,19 @@ class ClientPipeline:
         traceparent: str | None,
         tracestate: str | None,
         metadata: Mapping[str, str] | None = None,
+        stream: StreamState | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        idle_timeout: float | None = None,
     ) -> bytes:
-        """Run one call through the stages; returns the reply body.
+        """Run one call through the stages; returns the reply body (``b""`` for a stream,
+        once it opened: its chunks go to ``stream``).
 
         Raises:
             MeshError: the subclass matching the failure.
         """
         self.prepare(agent, endpoint, idempotency_key, traceparent, tracestate)
+        if stream is not None or idle_timeout is not None:
+            _check_stream(stream, idempotency_key, idle_timeout)
         md: dict[str, str] | None = None
         if metadata:
             md = dict(metadata)
@@ -266,6 +285,8 @@ class ClientPipeline:
         )  # fmt: skip
         if md is not None:
             c.metadata = md
+        if stream is not None or on_progress is not None or idle_timeout is not None:
+            c.stream, c.on_progress, c.idle = stream, on_progress, idle_timeout
         if traffic is not None:
             c.traffic = traffic
         if self._destinations:
@@ -284,8 +305,15 @@ class ClientPipeline:
             code = Internal.code
             raise
         finally:
-            self._signals.finish(edge, code, time.perf_counter() - started)
-            self._observer.end(span, code, c.fate)
+            if stream is not None and stream.opened and code == OK:
+                # Opened: the call lasts until the consumer is done with the stream.
+                stream.finished = functools.partial(self._finished, edge, started, span, c)
+            else:
+                self._finished(edge, started, span, c, code)
+
+    def _finished(self, edge: EdgeKey, started: float, span: Span, call: Call, code: str) -> None:
+        self._signals.finish(edge, code, time.perf_counter() - started)
+        self._observer.end(span, code, call.fate)
 
     def _refused(
         self,
@@ -450,6 +478,13 @@ class ClientPipeline:
         info = record.endpoints.get(call.endpoint)
         if info is None:
             raise NotFound(f"agent {call.agent!r} has no endpoint {call.endpoint!r}")
+        if info.streams != (call.stream is not None):
+            what = f"{call.agent}.{call.endpoint}"
+            raise InvalidArgument(
+                f"{what} streams its reply: call it with stream()"
+                if info.streams
+                else f"{what} does not stream: call it with request()"
+            )
         call.idempotent = info.idempotent
         return record
 
@@ -479,10 +514,13 @@ class ClientPipeline:
         rid = os.urandom(16)
         dl_ms = int(call.deadline * 1000)
         traceparent, tracestate = call.traceparent, call.tracestate
+        stream = call.stream
         aad = request_header(
             rid, int(time.time() * 1000), self.name, self.instance, record.agent,
             record.instance, call.endpoint, dl_ms, call.attempt, self.cert_raw,
             call.idempotency_key, traceparent, tracestate, call.metadata, call.mirror,
+            None if stream is None else stream.window,
+            call.on_progress is not None or call.idle is not None,
         )  # fmt: skip
         headers = {HDR_DEADLINE: str(dl_ms)}
         if traceparent is not None:
@@ -496,7 +534,14 @@ class ClientPipeline:
         by_deadline = per_try is None or per_try >= wait
         if not by_deadline and per_try is not None:
             wait = per_try
-        token, reply, pending, timer = self._inbox.add(rid, record, key, wait, by_deadline)
+        if stream is None and call.on_progress is None and call.idle is None:
+            token, reply, pending = self._inbox.add(rid, record, key, wait, by_deadline)
+        else:
+            token, reply, pending = self._inbox.add(
+                rid, record, key, wait, by_deadline,
+                stream=stream, on_progress=call.on_progress, idle=call.idle,
+            )  # fmt: skip
+        kept = False
         picker_key = record.key
         self.picker.acquire(picker_key)
         ewma = self.traffic.ewma
@@ -510,12 +555,63 @@ class ClientPipeline:
             payload = None if pending.signalled else await pending.fut
             if payload is None:
                 payload = await self._resend(call, token, pending, subject, frame, reply, headers)
+            if stream is not None and stream.opened:
+                kept = True  # the stream owns the token now, until its consumer closes it
+                self._keep(stream, pending, token, subject, record, key, rid, call.deadline)
             return payload
+        except (asyncio.CancelledError, StreamBroken):
+            # The caller gave up (or cannot trust what follows): the callee's handler is
+            # cancelled, and every call it made in turn.
+            self._control(subject, record, key, rid, OP_CANCEL)
+            raise
         finally:
-            self._inbox.remove(token, timer)
+            if not kept:
+                self._inbox.remove(token)
             self.picker.release(picker_key)
             if ewma is not None:
                 ewma.release(picker_key)
+
+    def _keep(
+        self,
+        stream: StreamState,
+        pending: Pending,
+        token: str,
+        subject: str,
+        record: InstanceRecord,
+        key: bytes,
+        rid: bytes,
+        deadline: float,
+    ) -> None:
+        """An opened stream: its chunks arrive until the end or the deadline; credit and a
+        cancel go to the callee as the consumer reads or leaves."""
+        self._inbox.keep_until(pending, deadline - time.time())
+        stream.grant = functools.partial(self._control, subject, record, key, rid, OP_CREDIT)
+        stream.cancel = functools.partial(self._control, subject, record, key, rid, OP_CANCEL)
+        stream.release = functools.partial(self._inbox.remove, token)
+
+    def _control(
+        self,
+        subject: str,
+        record: InstanceRecord,
+        key: bytes,
+        rid: bytes,
+        op: str,
+        credit: int | None = None,
+    ) -> None:
+        """Send a sealed CONTROL frame about the call ``rid`` to its callee, in the background
+        (a cancelled task must not wait for it). The callee acts on it only if it opens under
+        the pair key of the call; copies do nothing more (``docs/protocol.md`` section 21)."""
+        aad = control_header(
+            os.urandom(16), int(time.time() * 1000), self.name, self.instance, record.agent,
+            record.instance, rid, op, credit,
+        )  # fmt: skip
+        task = asyncio.ensure_future(self._send_control(subject, seal_frame(key, aad, b"")))
+        self._controls.add(task)
+        task.add_done_callback(self._controls.discard)
+
+    async def _send_control(self, subject: str, frame: bytes) -> None:
+        with contextlib.suppress(MeshError):
+            await self._transport.publish(subject, frame)
 
     def fate(self, call: Call, fate: str) -> None:
         """End ``call`` with ``fate`` (counted), from a stage outside the retry stage."""
@@ -624,3 +720,23 @@ class ClientPipeline:
 
 def _record_key(record: InstanceRecord) -> str:
     return record.key
+
+
+def _check_stream(
+    stream: StreamState | None, idempotency_key: str | None, idle_timeout: float | None
+) -> None:
+    """A stream's credit is 1 to ``MAX_CREDIT``, it carries no idempotency key (its chunks
+    are not kept to answer a retry), and an idle timeout is positive.
+
+    Raises:
+        InvalidArgument: naming what is wrong.
+    """
+    if stream is not None:
+        if not 1 <= stream.window <= MAX_CREDIT:
+            raise InvalidArgument(f"stream credit must be 1 to {MAX_CREDIT}, not {stream.window}")
+        if idempotency_key is not None:
+            raise InvalidArgument(
+                "streams take no idempotency key: their chunks are not kept to answer a retry"
+            )
+    if idle_timeout is not None and not idle_timeout > 0:
+        raise InvalidArgument(f"idle_timeout must be positive seconds, not {idle_timeout!r}")

@@ -124,7 +124,7 @@ class EventReceiver:
         config: MeshConfig,
         verifier: CertificateVerifier,
         stats: MeshStats,
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self._mesh = mesh
         self._specs = specs

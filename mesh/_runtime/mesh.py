@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys
+from mesh._core.envelope import MAX_CREDIT
 from mesh._core.head import Head
 from mesh._core.identity import Certificate, CertificateVerifier, Identity, TrustRoot
 from mesh._core.names import (
@@ -54,6 +55,14 @@ from mesh._runtime.registration import Registration
 from mesh._runtime.replies import Inbox
 from mesh._runtime.server import ServerPipeline
 from mesh._runtime.services import serve_services
+from mesh._runtime.streams import (
+    DEFAULT_CREDIT,
+    Progress,
+    Stream,
+    StreamState,
+    json_chunk,
+    model_chunk,
+)
 from mesh._runtime.traffic import Traffic
 from mesh._transport.base import InboundMessage, Subscription, Transport
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, Unavailable
@@ -275,6 +284,10 @@ class MeshRuntime:
             await self._subscribe(self.agent)
             if self.config.services:
                 await serve_services(self)
+            # Every subscription in place at the server before the agent is announced; once
+            # it is, nothing is awaited but the record's put (a runner signalled after a
+            # caller saw the record drains the agent: it has started).
+            await self.transport.flush(timeouts.connect)
             self._state = "ready"  # start hooks may call out before the agent is announced
             for hook in self.agent.startup:
                 await hook(self)
@@ -288,7 +301,8 @@ class MeshRuntime:
         if self.config.signals_interval > 0:
             self._reporter = asyncio.create_task(self._report_signals(), name="mesh-signals")
         self.observer.register_metrics(self)
-        await self.transport.flush(timeouts.connect)
+        if self.agent is None:
+            await self.transport.flush(timeouts.connect)  # the inbox in place before a call
         self.started_at = time.time()
         self._state = "ready"
 
@@ -436,8 +450,13 @@ class MeshRuntime:
         traceparent: str | None = None,
         tracestate: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        idle_timeout: float | None = None,
     ) -> M:
         """Call ``endpoint`` of ``agent`` and return its reply as ``reply_type``.
+
+        Cancelling the awaiting task cancels the call at the callee too (its handler, and
+        every call that one made in turn).
 
         Args:
             agent: callee agent name.
@@ -453,6 +472,11 @@ class MeshRuntime:
             metadata: request metadata: at most 16 string keys and values, authenticated with
                 the request (readable by the broker, like the endpoint name: no secrets),
                 matched by policy routes and given to the handler (``ctx.metadata``).
+            on_progress: called with each progress report of the handler (``ctx.progress``);
+                asks the callee to send them.
+            idle_timeout: fail with ``DeadlineExceeded`` when neither the reply nor a progress
+                report arrived for this many seconds (a long call that reports progress lives
+                until its deadline; one that went silent fails early).
 
         Raises:
             MeshError: the subclass matching the failure (``PermissionDenied``,
@@ -469,6 +493,8 @@ class MeshRuntime:
             traceparent=traceparent,
             tracestate=tracestate,
             metadata=metadata,
+            on_progress=on_progress,
+            idle_timeout=idle_timeout,
         )
         try:
             return reply_type.model_validate_json(payload)
@@ -477,6 +503,111 @@ class MeshRuntime:
                 f"reply of {agent}.{endpoint} does not match {reply_type.__name__}: "
                 f"{exc.error_count()} validation error(s)"
             ) from None
+
+    def stream(
+        self,
+        agent: str,
+        endpoint: str,
+        body: BaseModel,
+        chunk_type: type[M],
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        credit: int | None = None,
+        idle_timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> Stream[M]:
+        """Call a streaming endpoint of ``agent``: ``async for chunk in mesh.stream(...)``.
+
+        Nothing is sent until the iteration starts; the request goes through policy, the
+        deadline and retries (until the first frame arrives) like ``request``. Every chunk is
+        sealed and checked to be the next one; the end is authenticated, so a stream cannot be
+        cut short or spliced unnoticed (``StreamBroken``, or ``DeadlineExceeded`` when the end
+        never comes). Leaving the loop early (``break``, an exception, a cancelled task)
+        cancels the handler at the callee. ``async with`` closes the stream at once.
+
+        Args:
+            chunk_type: the model each chunk is parsed into.
+            timeout / deadline / metadata / traceparent / tracestate: as for ``request``; the
+                deadline bounds the whole stream.
+            credit: chunks the callee may send ahead of those read (default 16, at most
+                1024): a slow reader holds the callee, and memory, within it.
+            idle_timeout: fail with ``DeadlineExceeded`` when nothing (chunk or progress)
+                arrived for this many seconds.
+            on_progress: called with each progress report (also ``Stream.progress``).
+
+        Raises:
+            InvalidArgument: at once, for bad arguments; the errors of ``request`` while
+                iterating.
+        """
+        what = f"{agent}.{endpoint}"
+        payload = body.__pydantic_serializer__.to_json(body)
+        return self._stream(
+            agent, endpoint, payload, model_chunk(chunk_type, what), credit, timeout, deadline,
+            idle_timeout, on_progress, metadata, traceparent, tracestate,
+        )  # fmt: skip
+
+    def stream_json(
+        self,
+        agent: str,
+        endpoint: str,
+        body: bytes | str | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        credit: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Stream[Any]:
+        """``stream`` with a JSON body, each chunk parsed as JSON (``mesh-policy call`` of a
+        streaming endpoint).
+
+        Raises:
+            InvalidArgument: ``body`` is not JSON (nothing is sent); a chunk is not JSON.
+        """
+        what = f"{agent}.{endpoint}"
+        return self._stream(
+            agent, endpoint, _json_body(body), json_chunk(what), credit, timeout, None, None,
+            None, metadata, None, None,
+        )  # fmt: skip
+
+    def _stream(
+        self,
+        agent: str,
+        endpoint: str,
+        payload: bytes,
+        parse: Callable[[bytes], T],
+        credit: int | None,
+        timeout: float | None,
+        deadline: float | None,
+        idle_timeout: float | None,
+        on_progress: Callable[[Progress], None] | None,
+        metadata: Mapping[str, str] | None,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> Stream[T]:
+        self._require_ready()
+        window = DEFAULT_CREDIT if credit is None else credit
+        if not 1 <= window <= MAX_CREDIT:
+            raise InvalidArgument(f"stream credit must be 1 to {MAX_CREDIT}, not {window}")
+
+        async def open_stream(state: StreamState) -> bytes:
+            return await self.client.call(
+                agent,
+                endpoint,
+                payload,
+                timeout=timeout,
+                deadline=deadline,
+                idempotency_key=None,
+                traceparent=traceparent,
+                tracestate=tracestate,
+                metadata=metadata,
+                stream=state,
+                idle_timeout=idle_timeout,
+            )
+
+        return Stream(open_stream, parse, window, on_progress, f"{agent}.{endpoint}")
 
     async def request_json(
         self,
@@ -546,11 +677,12 @@ class MeshRuntime:
         drained with the agent."""
         self._subs.append(await self.transport.subscribe(subject, handler))
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run background work that drain waits for."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def policy_changed(self) -> None:
         """Acknowledge (or refuse) a policy revision in the directory record at once."""

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    import asyncio
+
     from mesh._core.config import MeshConfig
     from mesh._core.head import Head
     from mesh._core.identity import CertificateVerifier, Identity, TrustRoot
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from mesh._runtime.agent import Agent
     from mesh._runtime.control import ControlStore
     from mesh._runtime.directory import Directory
+    from mesh._runtime.streams import Progress, Stream
     from mesh._transport.base import InboundMessage, Transport
 
 __all__ = [
@@ -83,6 +86,8 @@ class MeshStats:
             never end an attempt).
         no_responders: NATS "no responders" statuses received for a pending attempt (the
             frame is re-sent to the same instance).
+        dropped_controls: CONTROL frames dropped (about no call in progress here, from
+            another sender, or not opening under the call's pair key).
     """
 
     refused: dict[str, int] = field(default_factory=dict)
@@ -90,6 +95,7 @@ class MeshStats:
     fates: dict[str, int] = field(default_factory=dict)
     refusal_hints: int = 0
     no_responders: int = 0
+    dropped_controls: int = 0
 
     def refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
@@ -286,7 +292,26 @@ class MeshHandle(MeshIdentity, Protocol):
         traceparent: str | None = None,
         tracestate: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        idle_timeout: float | None = None,
     ) -> M: ...
+
+    def stream(
+        self,
+        agent: str,
+        endpoint: str,
+        body: BaseModel,
+        chunk_type: type[M],
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        credit: int | None = None,
+        idle_timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> Stream[M]: ...
 
     async def publish(
         self,
@@ -297,7 +322,7 @@ class MeshHandle(MeshIdentity, Protocol):
         tracestate: str | None = None,
     ) -> None: ...
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
 
     async def subscribe_raw(
         self, subject: str, handler: Callable[[InboundMessage], Awaitable[None]]

@@ -80,7 +80,9 @@ class Registration:
         return encode_record(
             identity.keys.signing,
             identity.certificate,
-            endpoints=[EndpointInfo(s.name, s.idempotent) for s in agent.endpoints.values()],
+            endpoints=[
+                EndpointInfo(s.name, s.idempotent, s.streams) for s in agent.endpoints.values()
+            ],
             version=agent.version,
             labels=agent.labels,
             ts=self._next_ts(),

@@ -23,18 +23,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh._core.crypto import open_frame
-from mesh._core.envelope import Kind, decode_frame
+from mesh._core.envelope import PROGRESS, Kind, decode_frame
 from mesh._core.records import InstanceRecord
 from mesh._runtime.ports import MeshStats
+from mesh._runtime.streams import Progress, StreamState, parse_progress
 from mesh._transport.base import InboundMessage, is_no_responders
 from mesh.errors import (
     DeadlineExceeded,
     DecodeError,
     Internal,
     MeshError,
+    StreamBroken,
     Unauthenticated,
     Unavailable,
     error_from_code,
@@ -47,6 +50,14 @@ LOST = "lost"
 MOVED = "moved"
 MAX_HINT = 200
 """Characters of an unsealed refusal's text kept to quote: it is whatever a forger wrote."""
+
+
+class _NoTimer:
+    def cancel(self) -> None:
+        pass
+
+
+_NO_TIMER: asyncio.TimerHandle = _NoTimer()  # type: ignore[assignment]
 
 
 class NotDelivered(Unavailable):
@@ -67,15 +78,26 @@ class Pending:
             ``signalled`` is set and ``fut`` is already a fresh future).
         hint: the last unsealed refusal, as ``CODE: message``.
         no_responders: how many "no responders" statuses arrived.
+        timer: fires at ``expires`` (loop time), or earlier after ``idle`` seconds of silence.
+        stream: the chunks of a streamed call; ``on_progress``: the caller's progress hook.
+            Either makes the reply frames sequenced: ``next_sq`` is the one expected.
     """
 
     fut: asyncio.Future[bytes | None]
     request_id: bytes
     record: InstanceRecord
     key: bytes
+    timer: asyncio.TimerHandle
+    expires: float
+    by_deadline: bool
     hint: str | None = None
     no_responders: int = 0
     signalled: bool = False
+    stream: StreamState | None = None
+    on_progress: Callable[[Progress], None] | None = None
+    idle: float | None = None
+    sequenced: bool = False
+    next_sq: int = 0
 
 
 def remote_error(code: str, body: bytes) -> MeshError:
@@ -97,18 +119,30 @@ def remote_error(code: str, body: bytes) -> MeshError:
     )
 
 
-def _expire(p: Pending, by_deadline: bool) -> None:
-    fut = p.fut
-    if fut.done():
+def _expire(p: Pending) -> None:
+    fut, stream = p.fut, p.stream
+    opened = stream is not None and stream.opened
+    if fut.done() and not opened:
         return
-    message = (
-        "no reply before the deadline" if by_deadline else "attempt timed out (per-try timeout)"
-    )
+    idle = p.idle is not None and fut.get_loop().time() < p.expires - 0.001
+    if idle:
+        message = f"nothing arrived for {p.idle:g} s (the call's idle timeout)"
+    elif opened:
+        message = "the stream did not end before the deadline"
+    elif p.by_deadline:
+        message = "no reply before the deadline"
+    else:
+        message = "attempt timed out (per-try timeout)"
     if p.hint is not None:
         message += f" (unauthenticated refusal received: {p.hint})"
     if p.no_responders:
         message += f" (no responders at instance {p.record.key}, {p.no_responders} times)"
-    fut.set_exception(DeadlineExceeded(message) if by_deadline else Unavailable(message))
+    exc = DeadlineExceeded(message) if p.by_deadline or idle else Unavailable(message)
+    if opened:
+        assert stream is not None
+        stream.fail(exc)
+    else:
+        fut.set_exception(exc)
 
 
 class Inbox:
@@ -138,31 +172,67 @@ class Inbox:
         self._in_flight: list[str] = []  # the tokens waiting when the connection was lost
 
     def add(
-        self, request_id: bytes, record: InstanceRecord, key: bytes, wait: float, by_deadline: bool
-    ) -> tuple[str, str, Pending, asyncio.TimerHandle]:
-        """Register an attempt that gives up after ``wait`` seconds.
+        self,
+        request_id: bytes,
+        record: InstanceRecord,
+        key: bytes,
+        wait: float,
+        by_deadline: bool,
+        *,
+        stream: StreamState | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        idle: float | None = None,
+    ) -> tuple[str, str, Pending]:
+        """Register an attempt that gives up after ``wait`` seconds (or ``idle`` seconds
+        without a frame, when set).
 
         Returns:
-            ``(token, reply subject, pending attempt, its timer)``; pass the token and the
-            timer to ``remove``.
+            ``(token, reply subject, pending attempt)``; pass the token to ``remove``.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes | None] = loop.create_future()
         token = str(next(self._tokens))
-        pending = self._pending[token] = Pending(fut, request_id, record, key)
-        timer = loop.call_later(max(0.0, wait), _expire, pending, by_deadline)
-        return token, f"{self.subject}.{token}", pending, timer
+        expires = loop.time() + max(0.0, wait)
+        first = wait if idle is None else min(wait, idle)
+        timer = _NO_TIMER
+        pending = self._pending[token] = Pending(
+            fut, request_id, record, key, timer, expires, by_deadline
+        )
+        if stream is not None or on_progress is not None or idle is not None:
+            pending.stream, pending.on_progress, pending.idle = stream, on_progress, idle
+            pending.sequenced = True
+        pending.timer = loop.call_later(max(0.0, first), _expire, pending)
+        return token, f"{self.subject}.{token}", pending
 
-    def remove(self, token: str, timer: asyncio.TimerHandle) -> None:
-        timer.cancel()
-        del self._pending[token]
+    def remove(self, token: str) -> None:
+        p = self._pending.pop(token, None)
+        if p is not None:
+            p.timer.cancel()
+
+    def keep_until(self, p: Pending, deadline_wait: float) -> None:
+        """An opened stream lives until its deadline: the per-try timeout no longer applies."""
+        p.expires = p.fut.get_loop().time() + max(0.0, deadline_wait)
+        p.by_deadline = True
+        self._arm(p)
+
+    def _arm(self, p: Pending) -> None:
+        loop = p.fut.get_loop()
+        p.timer.cancel()
+        wait = p.expires - loop.time()
+        if p.idle is not None:
+            wait = min(wait, p.idle)
+        p.timer = loop.call_later(max(0.0, wait), _expire, p)
 
     def fail_instance(self, record: InstanceRecord) -> None:
         """Fail attempts waiting on an instance found dead by the signed directory (no
         heartbeat for ``ttl``), so they retry elsewhere now."""
         for p in list(self._pending.values()):
-            if p.record.key == record.key and not p.fut.done():
+            if p.record.key != record.key:
+                continue
+            if not p.fut.done():
                 p.fut.set_exception(InstanceDown(f"instance {record.key} went away"))
+            elif p.stream is not None:
+                p.stream.fail(InstanceDown(f"instance {record.key} went away mid-stream"))
 
     def connection_lost(self) -> None:
         """This connection to NATS dropped: remember what was waiting (those requests, or
@@ -200,7 +270,7 @@ class Inbox:
     async def on_reply(self, msg: InboundMessage) -> None:
         """Validate what arrived for an attempt (``docs/protocol.md`` section 13)."""
         p = self._pending.get(msg.subject[len(self.subject) + 1 :])
-        if p is None or p.fut.done():
+        if p is None or (p.fut.done() and (p.stream is None or p.stream.ended)):
             return  # late, duplicate or stray
         if is_no_responders(msg):
             self._no_responders(p)
@@ -233,10 +303,81 @@ class Inbox:
         except Unauthenticated:
             self._stats.dropped_replies += 1  # forged or altered; keep waiting for the real one
             return
+        if p.sequenced:
+            self._sequenced(p, hdr.seq, hdr.end is True, hdr.status or Internal.code, plaintext)
+            return
         if hdr.status == OK:
             p.fut.set_result(plaintext)
             return
         p.fut.set_exception(remote_error(hdr.status or Internal.code, plaintext))
+
+    def _sequenced(self, p: Pending, sq: int | None, end: bool, status: str, body: bytes) -> None:
+        """A sealed frame of a call whose reply comes in several (a stream, or progress
+        reports before the reply): frames count up from 0 (``docs/protocol.md`` section 21).
+
+        A frame older than the next expected one is a copy (a replay): dropped. In a stream,
+        a newer one means one went missing or came out of order: the stream is broken, since
+        chunks must not be skipped; before a whole reply only progress can be missed, so it
+        is accepted.
+        """
+        stream = p.stream
+        if sq is None or sq < p.next_sq:
+            self._stats.dropped_replies += 1
+            return
+        if sq > p.next_sq and stream is not None:
+            self._broken(p, f"frame {p.next_sq} is missing (frame {sq} arrived)")
+            return
+        p.next_sq = sq + 1
+        if p.idle is not None:
+            self._arm(p)
+        if status == PROGRESS and not end:
+            progress = parse_progress(body)
+            if progress is None:
+                self._stats.dropped_replies += 1
+            elif stream is not None:
+                stream.progressed(progress)
+            elif p.on_progress is not None:
+                p.on_progress(progress)
+            return
+        if stream is None:
+            if not end:
+                return  # not a progress report and not the reply: nothing a whole call takes
+            if status == OK:
+                p.fut.set_result(body)
+            else:
+                p.fut.set_exception(remote_error(status, body))
+            return
+        if not end:
+            if status != OK:
+                self._broken(p, f"frame {sq} is neither a chunk nor the end ({status})")
+            elif stream.received >= stream.granted:
+                self._broken(p, f"the callee sent more than the {stream.granted} chunks granted")
+            else:
+                stream.chunk(body)
+                self._open(p)
+            return
+        if status == OK:
+            stream.end()
+            self._open(p)
+        elif stream.opened:
+            stream.fail(remote_error(status, body), answered=True)
+        else:
+            p.fut.set_exception(remote_error(status, body))
+
+    def _open(self, p: Pending) -> None:
+        stream = p.stream
+        if stream is not None and not stream.opened:
+            stream.opened = True
+            p.fut.set_result(b"")
+
+    def _broken(self, p: Pending, why: str) -> None:
+        self._stats.dropped_replies += 1
+        exc = StreamBroken(f"stream from {p.record.key} broken: {why}")
+        stream = p.stream
+        if stream is not None and stream.opened:
+            stream.fail(exc)
+        elif not p.fut.done():
+            p.fut.set_exception(exc)
 
     def _no_responders(self, p: Pending) -> None:
         """Wake the attempt (it re-sends its frame) and keep listening for its reply.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -40,9 +41,13 @@ from pydantic import BaseModel, ValidationError
 from mesh._core.admission import SealedRefusal, admit_request, too_large
 from mesh._core.claims import Outcome
 from mesh._core.config import MeshConfig
-from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys, ReplayGuard, seal_frame
+from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys, ReplayGuard, open_frame, seal_frame
 from mesh._core.envelope import (
     FRAME_OVERHEAD,
+    MAX_CREDIT,
+    OP_CANCEL,
+    OP_CREDIT,
+    PROGRESS,
     Header,
     Kind,
     decode_frame,
@@ -61,6 +66,7 @@ from mesh._runtime.ports import EndpointStats, MeshHandle, MeshStats, Observer
 from mesh._runtime.registry_api import ADMIN_ROLE, REGISTRY
 from mesh._transport.base import InboundMessage, Transport
 from mesh.errors import (
+    Cancelled,
     DeadlineExceeded,
     DecodeError,
     Internal,
@@ -69,6 +75,7 @@ from mesh.errors import (
     MessageTooLarge,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -101,6 +108,13 @@ class Exchange:
     spec: EndpointSpec | None = None
     route: Route | None = None
     started: bool = False  # the handler was called (a cancel then may leave it half done)
+    task: asyncio.Task[None] | None = None
+    cancelled: bool = False  # by the caller's sealed cancel (not by a drain)
+    seq: int = 0  # the next reply frame's sequence number
+    credit: int = 0  # chunks the caller granted so far (a stream)
+    sent: int = 0  # chunks sent
+    waiter: asyncio.Future[None] | None = None  # a stream waiting for credit
+    last_progress: float = 0.0
 
 
 class ServerPipeline:
@@ -130,7 +144,7 @@ class ServerPipeline:
         observer: Observer,
         signals: EdgeStats,
         stats: MeshStats,
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
     ) -> None:
         self._mesh = mesh
         self._agent = agent
@@ -175,6 +189,10 @@ class ServerPipeline:
             s.name: ConcurrencyLimit(s.concurrency or limits.endpoint_concurrency)
             for s in agent.endpoints.values()
         }
+        self.running: dict[bytes, Exchange] = {}
+        """The requests accepted and not yet answered, by request id: what a caller's cancel
+        or credit is about."""
+        self._credit_wait = config.timeouts.credit_wait
         self.accept_stages: tuple[Callable[[Exchange], None], ...] = (
             self.endpoint,
             self.authorize,
@@ -192,6 +210,9 @@ class ServerPipeline:
             refusal = too_large(len(data)) if too_big else exc
             self._stats.refuse(refusal.code)  # no header: nothing more to count it by
             await self._refuse(msg, NO_ID, refusal)
+            return
+        if hdr.kind == Kind.CONTROL:
+            self.control(hdr, data, end)
             return
         try:
             cert, key, body = admit_request(
@@ -226,7 +247,44 @@ class ServerPipeline:
             self._refused(msg, hdr, ex.peer.agent, exc)
             await self.reply(ex, exc.code, error_body(exc))
             return
-        self._spawn(self.serve(ex))
+        rid = hdr.id
+        running = self.running
+        running[rid] = ex
+        ex.task = task = self._spawn(self.serve(ex))
+        task.add_done_callback(lambda _t: running.pop(rid, None))
+
+    def control(self, hdr: Header, data: bytes, end: int) -> None:
+        """A CONTROL frame (``docs/protocol.md`` section 21): cancel a call in progress, or
+        grant a stream credit. Acted on only when it is about a call this instance is serving,
+        comes from that call's caller and opens under the call's pair key; anything else is
+        dropped and counted. A copy does nothing more than the original did."""
+        ex = self.running.get(hdr.reply_to or b"")
+        if (
+            ex is None
+            or hdr.from_instance != ex.hdr.from_instance
+            or hdr.from_agent != ex.hdr.from_agent
+            or hdr.to_instance != self.instance
+            or len(data) - end != NONCE_LEN + TAG_LEN  # a control frame's body is empty
+        ):
+            self._stats.dropped_controls += 1
+            return
+        try:
+            open_frame(ex.key, data, end)
+        except Unauthenticated:
+            self._stats.dropped_controls += 1
+            return
+        if hdr.op == OP_CANCEL:
+            if not ex.cancelled and ex.task is not None:
+                ex.cancelled = True
+                ex.task.cancel()
+        elif hdr.op == OP_CREDIT and hdr.credit is not None:
+            if hdr.credit > ex.credit and hdr.credit - ex.sent <= MAX_CREDIT:
+                ex.credit = hdr.credit
+                waiter = ex.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+        else:
+            self._stats.dropped_controls += 1
 
     def _refused(
         self, msg: InboundMessage, hdr: Header, caller: str | None, exc: MeshError
@@ -271,11 +329,15 @@ class ServerPipeline:
             )
 
     def endpoint(self, ex: Exchange) -> None:
-        """14: this instance serves the endpoint."""
-        spec = self._agent.endpoints.get(ex.hdr.name or "")
+        """14: this instance serves the endpoint, streamed if and only if it streams."""
+        hdr = ex.hdr
+        spec = self._agent.endpoints.get(hdr.name or "")
         if spec is None:
-            raise NotFound(f"agent {self.name!r} has no endpoint {ex.hdr.name!r}")
+            raise NotFound(f"agent {self.name!r} has no endpoint {hdr.name!r}")
         ex.spec = spec
+        if spec.streams or hdr.stream is not None:
+            _check_stream(spec, hdr)
+            ex.credit = hdr.stream or 0
 
     def authorize(self, ex: Exchange) -> None:
         """15-16: the policy's decision, naming the rule, then the rate-limit take."""
@@ -366,11 +428,17 @@ class ServerPipeline:
                 end = held.abort() if ex.started else held.release()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(end, 0.5)
-            gone = Unavailable(f"{self.name} shut down before {spec.name} finished")
-            signals.finish(edge, gone.code, (time.perf_counter_ns() - started) / 1e9)
-            self._observer.end(span, gone.code)
-            with contextlib.suppress(Exception):
-                await self.reply(ex, gone.code, error_body(gone))
+            elapsed = time.perf_counter_ns() - started
+            if ex.cancelled:  # the caller's own cancel: it no longer waits for an answer
+                why: MeshError = Cancelled(f"the caller cancelled {spec.name}")
+            else:
+                why = Unavailable(f"{self.name} shut down before {spec.name} finished")
+            self._account(ex, why.code, b"", elapsed)
+            signals.finish(edge, why.code, elapsed / 1e9)
+            self._observer.end(span, why.code)
+            if not ex.cancelled:
+                with contextlib.suppress(Exception):
+                    await self.reply(ex, why.code, error_body(why))
             raise
         elapsed = time.perf_counter_ns() - started
         self._account(ex, status, payload, elapsed)
@@ -481,8 +549,13 @@ class ServerPipeline:
                     metadata=hdr.metadata or {},
                     mirrored=hdr.mirror is True,
                 )
+                if hdr.progress or hdr.stream is not None:
+                    ctx.reporter = functools.partial(self._progress, ex)
                 async with asyncio.timeout(remaining):
-                    if spec.wants_context:
+                    if spec.streams:
+                        await self._stream(ex, spec, body, ctx)
+                        result = None
+                    elif spec.wants_context:
                         result = await spec.handler(body, ctx)
                     else:
                         result = await spec.handler(body)
@@ -510,6 +583,54 @@ class ServerPipeline:
         if isinstance(result, BaseModel):
             return ran, OK, result.__pydantic_serializer__.to_json(result)
         return ran, OK, b"null"
+
+    async def _stream(
+        self, ex: Exchange, spec: EndpointSpec, body: BaseModel, ctx: Context
+    ) -> None:
+        """20, a streaming endpoint: each chunk the handler yields, sealed and numbered, as
+        the caller's credit allows. The generator is closed however the stream ends, so the
+        handler's ``finally`` runs."""
+        gen = spec.handler(body, ctx) if spec.wants_context else spec.handler(body)
+        try:
+            async for chunk in gen:
+                await self._chunk(ex, spec, chunk)
+        finally:
+            await gen.aclose()
+
+    async def _chunk(self, ex: Exchange, spec: EndpointSpec, chunk: object) -> None:
+        """Send one chunk, once the caller has granted room for it.
+
+        Raises:
+            Internal: the handler yielded something that is not a pydantic model.
+            MessageTooLarge: the chunk exceeds ``Limits.max_body``.
+            Unavailable: the caller granted no credit for ``Timeouts.credit_wait``: it is
+                gone or stopped reading (the handler is stopped, holding nothing longer).
+        """
+        if not isinstance(chunk, BaseModel):
+            raise Internal(f"handler {spec.name} yielded a {type(chunk).__name__}, not a model")
+        payload = chunk.__pydantic_serializer__.to_json(chunk)
+        if len(payload) > self._max_body:
+            raise MessageTooLarge(f"chunk of {len(payload)} bytes exceeds the limit")
+        while ex.sent >= ex.credit:
+            ex.waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(waiter, self._credit_wait)
+            except TimeoutError:
+                raise Unavailable(
+                    f"the caller granted no credit for {self._credit_wait:g} s: it is gone "
+                    "or stopped reading"
+                ) from None
+        ex.sent += 1
+        await self._frame(ex, OK, payload, end=False)
+
+    async def _progress(self, ex: Exchange, fraction: float, note: str) -> None:
+        """A progress frame, at most one per 100 ms (but always the last, ``fraction`` 1)."""
+        now = time.monotonic()
+        if fraction < 1.0 and now - ex.last_progress < 0.1:
+            return
+        ex.last_progress = now
+        body = json.dumps({"fraction": fraction, "note": note}).encode()
+        await self._frame(ex, PROGRESS, body, end=False)
 
     async def _queue(self, ex: Exchange, limit: ConcurrencyLimit, deadline: float) -> None:
         """18, no free slot: wait in the endpoint's bounded queue, at most until the deadline.
@@ -562,19 +683,44 @@ class ServerPipeline:
             )
 
     async def reply(self, ex: Exchange, status: str, payload: bytes) -> None:
-        """21: seal the reply (or error) to the caller under the pair key."""
+        """21: seal the reply (or error) to the caller under the pair key: the last frame."""
         if len(payload) > self._max_body:
             exc = MessageTooLarge(f"reply of {len(payload)} bytes exceeds the limit")
             status, payload = exc.code, error_body(exc)
+        with contextlib.suppress(MeshError):
+            await self._frame(ex, status, payload, end=True)
+
+    async def _frame(self, ex: Exchange, status: str, payload: bytes, *, end: bool) -> None:
+        """Seal one reply frame to the caller, numbered in the order sent. The number is
+        taken and the frame handed to the connection with no await between: frames leave in
+        the order of their numbers."""
         hdr = ex.hdr
+        seq = ex.seq
+        ex.seq = seq + 1
         aad = reply_header(
             os.urandom(16), int(time.time() * 1000), self.name, self.instance, hdr.from_agent,
-            hdr.from_instance, hdr.id, status,
+            hdr.from_instance, hdr.id, status, seq, end,
         )  # fmt: skip
         reply = ex.msg.reply
         assert reply
-        with contextlib.suppress(MeshError):
-            await self._transport.publish(reply, seal_frame(ex.key, aad, payload))
+        await self._transport.publish(reply, seal_frame(ex.key, aad, payload))
+
+
+def _check_stream(spec: EndpointSpec, hdr: Header) -> None:
+    """14: a streaming endpoint is called with credit (``sm``) and no idempotency key; an
+    endpoint that does not stream is not asked to.
+
+    Raises:
+        InvalidArgument: naming what is wrong.
+    """
+    if not spec.streams:
+        raise InvalidArgument(f"endpoint {spec.name!r} does not stream: call it with request()")
+    if hdr.stream is None:
+        raise InvalidArgument(f"endpoint {spec.name!r} streams its reply: call it with stream()")
+    if not 1 <= hdr.stream <= MAX_CREDIT:
+        raise InvalidArgument(f"stream credit must be 1 to {MAX_CREDIT}, not {hdr.stream}")
+    if hdr.idempotency_key is not None:
+        raise InvalidArgument("streams take no idempotency key")
 
 
 def _validate(spec: EndpointSpec, body: bytes) -> BaseModel:

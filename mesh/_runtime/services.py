@@ -146,6 +146,7 @@ def info_response(mesh: Mesh) -> dict[str, Any]:
             "queue_group": NO_QUEUE_GROUP,
             "metadata": {
                 "idempotent": "true" if spec.idempotent else "false",
+                "streams": "true" if spec.streams else "false",
                 "concurrency": str(spec.concurrency or default_concurrency),
             },
         }

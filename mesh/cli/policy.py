@@ -370,11 +370,22 @@ def _call_body(text: str) -> str:
 
 
 async def cmd_call(args: Args) -> int:
-    """Call an endpoint with a JSON body and print the JSON reply (exit 2 on an error)."""
+    """Call an endpoint with a JSON body and print the JSON reply (exit 2 on an error); a
+    streaming endpoint's chunks are printed one JSON line each, as they arrive."""
     body = _call_body(args.body)
     timeout = args.timeout
     async with admin_mesh(args) as mesh:
         await mesh.wait_for(args.agent, timeout=5)
+        if any(
+            (info := r.endpoints.get(args.endpoint)) is not None and info.streams
+            for r in mesh.directory.instances(args.agent)
+        ):
+            stream = mesh.stream_json(
+                args.agent, args.endpoint, body, timeout=timeout, metadata=args.meta
+            )
+            async for chunk in stream:
+                print(json.dumps(chunk, ensure_ascii=False), flush=True)
+            return 0
         reply = await mesh.request_json(
             args.agent,
             args.endpoint,

@@ -1043,6 +1043,23 @@ async def test_call_prints_the_json_reply(world: World) -> None:
     assert len(reply["facts"]) == 2
 
 
+async def test_call_of_a_streaming_endpoint_prints_one_json_line_per_chunk(world: World) -> None:
+    """`call` of an endpoint that streams prints each chunk as a JSON line, in order."""
+    from mesh_examples import streaming
+
+    await world.apply(OPEN)
+    await world.join("writer", streaming.writer)
+    await world.ops.wait_for("writer")
+    result = await run(
+        "mesh-policy", "call", "writer", "draft", '{"topic": "nats", "words": 4, "pause_ms": 0}',
+        env=world.env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    chunks = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [c["index"] for c in chunks] == [0, 1, 2, 3]
+    assert chunks[0]["text"] == "nats"
+
+
 async def test_call_denied_by_policy_names_the_rule_and_exits_2(world: World) -> None:
     """A call the policy denies prints `PermissionDenied: ...` with the rule and exits 2."""
     await world.apply(RESEARCH)

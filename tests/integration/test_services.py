@@ -188,13 +188,13 @@ async def test_info_describes_endpoints_on_instance_subjects(world: World) -> No
                 "name": "add",
                 "subject": f"{prefix}.add",
                 "queue_group": "",
-                "metadata": {"idempotent": "true", "concurrency": "4"},
+                "metadata": {"idempotent": "true", "streams": "false", "concurrency": "4"},
             },
             {
                 "name": "neg",
                 "subject": f"{prefix}.neg",
                 "queue_group": "",
-                "metadata": {"idempotent": "false", "concurrency": "64"},
+                "metadata": {"idempotent": "false", "streams": "false", "concurrency": "64"},
             },
         ]
 

@@ -345,6 +345,10 @@ def test_decode_frame_of_near_valid_header_maps_raises_only_decode_error(
         idempotency_key=st.none() | st.text(max_size=20),
         message=st.none() | st.text(max_size=40),
         end=st.none() | st.booleans(),
+        stream=st.none() | st.integers(0, 2000),
+        progress=st.none() | st.booleans(),
+        op=st.text(max_size=10),
+        credit=st.none() | st.integers(0, 2**31),
     ),
     st.binary(max_size=64),
 )

@@ -62,6 +62,15 @@ def _full_header(kind: Kind) -> Header:
             "rule": "deny-all",
             "retry_after_ms": 250,
         },
+        Kind.CONTROL: {
+            "from_agent": "alice",
+            "from_instance": "a1",
+            "to_agent": "bob",
+            "to_instance": "b1",
+            "reply_to": bytes(16),
+            "op": "credit",
+            "credit": 32,
+        },
     }
     return Header(**common, **by_kind[kind])
 

@@ -9,6 +9,7 @@ import pytest
 import mesh
 from mesh.errors import (
     CODES,
+    Cancelled,
     CertificateError,
     DeadlineExceeded,
     DecodeError,
@@ -20,6 +21,7 @@ from mesh.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    StreamBroken,
     Unauthenticated,
     Unavailable,
     error_from_code,
@@ -34,6 +36,7 @@ BY_CODE = {
     "RESOURCE_EXHAUSTED": ResourceExhausted,
     "UNAVAILABLE": Unavailable,
     "FAILED_PRECONDITION": FailedPrecondition,
+    "CANCELLED": Cancelled,
     "INTERNAL": Internal,
 }
 ALL_CLASSES = [
@@ -41,6 +44,7 @@ ALL_CLASSES = [
     DecodeError,
     CertificateError,
     MessageTooLarge,
+    StreamBroken,
 ]
 
 

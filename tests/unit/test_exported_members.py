@@ -17,6 +17,7 @@ import mesh.control_plane
 
 SDK = [
     "Agent",
+    "Cancelled",
     "Certificate",
     "CertificateError",
     "CircuitOpen",
@@ -41,8 +42,11 @@ SDK = [
     "PermissionDenied",
     "Policy",
     "PolicyError",
+    "Progress",
     "ResourceExhausted",
     "RetryPolicy",
+    "Stream",
+    "StreamBroken",
     "Timeouts",
     "Unauthenticated",
     "Unavailable",

@@ -50,6 +50,7 @@ from mesh._core.envelope import (
     PREFIX_LEN,
     Header,
     Kind,
+    control_header,
     decode_frame,
     encode_frame,
     reply_header,
@@ -72,6 +73,8 @@ EXPECTED_VALUES = {
     "request": 4,
     "routed": 2,
     "reply": 2,
+    "chunk": 2,
+    "control": 2,
     "refusal": 1,
     "event": 6,
     "enrolment": 3,
@@ -498,6 +501,48 @@ def test_reply_frame(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> None:
     decoded, end = decode_frame(aad + sealed)
     assert decoded.to_map() == hdr
     assert end == len(aad)
+    vectors.done()
+
+
+def test_chunk_frame(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed chunk: a REPLY numbered 1, not the end, sealed with the pair key."""
+    v, k = vectors.check("chunk"), vectors["keys"].bytes("pair key K")
+    hdr = v.header(TYPES)
+    assert hdr["k"] == Kind.REPLY and hdr["end"] is False
+    assert hdr["re"] == vectors["request"].bytes("id")
+    aad = reply_header(
+        hdr["id"], hdr["ts"], hdr["fa"], hdr["fi"], hdr["ta"], hdr["ti"], hdr["re"], hdr["st"],
+        hdr["sq"], hdr["end"],
+    )  # fmt: skip
+    assert aad == v.bytes("prefix and header")
+    assert list(msgpack.unpackb(aad[PREFIX_LEN:], raw=False)) == list(hdr)
+    body, nonce, sealed = v.bytes("body"), v.bytes("nonce"), v.bytes("sealed body")
+    monkeypatch.setattr(crypto_mod, "os", SimpleNamespace(urandom=lambda n: nonce[:n]))
+    assert seal_body(k, aad, body) == sealed
+    decoded, _ = decode_frame(aad + sealed)
+    assert (decoded.seq, decoded.end) == (1, False)
+    assert open_body(k, aad, sealed) == body
+    vectors.done()
+
+
+def test_control_frame(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CONTROL frame granting credit: its header, and an empty body sealed (nonce and tag)."""
+    v, k = vectors.check("control"), vectors["keys"].bytes("pair key K")
+    hdr = v.header(TYPES)
+    assert hdr["k"] == Kind.CONTROL
+    aad = control_header(
+        hdr["id"], hdr["ts"], hdr["fa"], hdr["fi"], hdr["ta"], hdr["ti"], hdr["re"], hdr["op"],
+        hdr["cr"],
+    )  # fmt: skip
+    assert aad == v.bytes("prefix and header")
+    assert list(msgpack.unpackb(aad[PREFIX_LEN:], raw=False)) == list(hdr)
+    nonce, sealed = v.bytes("nonce"), v.bytes("sealed body")
+    assert len(sealed) == NONCE_LEN + TAG_LEN
+    monkeypatch.setattr(crypto_mod, "os", SimpleNamespace(urandom=lambda n: nonce[:n]))
+    assert seal_body(k, aad, b"") == sealed
+    decoded, _ = decode_frame(aad + sealed)
+    assert (decoded.op, decoded.credit, decoded.reply_to) == ("credit", 20, hdr["re"])
+    assert open_body(k, aad, sealed) == b""
     vectors.done()
 
 

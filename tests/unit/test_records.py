@@ -52,7 +52,11 @@ class TestRecordRoundTrip:
         raw = encode_record(
             BOB.keys.signing,
             BOB.certificate,
-            endpoints=[EndpointInfo("echo", idempotent=True), EndpointInfo("slow")],
+            endpoints=[
+                EndpointInfo("echo", idempotent=True),
+                EndpointInfo("slow"),
+                EndpointInfo("tokens", streams=True),
+            ],
             version="1.2.0",
             labels={"zone": "a"},
             ts=1_700_000_000.25,
@@ -68,7 +72,14 @@ class TestRecordRoundTrip:
         assert record.endpoints == {
             "echo": EndpointInfo("echo", True),
             "slow": EndpointInfo("slow", False),
+            "tokens": EndpointInfo("tokens", False, True),
         }
+        endpoints = msgpack.unpackb(msgpack.unpackb(raw)[0])["endpoints"]
+        assert [sorted(e) for e in endpoints] == [  # `streams` only where true: old bytes kept
+            ["idempotent", "name"],
+            ["idempotent", "name"],
+            ["idempotent", "name", "streams"],
+        ]
         assert (record.version, record.labels, record.ts) == ("1.2.0", {"zone": "a"}, 1.7e9 + 0.25)
         assert (record.state, record.policy_revision, record.policy_error) == (
             "draining",
@@ -110,10 +121,11 @@ class TestRecordRefusals:
             decode_record(_record(endpoints=endpoints), VERIFIER)
 
     @pytest.mark.parametrize("value", [1, 0, "yes", None])
-    def test_idempotent_not_bool(self, value: Any) -> None:
-        """An endpoint's idempotent flag that is not a boolean is a DecodeError."""
-        with pytest.raises(DecodeError, match=r"endpoint field 'idempotent' must be bool$"):
-            decode_record(_record(endpoints=[{"name": "e", "idempotent": value}]), VERIFIER)
+    @pytest.mark.parametrize("flag", ["idempotent", "streams"])
+    def test_flag_not_bool(self, flag: str, value: Any) -> None:
+        """An endpoint's idempotent or streams flag that is not a boolean is a DecodeError."""
+        with pytest.raises(DecodeError, match=rf"endpoint field '{flag}' must be bool$"):
+            decode_record(_record(endpoints=[{"name": "e", flag: value}]), VERIFIER)
 
     def test_endpoint_without_name(self) -> None:
         """An endpoint without a name is a DecodeError naming the field."""

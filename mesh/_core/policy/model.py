@@ -483,6 +483,7 @@ AbortCode = Literal[  # the error codes of mesh.errors (a test keeps the two the
     "NOT_FOUND",
     "INVALID_ARGUMENT",
     "FAILED_PRECONDITION",
+    "CANCELLED",
 ]
 
 
