@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgpack
@@ -31,7 +32,7 @@ from mesh._core.crypto import PairKeys, seal_body
 from mesh._core.envelope import HDR_DEADLINE, HDR_TRACEPARENT, MAGIC, PREFIX, Kind
 from mesh._observability.metrics import serve_prometheus
 from mesh.control_plane import PolicyEngine, SignalRow, SignalsReply, SignalsRequest, TrustRoot
-from mesh.testing import NatsServer, Trust, test_config
+from mesh.testing import NatsServer, Trust, test_config, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool")
@@ -506,3 +507,77 @@ async def test_a_short_lived_callers_last_report_reaches_the_registry(
             found = [r for r in await rows() if r.caller == "shortlived"]
     assert [(r.callee, r.endpoint, r.requests, r.errors) for r in found] == [("back", "leaf", 4, 0)]
     assert closing < 3.0
+
+
+async def test_cancelled_calls_and_streams_show_in_spans_and_metrics(
+    nats_server: NatsServer, trust: Trust, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """A request whose caller cancelled it ends both spans CANCELLED and counts as CANCELLED
+    on both sides; a stream's CLIENT span lasts until its consumer is done: OK when read to
+    the end, CANCELLED when left early."""
+    provider, exporter = spans
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    cfg = test_config([nats_server.url])
+    agent = mesh.Agent("slow")
+    started = asyncio.Event()
+
+    @agent.endpoint()
+    async def wait(t: Text) -> Text:
+        started.set()
+        await asyncio.sleep(30)
+        return t
+
+    @agent.endpoint()
+    async def spell(t: Text) -> AsyncIterator[Text]:
+        for letter in t.text:
+            yield Text(text=letter)
+
+    async with (
+        mesh.Mesh(
+            trust.identity("slow"), cfg, agent=agent, tracer_provider=provider,
+            meter_provider=meters,
+        ),
+        mesh.Mesh(
+            trust.identity("alice"), cfg, tracer_provider=provider, meter_provider=meters
+        ) as alice,
+    ):  # fmt: skip
+        await alice.wait_for("slow")
+        call = asyncio.create_task(alice.request("slow", "wait", Text(text="x"), Text))
+        await started.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert [t.text async for t in alice.stream("slow", "spell", Text(text="abc"), Text)] == [
+            "a",
+            "b",
+            "c",
+        ]
+        async for _ in alice.stream("slow", "spell", Text(text="abcdef"), Text, credit=1):
+            break
+        await wait_until(
+            lambda: len(by_kind(exporter.get_finished_spans(), SpanKind.SERVER, "slow/spell")) == 2
+        )
+        await wait_until(
+            lambda: by_kind(exporter.get_finished_spans(), SpanKind.SERVER, "slow/wait") != []
+        )
+        requests = points(reader, "mesh.requests")
+    done = exporter.get_finished_spans()
+    for kind in (SpanKind.CLIENT, SpanKind.SERVER):
+        (span,) = by_kind(done, kind, "slow/wait")
+        assert span.status.status_code == StatusCode.ERROR
+        assert span.attributes is not None and span.attributes["error.type"] == "CANCELLED"
+    streams = sorted(
+        (s.attributes or {}).get("rpc.natsmesh.status_code", "")
+        for s in by_kind(done, SpanKind.CLIENT, "slow/spell")
+    )
+    assert streams == ["CANCELLED", "OK"]
+    codes = {
+        (a["mesh.reporter"], a["mesh.endpoint"], a["mesh.code"]): v
+        for a, v in requests
+        if a["mesh.destination"] == "slow"
+    }
+    assert codes[("server", "wait", "CANCELLED")] == 1
+    assert codes[("client", "wait", "CANCELLED")] == 1
+    assert codes[("client", "spell", "OK")] == 1
+    assert codes[("client", "spell", "CANCELLED")] == 1

@@ -11,7 +11,15 @@ import pytest
 from pydantic import BaseModel
 
 from mesh import Agent, Context
-from mesh._core.envelope import PREFIX_LEN, Kind, control_header, decode_frame, reply_header
+from mesh._core.envelope import (
+    MAX_CREDIT,
+    PREFIX_LEN,
+    Kind,
+    control_header,
+    decode_frame,
+    reply_header,
+    request_header,
+)
 from mesh._runtime.streams import Progress, StreamState, json_chunk, parse_progress
 from mesh.errors import InvalidArgument, PermissionDenied
 
@@ -187,3 +195,14 @@ def test_an_async_generator_endpoint_streams_its_annotated_chunks() -> None:
         @agent.endpoint  # type: ignore[type-var]
         def sync(q: Q) -> Chunk:
             return Chunk(i=1)
+
+
+def test_a_request_asks_for_a_stream_or_progress_only_when_told() -> None:
+    """``sm`` carries the credit (1 to 1024, the protocol's bound), ``pg`` the wish for
+    progress frames; neither is sent otherwise."""
+    assert MAX_CREDIT == 1024
+    args = (bytes(16), 1, "a", "a1", "b", "b1", "ep", 2, 1, b"cert", None, None, None)
+    plain = msgpack.unpackb(request_header(*args)[PREFIX_LEN:])
+    asked = msgpack.unpackb(request_header(*args, None, False, 16, True)[PREFIX_LEN:])
+    assert "sm" not in plain and "pg" not in plain
+    assert (asked["sm"], asked["pg"]) == (16, True)
