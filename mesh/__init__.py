@@ -14,6 +14,7 @@ from mesh import _log  # noqa: F401  (the NullHandler on the "mesh" logger, as e
 if _TYPE_CHECKING:
     from mesh._connect import Mesh, connect, enrol
     from mesh._core.config import DirectoryConfig, Limits, MeshConfig, RetryPolicy, Timeouts
+    from mesh._core.delegation import Delegate, Delegation
     from mesh._core.identity import (
         Certificate,
         Identity,
@@ -31,6 +32,7 @@ if _TYPE_CHECKING:
         CircuitOpen,
         DeadlineExceeded,
         DecodeError,
+        DelegationRefused,
         FailedPrecondition,
         Internal,
         InvalidArgument,
@@ -55,6 +57,9 @@ __all__ = [
     "Context",
     "DeadlineExceeded",
     "DecodeError",
+    "Delegate",
+    "Delegation",
+    "DelegationRefused",
     "DirectoryConfig",
     "EndpointStats",
     "FailedPrecondition",
@@ -99,6 +104,7 @@ _SOURCES = {
     **dict.fromkeys(
         ["DirectoryConfig", "Limits", "MeshConfig", "RetryPolicy", "Timeouts"], "mesh._core.config"
     ),
+    **dict.fromkeys(["Delegate", "Delegation"], "mesh._core.delegation"),
     **dict.fromkeys(
         ["Certificate", "Identity", "InstanceKeys", "load_identity", "save_identity"],
         "mesh._core.identity",

@@ -7,6 +7,7 @@ MeshError                      code            retryable
 ├── Unauthenticated            UNAUTHENTICATED
 │   └── CertificateError       UNAUTHENTICATED    (expired, not yet valid, wrong root, forged)
 ├── PermissionDenied           PERMISSION_DENIED  (.rule names the rule that decided)
+│   └── DelegationRefused      PERMISSION_DENIED  (rule "delegation": a chain refused)
 ├── NotFound                   NOT_FOUND          (unknown agent, instance or endpoint)
 ├── DeadlineExceeded           DEADLINE_EXCEEDED  (also a builtin TimeoutError)
 ├── ResourceExhausted          RESOURCE_EXHAUSTED (retryable when .retry_after is set)
@@ -33,6 +34,7 @@ __all__ = [
     "CircuitOpen",
     "DeadlineExceeded",
     "DecodeError",
+    "DelegationRefused",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
@@ -118,6 +120,16 @@ class PermissionDenied(MeshError):
     """Policy refused the call; ``rule`` names the rule that decided."""
 
     code = "PERMISSION_DENIED"
+
+
+class DelegationRefused(PermissionDenied):
+    """A delegation chain that does not verify, or does not allow the call: the message names
+    the link and what is wrong with it (``docs/protocol.md`` section 37); ``rule`` is
+    ``"delegation"``."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs["rule"] = "delegation"
+        super().__init__(message, **kwargs)
 
 
 class NotFound(MeshError):
@@ -243,4 +255,6 @@ def error_from_code(
         An instance of the matching ``MeshError`` subclass.
     """
     cls = _BY_CODE.get(code, Internal)
+    if cls is PermissionDenied and rule == "delegation":
+        cls = DelegationRefused
     return cls(message, rule=rule, retry_after=retry_after, subject=subject)

@@ -133,6 +133,12 @@ class MeshConfig:
             updated with its sealed outcome (``docs/protocol.md`` section 17). Costs two
             JetStream writes per keyed non-idempotent call; ``False`` keeps only the
             per-instance reply cache.
+        delegation: start a delegation chain on every call this mesh makes that does not
+            already carry one (``docs/delegation.md``): callees, and the calls their handlers
+            make in turn, then know this agent as the origin. Costs one Ed25519 signature
+            per call here and a verification per new link at each callee. Off, a chain
+            starts only where a call asks (``delegate=``); a chain received is always
+            carried on by the handler's nested calls.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -144,6 +150,7 @@ class MeshConfig:
     allow_no_policy: bool = True
     replicas: int | None = None
     claims: bool = True
+    delegation: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)

@@ -156,6 +156,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "progress": ("pg", bool),
     "op": ("op", str),
     "credit": ("cr", int),
+    "delegation": ("dc", int),
 }
 _REQUIRED: dict[int, tuple[str, ...]] = {
     Kind.REQUEST: (
@@ -237,6 +238,7 @@ class Header:
     progress: bool | None = None
     op: str | None = None
     credit: int | None = None
+    delegation: int | None = None
 
     def to_map(self) -> dict[str, Any]:
         """The wire map: short keys, ``None`` fields left out."""
@@ -286,9 +288,11 @@ def request_header(
     mirror: bool = False,
     stream: int | None = None,
     progress: bool = False,
+    delegation: int | None = None,
 ) -> bytes:
     """The prefix and header of a request: the associated data of its seal. ``stream``: the
-    initial credit of a streamed reply; ``progress``: the caller accepts progress frames.
+    initial credit of a streamed reply; ``progress``: the caller accepts progress frames;
+    ``delegation``: the length of the delegation chain that starts the sealed plaintext.
 
     Raises:
         InvalidArgument: the header would exceed ``MAX_HEADER``.
@@ -320,6 +324,8 @@ def request_header(
         hdr["sm"] = stream
     if progress:
         hdr["pg"] = True
+    if delegation is not None:
+        hdr["dc"] = delegation
     hb = msgpack.packb(hdr, use_bin_type=True)
     if len(hb) > MAX_HEADER:
         raise InvalidArgument(f"request header of {len(hb)} bytes exceeds {MAX_HEADER}")

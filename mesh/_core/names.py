@@ -27,6 +27,7 @@ __all__ = [
     "audit_subject",
     "beat_listen_subject",
     "beat_subject",
+    "budgets_bucket",
     "claim_key",
     "claims_bucket",
     "directory_bucket",
@@ -118,6 +119,11 @@ def audit_stream(prefix: str) -> str:
 def audit_subject(prefix: str) -> str:
     """The subject the audit stream captures."""
     return f"{prefix}.audit"
+
+
+def budgets_bucket(prefix: str) -> str:
+    """The JetStream key-value bucket of delegation chains' shared budgets."""
+    return f"{prefix}-budgets"
 
 
 def claims_bucket(prefix: str) -> str:

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
+from mesh._core.delegation import Delegate, Delegation
 from mesh._core.identity import Certificate
 from mesh._core.names import validate_name
-from mesh.errors import InvalidArgument
+from mesh.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
     from mesh._runtime.ports import MeshHandle
@@ -75,6 +76,26 @@ class Context:
     mirrored: bool = False
     reporter: Callable[[float, str], Awaitable[None]] | None = field(default=None, repr=False)
     """Sends a progress frame; set by the server when the caller accepts them."""
+    delegation: Delegation | None = None
+    """The verified delegation chain the request came with: who the work is for
+    (``origin``), through which agents (``path``), with which ``scopes`` and budgets.
+    ``None``: a direct call, on the caller's own behalf. Nested calls carry it on."""
+    spender: Callable[[int], Awaitable[None]] | None = field(default=None, repr=False)
+    """Debits the chain's cost budget; set by the server when the chain has one."""
+
+    async def spend(self, cost: int) -> None:
+        """Spend ``cost`` of the delegation chain's cost budget (LLM tokens, money: units are
+        the application's), shared by every branch of the call tree.
+
+        Raises:
+            ResourceExhausted: the budget would be exceeded (nothing is spent).
+            FailedPrecondition: the request has no cost budget to spend from.
+        """
+        if type(cost) is not int or cost < 0:
+            raise InvalidArgument("a cost is a whole number >= 0")
+        if self.spender is None:
+            raise FailedPrecondition("this request carries no cost budget (delegate=cost)")
+        await self.spender(cost)
 
     async def progress(self, fraction: float, note: str = "") -> None:
         """Report how far the call has come (``0.0`` to ``1.0``) and what it is doing.
@@ -113,9 +134,11 @@ class Context:
         metadata: Mapping[str, str] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         idle_timeout: float | None = None,
+        delegate: Delegate | None = None,
     ) -> M:
         """Call another agent; the call inherits this request's deadline and trace context
-        (not its metadata: pass ``metadata`` to set the nested call's)."""
+        (not its metadata: pass ``metadata`` to set the nested call's) and carries its
+        delegation chain on, narrowed by ``delegate``."""
         return await self.mesh.request(
             agent,
             endpoint,
@@ -129,6 +152,8 @@ class Context:
             tracestate=self.tracestate,
             on_progress=on_progress,
             idle_timeout=idle_timeout,
+            chain=self.delegation,
+            delegate=delegate,
         )
 
     def stream(
@@ -143,9 +168,10 @@ class Context:
         idle_timeout: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         metadata: Mapping[str, str] | None = None,
+        delegate: Delegate | None = None,
     ) -> Stream[M]:
         """Call a streaming endpoint of another agent (``Mesh.stream``); the call inherits
-        this request's deadline and trace context."""
+        this request's deadline, trace context and delegation chain."""
         return self.mesh.stream(
             agent,
             endpoint,
@@ -159,6 +185,8 @@ class Context:
             metadata=metadata,
             traceparent=self.traceparent,
             tracestate=self.tracestate,
+            chain=self.delegation,
+            delegate=delegate,
         )
 
     async def publish(self, topic: str, event: BaseModel) -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import PairKeys, seal_frame
+from mesh._core.delegation import Delegate, Delegation, encode_chain, extend, start
 from mesh._core.envelope import (
     HDR_DEADLINE,
     HDR_TRACEPARENT,
@@ -53,6 +54,7 @@ from mesh._core.envelope import (
     control_header,
     request_header,
 )
+from mesh._core.identity import Identity
 from mesh._core.names import rpc_subject, validate_name
 from mesh._core.policy import PolicyEngine, Route, Subset, TrafficRoute
 from mesh._core.records import InstanceRecord
@@ -115,6 +117,8 @@ class Call:
         mirror: the call is a mirror's copy.
         stream: the chunks of a streamed call (``Mesh.stream``).
         on_progress / idle: the caller's progress hook and inactivity timeout.
+        chain / delegate: the delegation chain the call extends, and how it narrows it (or
+            starts one: ``delegate`` without ``chain``).
     """
 
     agent: str
@@ -143,6 +147,9 @@ class Call:
     stream: StreamState | None = None
     on_progress: Callable[[Progress], None] | None = None
     idle: float | None = None
+    chain: Delegation | None = None
+    delegate: Delegate | None = None
+    delegated: bool = False
 
 
 def compose(stages: Sequence[AttemptStage], last: Next) -> Next:
@@ -212,6 +219,10 @@ class ClientPipeline:
         self.attempt_stages: tuple[AttemptStage, ...] = (self.retry,)
         self._run = compose(self.attempt_stages, self.attempt)
         self._controls: set[asyncio.Task[None]] = set()  # cancel and credit frames being sent
+        self.identity: Identity | None = None
+        """This instance's keys and certificate (set by the mesh, replaced on renewal): what
+        signs delegation links."""
+        self._delegate_all = config.delegation
 
     def _configure(self, engine: PolicyEngine) -> None:
         """Compose the chain for a newly installed policy: only the stages it uses."""
@@ -238,6 +249,8 @@ class ClientPipeline:
         stream: StreamState | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         idle_timeout: float | None = None,
+        chain: Delegation | None = None,
+        delegate: Delegate | None = None,
     ) -> bytes:
         """Run one call through the stages; returns the reply body (``b""`` for a stream,
         once it opened: its chunks go to ``stream``).
@@ -287,6 +300,8 @@ class ClientPipeline:
             c.metadata = md
         if stream is not None or on_progress is not None or idle_timeout is not None:
             c.stream, c.on_progress, c.idle = stream, on_progress, idle_timeout
+        if chain is not None or delegate is not None or self._delegate_all:
+            c.chain, c.delegate, c.delegated = chain, delegate, True
         if traffic is not None:
             c.traffic = traffic
         if self._destinations:
@@ -515,12 +530,23 @@ class ClientPipeline:
         dl_ms = int(call.deadline * 1000)
         traceparent, tracestate = call.traceparent, call.tracestate
         stream = call.stream
+        body = call.body
+        chain_len = None
+        if call.delegated:
+            chain = self._chain(call, record, rid, dl_ms)
+            chain_len = len(chain)
+            body = chain + body
+            if len(body) > self._max_body:
+                raise MessageTooLarge(
+                    f"request body and delegation chain are {len(body)} bytes, the limit is "
+                    f"{self._max_body}"
+                )
         aad = request_header(
             rid, int(time.time() * 1000), self.name, self.instance, record.agent,
             record.instance, call.endpoint, dl_ms, call.attempt, self.cert_raw,
             call.idempotency_key, traceparent, tracestate, call.metadata, call.mirror,
             None if stream is None else stream.window,
-            call.on_progress is not None or call.idle is not None,
+            call.on_progress is not None or call.idle is not None, chain_len,
         )  # fmt: skip
         headers = {HDR_DEADLINE: str(dl_ms)}
         if traceparent is not None:
@@ -528,7 +554,7 @@ class ClientPipeline:
         if tracestate is not None:
             headers[HDR_TRACESTATE] = tracestate
         key = self._pair.get(record.certificate.box_pk)
-        frame = seal_frame(key, aad, call.body)
+        frame = seal_frame(key, aad, body)
         wait = call.deadline - time.time()
         per_try = call.per_try
         by_deadline = per_try is None or per_try >= wait
@@ -570,6 +596,28 @@ class ClientPipeline:
             self.picker.release(picker_key)
             if ewma is not None:
                 ewma.release(picker_key)
+
+    def _chain(self, call: Call, record: InstanceRecord, rid: bytes, dl_ms: int) -> bytes:
+        """The delegation chain of one attempt: the parent's links and a new one for this
+        request (``rid``), signed by this instance; or a new chain's first link.
+
+        Raises:
+            DelegationRefused: the parent chain allows no such call (nothing is sent).
+        """
+        identity = self.identity
+        assert identity is not None
+        signing, cert = identity.keys.signing, identity.certificate
+        parent = call.chain
+        if parent is None:
+            link = start(
+                signing, cert, to=record.agent, req=rid, exp_ms=dl_ms, narrowing=call.delegate
+            )
+            return encode_chain((link,))
+        link = extend(
+            signing, cert, parent, to=record.agent, endpoint=call.endpoint, req=rid,
+            exp_ms=dl_ms, narrowing=call.delegate,
+        )  # fmt: skip
+        return encode_chain((*parent.links, link))
 
     def _keep(
         self,

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from mesh._core.delegation import Delegation
 from mesh._core.head import Head, check_successor
 from mesh._core.identity import Certificate
 from mesh._core.policy import PolicyEngine, Route, parse_canonical
@@ -423,16 +424,20 @@ class Governance:
             )
         return route
 
-    def incoming(self, caller: Peer, endpoint: str) -> Route:
+    def incoming(self, caller: Peer, endpoint: str, delegation: Delegation | None = None) -> Route:
         """The route of a request this instance serves, decided before the handler runs:
-        authorization (counted, denials reported) then the rate-limit take.
+        authorization (counted, denials reported) then the rate-limit take. ``delegation``:
+        the request's verified chain, which rules may look at (``None``: a direct call).
 
         Raises:
             PermissionDenied: naming the rule that decided.
             ResourceExhausted: the rate limit is spent, with ``retry_after``.
         """
         name = self._mesh.name
-        route = self.engine.route(caller.agent, caller.roles, name, endpoint)
+        chain = None
+        if delegation is not None:
+            chain = (delegation.origin, delegation.path, delegation.depth, delegation.scopes)
+        route = self.engine.route(caller.agent, caller.roles, name, endpoint, chain)
         me = self._mesh.identity.certificate
         if not (me.agent == REGISTRY and REGISTRY in me.roles):
             # (The registry checks roles itself: admin for everything but renew.)
@@ -441,10 +446,11 @@ class Governance:
                 self.decisions[("allow", decision.rule)] += 1
             else:
                 self.decisions[("deny" if not decision.allowed else "audit", decision.rule)] += 1
-                self._report(caller, endpoint, decision.rule, decision.audit_only)
+                self._report(caller, endpoint, decision.rule, decision.audit_only, delegation)
                 if not decision.allowed:
+                    behalf = "" if delegation is None else f" for {delegation.describe}"
                     raise PermissionDenied(
-                        f"{caller.agent} may not call {name}.{endpoint}: "
+                        f"{caller.agent} may not call {name}.{endpoint}{behalf}: "
                         + decision.explain(self.engine.source, self.engine.revision),
                         rule=decision.rule,
                     )
@@ -457,7 +463,14 @@ class Governance:
                 )
         return route
 
-    def _report(self, caller: Peer, endpoint: str, rule: str, audit_only: bool) -> None:
+    def _report(
+        self,
+        caller: Peer,
+        endpoint: str,
+        rule: str,
+        audit_only: bool,
+        delegation: Delegation | None = None,
+    ) -> None:
         if not self._reports.try_take():
             self._suppressed += 1  # bounded reporting: junk cannot flood the audit log
             return
@@ -472,6 +485,8 @@ class Governance:
             audit_only=audit_only,
             suppressed=self._suppressed,
         )
+        if delegation is not None:
+            report.origin, report.path = delegation.origin, list(delegation.path)
         self._suppressed = 0
         self._mesh.spawn(self._publish_report(report))
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys
+from mesh._core.delegation import Delegate, Delegation
 from mesh._core.envelope import MAX_CREDIT
 from mesh._core.head import Head
 from mesh._core.identity import Certificate, CertificateVerifier, Identity, TrustRoot
@@ -143,6 +144,7 @@ class MeshRuntime:
             signals=self.signals,
             stats=self.stats,
         )
+        self.client.identity = identity
         self._events = EventPublisher(lambda: self.identity, config, transport)
         self.server: ServerPipeline | None = None
         self._registration: Registration | None = None
@@ -452,6 +454,8 @@ class MeshRuntime:
         metadata: Mapping[str, str] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         idle_timeout: float | None = None,
+        chain: Delegation | None = None,
+        delegate: Delegate | None = None,
     ) -> M:
         """Call ``endpoint`` of ``agent`` and return its reply as ``reply_type``.
 
@@ -477,6 +481,11 @@ class MeshRuntime:
             idle_timeout: fail with ``DeadlineExceeded`` when neither the reply nor a progress
                 report arrived for this many seconds (a long call that reports progress lives
                 until its deadline; one that went silent fails early).
+            chain: the delegation chain this call carries on (handlers: ``ctx.delegation``,
+                which ``ctx.request`` passes itself).
+            delegate: start a delegation chain (without ``chain``), or narrow the one carried
+                on: the calls, scopes, depth and budgets the callee and everyone after it get
+                (``docs/delegation.md``).
 
         Raises:
             MeshError: the subclass matching the failure (``PermissionDenied``,
@@ -495,6 +504,8 @@ class MeshRuntime:
             metadata=metadata,
             on_progress=on_progress,
             idle_timeout=idle_timeout,
+            chain=chain,
+            delegate=delegate,
         )
         try:
             return reply_type.model_validate_json(payload)
@@ -519,6 +530,8 @@ class MeshRuntime:
         metadata: Mapping[str, str] | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        chain: Delegation | None = None,
+        delegate: Delegate | None = None,
     ) -> Stream[M]:
         """Call a streaming endpoint of ``agent``: ``async for chunk in mesh.stream(...)``.
 
@@ -538,6 +551,7 @@ class MeshRuntime:
             idle_timeout: fail with ``DeadlineExceeded`` when nothing (chunk or progress)
                 arrived for this many seconds.
             on_progress: called with each progress report (also ``Stream.progress``).
+            chain / delegate: as for ``request``.
 
         Raises:
             InvalidArgument: at once, for bad arguments; the errors of ``request`` while
@@ -547,7 +561,7 @@ class MeshRuntime:
         payload = body.__pydantic_serializer__.to_json(body)
         return self._stream(
             agent, endpoint, payload, model_chunk(chunk_type, what), credit, timeout, deadline,
-            idle_timeout, on_progress, metadata, traceparent, tracestate,
+            idle_timeout, on_progress, metadata, traceparent, tracestate, chain, delegate,
         )  # fmt: skip
 
     def stream_json(
@@ -569,7 +583,7 @@ class MeshRuntime:
         what = f"{agent}.{endpoint}"
         return self._stream(
             agent, endpoint, _json_body(body), json_chunk(what), credit, timeout, None, None,
-            None, metadata, None, None,
+            None, metadata, None, None, None, None,
         )  # fmt: skip
 
     def _stream(
@@ -586,6 +600,8 @@ class MeshRuntime:
         metadata: Mapping[str, str] | None,
         traceparent: str | None,
         tracestate: str | None,
+        chain: Delegation | None,
+        delegate: Delegate | None,
     ) -> Stream[T]:
         self._require_ready()
         window = DEFAULT_CREDIT if credit is None else credit
@@ -605,6 +621,8 @@ class MeshRuntime:
                 metadata=metadata,
                 stream=state,
                 idle_timeout=idle_timeout,
+                chain=chain,
+                delegate=delegate,
             )
 
         return Stream(open_stream, parse, window, on_progress, f"{agent}.{endpoint}")
@@ -695,6 +713,7 @@ class MeshRuntime:
             keys=self.identity.keys, certificate=cert, root_public_key=self.identity.root_public_key
         )
         self.client.cert_raw = cert.raw
+        self.client.identity = self.identity
         for listener in self.certificate_listeners:
             listener(self.identity)
         if self._registration is not None and self._state == "ready":

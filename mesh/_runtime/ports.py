@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from mesh._core.config import MeshConfig
+    from mesh._core.delegation import Delegate, Delegation
     from mesh._core.head import Head
     from mesh._core.identity import CertificateVerifier, Identity, TrustRoot
     from mesh._core.signals import EdgeStats
@@ -294,6 +295,8 @@ class MeshHandle(MeshIdentity, Protocol):
         metadata: Mapping[str, str] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         idle_timeout: float | None = None,
+        chain: Delegation | None = None,
+        delegate: Delegate | None = None,
     ) -> M: ...
 
     def stream(
@@ -311,6 +314,8 @@ class MeshHandle(MeshIdentity, Protocol):
         metadata: Mapping[str, str] | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        chain: Delegation | None = None,
+        delegate: Delegate | None = None,
     ) -> Stream[M]: ...
 
     async def publish(

@@ -65,6 +65,10 @@ class DenialReport(BaseModel):
     revision: int | None
     audit_only: bool = False
     suppressed: int = 0
+    origin: str | None = None
+    """Who the denied call was on behalf of, when it came with a delegation chain."""
+    path: list[str] | None = None
+    """The agents it came through, origin's first, the caller last."""
 
 
 class RenewRequest(BaseModel):

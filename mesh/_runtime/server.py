@@ -9,8 +9,11 @@ first; the numbers are that section's steps)::
                         record the id
     ----------- 13      no reply subject: dropped
     endpoint    14      this instance serves it                        answered sealed
-    authorize   15-16   policy decision (named rule) and rate-limit take
+    delegate    14a     the delegation chain, when the request has one: verified offline,
+                        narrowing, depth, loops (``mesh._core.delegation``)
+    authorize   15-16   policy decision (named rule, on the chain too) and rate-limit take
     ----------- from here in a task per request
+    budget      17a     a chain's shared call budget, debited (``mesh._runtime.budgets``)
     dedupe      17      the reply cache of an idempotency key, then for a non-idempotent
                         endpoint its claim across instances (``mesh._runtime.claims``)
     queue       18      a concurrency slot, within the deadline
@@ -42,6 +45,7 @@ from mesh._core.admission import SealedRefusal, admit_request, too_large
 from mesh._core.claims import Outcome
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import NONCE_LEN, TAG_LEN, PairKeys, ReplayGuard, open_frame, seal_frame
+from mesh._core.delegation import Delegation, LinkCache, verify_chain
 from mesh._core.envelope import (
     FRAME_OVERHEAD,
     MAX_CREDIT,
@@ -59,6 +63,7 @@ from mesh._core.policy import Route
 from mesh._core.signals import EdgeKey, EdgeStats
 from mesh._log import get_logger
 from mesh._runtime.agent import Agent, Context, EndpointSpec, Peer
+from mesh._runtime.budgets import BudgetLedger
 from mesh._runtime.claims import ClaimStore, HeldClaim
 from mesh._runtime.concurrency import DEFAULT_MAX_QUEUE, ConcurrencyLimit, ReplyCache
 from mesh._runtime.governance import Governance
@@ -115,6 +120,8 @@ class Exchange:
     sent: int = 0  # chunks sent
     waiter: asyncio.Future[None] | None = None  # a stream waiting for credit
     last_progress: float = 0.0
+    chain: bytes | None = None  # the delegation chain as received
+    delegation: Delegation | None = None  # ... once verified
 
 
 class ServerPipeline:
@@ -195,8 +202,14 @@ class ServerPipeline:
         self._credit_wait = config.timeouts.credit_wait
         self.accept_stages: tuple[Callable[[Exchange], None], ...] = (
             self.endpoint,
+            self.delegate,
             self.authorize,
         )
+        self._links = LinkCache()
+        self.budgets: BudgetLedger | None = None
+        """The shared budgets of delegation chains, opened when a chain with one arrives."""
+        self._replicas = config.replicas
+        self._prefix = config.prefix
 
     # --- in the message callback: steps 1 to 16 ----------------------------------------------
 
@@ -240,6 +253,11 @@ class ServerPipeline:
         # From here on the caller is authenticated: errors travel sealed.
         peer = Peer(cert.agent, cert.instance, cert.roles, cert.serial, cert)
         ex = Exchange(msg, hdr, peer, key, body)
+        if hdr.delegation is not None:  # the chain starts the sealed plaintext
+            n = hdr.delegation
+            ex.chain, ex.body = body[:n], body[n:]
+            if not 0 < n <= len(body):
+                ex.chain = b""  # refused by the delegate stage
         try:
             for stage in self.accept_stages:
                 stage(ex)
@@ -339,10 +357,28 @@ class ServerPipeline:
             _check_stream(spec, hdr)
             ex.credit = hdr.stream or 0
 
+    def delegate(self, ex: Exchange) -> None:
+        """14a: the request's delegation chain, verified offline: each link signed by its
+        issuer, narrowing the one before, for this request from this caller, not expired, not
+        deeper than policy allows, not a loop (unless policy allows re-entry here)."""
+        chain = ex.chain
+        if chain is None:
+            return
+        if not chain:
+            raise InvalidArgument("delegation chain length out of range")
+        hdr, engine = ex.hdr, self._governance.engine
+        assert ex.spec is not None and hdr.deadline is not None
+        ex.delegation = verify_chain(
+            chain, verifier=self._verifier, cache=self._links, now_ms=time.time() * 1000,
+            agent=self.name, endpoint=ex.spec.name, request_id=hdr.id,
+            sender=(ex.peer.agent, ex.peer.instance), deadline_ms=hdr.deadline,
+            max_depth=engine.max_depth, reentrant=engine.reentrant(self.name),
+        )  # fmt: skip
+
     def authorize(self, ex: Exchange) -> None:
         """15-16: the policy's decision, naming the rule, then the rate-limit take."""
         assert ex.spec is not None
-        ex.route = self._governance.incoming(ex.peer, ex.spec.name)
+        ex.route = self._governance.incoming(ex.peer, ex.spec.name, ex.delegation)
 
     async def _refuse_sealed(
         self, msg: InboundMessage, hdr: Header, key: bytes, exc: MeshError
@@ -384,6 +420,14 @@ class ServerPipeline:
         """Dedupe, queue, run and reply."""
         spec, hdr = ex.spec, ex.hdr
         assert spec is not None and hdr.deadline is not None
+        d = ex.delegation
+        if d is not None and (d.budget is not None or d.cost is not None):
+            try:
+                await self._ledger().spend(d, calls=1)
+            except MeshError as exc:
+                self._refused(ex.msg, hdr, ex.peer.agent, exc)
+                await self.reply(ex, exc.code, error_body(exc))
+                return
         ik = hdr.idempotency_key
         cache_key = (ex.peer.agent, spec.name, ik) if ik is not None else None
         cached: asyncio.Future[tuple[str, bytes]] | None = None
@@ -454,6 +498,11 @@ class ServerPipeline:
                 self.replies.forget(cache_key)
                 cached.cancel()
         await self.reply(ex, status, payload)
+
+    def _ledger(self) -> BudgetLedger:
+        if self.budgets is None:
+            self.budgets = BudgetLedger(self._transport, self._prefix, self._replicas)
+        return self.budgets
 
     async def _claim(
         self,
@@ -548,7 +597,10 @@ class ServerPipeline:
                     tracestate=tracestate,
                     metadata=hdr.metadata or {},
                     mirrored=hdr.mirror is True,
+                    delegation=ex.delegation,
                 )
+                if ex.delegation is not None and ex.delegation.cost is not None:
+                    ctx.spender = functools.partial(self._ledger().spend, ex.delegation, 0)
                 if hdr.progress or hdr.stream is not None:
                     ctx.reporter = functools.partial(self._progress, ex)
                 async with asyncio.timeout(remaining):

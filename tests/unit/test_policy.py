@@ -470,7 +470,7 @@ class TestErrors:
         err = error_of(doc("  zzz: 1\n"))
 
         assert err.problem == (
-            "unknown field 'zzz' (expected one of defaults, rules, endpoints, routes)"
+            "unknown field 'zzz' (expected one of defaults, rules, endpoints, routes, delegation)"
         )
         assert (err.line, err.path) == (5, "spec.zzz")
 

@@ -57,4 +57,4 @@ def test_policy_schema_describes_the_examples() -> None:
     assert set(schema["properties"]) == {"apiVersion", "kind", "metadata", "spec"}
     assert schema["additionalProperties"] is False
     spec = set(schema["$defs"]["Spec"]["properties"])
-    assert spec == {"defaults", "rules", "endpoints", "routes"}
+    assert spec == {"defaults", "rules", "endpoints", "routes", "delegation"}

@@ -15,10 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from mesh._core.delegation import DEFAULT_MAX_DEPTH
 from mesh._core.policy.model import (
     CircuitBreakerSpec,
     EndpointPolicy,
     LoadBalancer,
+    Match,
     OutlierDetectionSpec,
     Policy,
     RateLimitSpec,
@@ -151,13 +153,25 @@ class _Names:
         return not self.any and not self.exact and self.regex is None
 
 
-class _CompiledRule:
-    """The callers, callee agent and endpoints of a rule or a route, compiled."""
+Chain = tuple[str, tuple[str, ...], int, tuple[str, ...]]
+"""What rules see of a delegation chain: origin, path (origin's agent first, the caller last),
+depth, scopes. A direct call is ``(caller, (caller,), 1, ())``."""
 
-    __slots__ = ("agent", "endpoints", "name", "names", "roles")
+
+class _CompiledRule:
+    """The callers, callee agent and endpoints of a rule or a route, compiled, and the
+    conditions a rule puts on the delegation chain."""
+
+    __slots__ = ("agent", "endpoints", "max_depth", "name", "names", "origins", "roles", "scopes",
+                 "via")  # fmt: skip
 
     def __init__(
-        self, name: str, callers: Iterable[str], agent: str, endpoints: Iterable[str]
+        self,
+        name: str,
+        callers: Iterable[str],
+        agent: str,
+        endpoints: Iterable[str],
+        match: Match | None = None,
     ) -> None:
         callers = tuple(callers)
         self.name = name
@@ -165,13 +179,39 @@ class _CompiledRule:
         self.roles = _Names(c[5:] for c in callers if c.startswith("role:"))
         self.agent = _Names([agent])
         self.endpoints = _Names(endpoints)
+        self.origins: _Names | None = None
+        self.via: tuple[_Names, ...] = ()
+        self.max_depth: int | None = None
+        self.scopes: frozenset[str] = frozenset()
+        if match is not None and match.on_chain:
+            self.origins = _Names(match.origins) if match.origins else None
+            self.via = tuple(_Names([v]) for v in match.via or ())
+            self.max_depth = match.max_depth
+            self.scopes = frozenset(match.scopes or ())
 
-    def matches(self, caller: str, roles: tuple[str, ...], callee: str, endpoint: str) -> bool:
+    def matches(
+        self,
+        caller: str,
+        roles: tuple[str, ...],
+        callee: str,
+        endpoint: str,
+        chain: Chain | None = None,
+    ) -> bool:
         if not (self.agent.matches(callee) and self.endpoints.matches(endpoint)):
             return False
-        if self.names.matches(caller):
+        if not self.names.matches(caller) and not (
+            not self.roles.empty and any(self.roles.matches(r) for r in roles)
+        ):
+            return False
+        if self.origins is None and not self.via and self.max_depth is None and not self.scopes:
             return True
-        return not self.roles.empty and any(self.roles.matches(r) for r in roles)
+        origin, path, depth, scopes = chain or (caller, (caller,), 1, ())
+        return (
+            (self.origins is None or self.origins.matches(origin))
+            and all(any(v.matches(a) for a in path) for v in self.via)
+            and (self.max_depth is None or depth <= self.max_depth)
+            and self.scopes.issubset(scopes)
+        )
 
 
 def _specificity(key: str, index: int) -> tuple[bool, bool, int, int]:
@@ -219,10 +259,13 @@ class PolicyEngine:
         self._policy = policy
         self._revision = revision
         self._source = source
-        self._decisions: dict[tuple[str, tuple[str, ...], str, str], Decision] = {}
+        self._decisions: dict[tuple[object, ...], Decision] = {}
         self._settings: dict[tuple[str, str], tuple[str | None, EndpointPolicy | None]] = {}
-        self._routes: dict[tuple[str, tuple[str, ...], str, str], Route] = {}
+        self._routes: dict[tuple[object, ...], Route] = {}
         if policy is None:
+            self.on_chain = False
+            self.max_depth = DEFAULT_MAX_DEPTH
+            self._reentrant = _Names(())
             self._deny: list[_CompiledRule] = []
             self._allow: list[_CompiledRule] = []
             self._endpoints: list[tuple[_Names, _Names, str, EndpointPolicy]] = []
@@ -235,15 +278,20 @@ class PolicyEngine:
         self._audit = spec.defaults.mode == "audit"
         rules = [(r, r.match) for r in spec.rules]
         self._deny = [
-            _CompiledRule(r.name, m.callers, m.agent, m.endpoints)
+            _CompiledRule(r.name, m.callers, m.agent, m.endpoints, m)
             for r, m in rules
             if r.deny is not None
         ]
         self._allow = [
-            _CompiledRule(r.name, m.callers, m.agent, m.endpoints)
+            _CompiledRule(r.name, m.callers, m.agent, m.endpoints, m)
             for r, m in rules
             if r.allow is not None
         ]
+        self.on_chain = any(m.on_chain for _r, m in rules)
+        """Whether some rule looks at delegation chains (then decisions depend on them)."""
+        delegation = spec.delegation
+        self.max_depth = DEFAULT_MAX_DEPTH if delegation is None else delegation.max_depth
+        self._reentrant = _Names(() if delegation is None else delegation.reentrant)
         self._traffic = [
             (_CompiledRule(t.name, t.match.callers, t.match.agent, t.match.endpoints), t)
             for t in spec.routes
@@ -289,7 +337,12 @@ class PolicyEngine:
         return "audit" if self._audit else "enforce"
 
     def decide(
-        self, caller_agent: str, caller_roles: tuple[str, ...], callee_agent: str, endpoint: str
+        self,
+        caller_agent: str,
+        caller_roles: tuple[str, ...],
+        callee_agent: str,
+        endpoint: str,
+        chain: Chain | None = None,
     ) -> Decision:
         """Decide one call: deny rules first (first match in file order), then allow rules,
         then the default.
@@ -299,33 +352,53 @@ class PolicyEngine:
             caller_roles: the roles in the caller's certificate.
             callee_agent: the agent called.
             endpoint: the endpoint called.
+            chain: the call's delegation chain (origin, path, depth, scopes), for rules that
+                look at it; ``None``: a direct call.
         """
-        key = (caller_agent, caller_roles, callee_agent, endpoint)
+        if chain is not None and self.on_chain:
+            key: tuple[object, ...] = (caller_agent, caller_roles, callee_agent, endpoint, chain)
+        else:
+            key = (caller_agent, caller_roles, callee_agent, endpoint)
+            chain = None
         hit = self._decisions.get(key)
         if hit is not None:
             return hit
-        decision = self._evaluate(caller_agent, caller_roles, callee_agent, endpoint)
+        decision = self._evaluate(caller_agent, caller_roles, callee_agent, endpoint, chain)
         if len(self._decisions) >= _CACHE_MAX:
             self._decisions.clear()
         self._decisions[key] = decision
         return decision
 
     def _evaluate(
-        self, caller: str, roles: tuple[str, ...], callee: str, endpoint: str
+        self,
+        caller: str,
+        roles: tuple[str, ...],
+        callee: str,
+        endpoint: str,
+        chain: Chain | None = None,
     ) -> Decision:
         for rule in self._deny:
-            if rule.matches(caller, roles, callee, endpoint):
+            if rule.matches(caller, roles, callee, endpoint, chain):
                 return self._verdict(rule.name, "deny")
         for rule in self._allow:
-            if rule.matches(caller, roles, callee, endpoint):
+            if rule.matches(caller, roles, callee, endpoint, chain):
                 return self._verdict(rule.name, "allow")
         return self._default
 
+    def reentrant(self, agent: str) -> bool:
+        """Whether a delegation chain may come back to ``agent`` (``spec.delegation``)."""
+        return self._reentrant.matches(agent)
+
     def explain(
-        self, caller_agent: str, caller_roles: tuple[str, ...], callee_agent: str, endpoint: str
+        self,
+        caller_agent: str,
+        caller_roles: tuple[str, ...],
+        callee_agent: str,
+        endpoint: str,
+        chain: Chain | None = None,
     ) -> str:
         """``decide(...)`` as one line naming the rule, the source and the revision."""
-        d = self.decide(caller_agent, caller_roles, callee_agent, endpoint)
+        d = self.decide(caller_agent, caller_roles, callee_agent, endpoint, chain)
         return d.explain(self._source, self._revision)
 
     def endpoint_settings(self, agent: str, endpoint: str) -> EndpointPolicy | None:
@@ -362,7 +435,12 @@ class PolicyEngine:
         return None if self._policy is None else self._policy.spec.defaults.timeout
 
     def route(
-        self, caller_agent: str, caller_roles: tuple[str, ...], callee_agent: str, endpoint: str
+        self,
+        caller_agent: str,
+        caller_roles: tuple[str, ...],
+        callee_agent: str,
+        endpoint: str,
+        chain: Chain | None = None,
     ) -> Route:
         """Everything policy says about one call, resolved once: the decision (``decide``) and
         the settings of ``callee_agent.endpoint`` (``endpoint_settings``, ``timeout_for``).
@@ -372,8 +450,14 @@ class PolicyEngine:
             caller_roles: the roles in the caller's certificate.
             callee_agent: the agent called.
             endpoint: the endpoint called.
+            chain: the call's delegation chain (origin, path, depth, scopes), for rules that
+                look at it; ``None``: a direct call.
         """
-        key = (caller_agent, caller_roles, callee_agent, endpoint)
+        if chain is not None and self.on_chain:
+            key: tuple[object, ...] = (caller_agent, caller_roles, callee_agent, endpoint, chain)
+        else:
+            key = (caller_agent, caller_roles, callee_agent, endpoint)
+            chain = None
         hit = self._routes.get(key)
         if hit is not None:
             return hit
@@ -383,7 +467,7 @@ class PolicyEngine:
         else:
             access_log = self._policy is not None and self._policy.spec.defaults.access_log
         route = Route(
-            decision=self.decide(caller_agent, caller_roles, callee_agent, endpoint),
+            decision=self.decide(caller_agent, caller_roles, callee_agent, endpoint, chain),
             settings=settings,
             timeout=self.timeout_for(callee_agent, endpoint),
             retries=None if settings is None else settings.retries,

@@ -332,8 +332,49 @@ class Defaults(_Model):
     access_log: StrictBool = Field(False, description="one log line per request")
 
 
+def _check_origin(value: object) -> str:
+    """An origin pattern: an agent name or glob, or ``kind:name`` of an external principal
+    (a glob allowed in the name: ``user:*``)."""
+    if isinstance(value, str) and ":" in value:
+        kind, _, name = value.partition(":")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,15}", kind) or not re.fullmatch(
+            r"[A-Za-z0-9_.@+*?\-]{1,128}", name
+        ):
+            raise _fail(f"origin {value!r} must be an agent pattern or kind:name (user:alice)")
+        return value
+    return _check_pattern("agent", value)
+
+
+OriginPattern = Annotated[
+    str,
+    BeforeValidator(_check_origin),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "an agent name or glob, or kind:name of an external principal "
+            "(user:alice, user:*)",
+        }
+    ),
+]
+ScopeName = Annotated[
+    str,
+    BeforeValidator(lambda v: _check_scope(v)),
+    WithJsonSchema({"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.:-]{0,62}$"}),
+]
+
+
+def _check_scope(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_.:-]{0,62}", value):
+        raise _fail(f"scope {value!r} must match [a-z0-9][a-z0-9_.:-]{{0,62}}")
+    return value
+
+
+_CHAIN_FIELDS = ("origins", "via", "max_depth", "scopes")
+
+
 class Match(_Model):
-    """Which calls a rule is about: callers, the callee agent and its endpoints."""
+    """Which calls a rule is about: callers, the callee agent and its endpoints, and, for
+    calls made on someone's behalf, their delegation chain (``docs/delegation.md``)."""
 
     callers: tuple[CallerPattern, ...] = Field(
         min_length=1, description="agent names or globs, or role:<role>"
@@ -341,6 +382,49 @@ class Match(_Model):
     agent: AgentPattern = Field("*", description="the callee agent name or glob")
     endpoints: tuple[EndpointPattern, ...] = Field(
         ("*",), min_length=1, description="endpoint names or globs"
+    )
+    origins: tuple[OriginPattern, ...] | None = Field(
+        None,
+        min_length=1,
+        description="who the work is for (the chain's origin; a direct call's origin is its "
+        "caller): agent names or globs, or kind:name of an external principal",
+    )
+    via: tuple[AgentPattern, ...] | None = Field(
+        None,
+        min_length=1,
+        description="agents the call must have come through (each must be in the chain's path)",
+    )
+    max_depth: StrictInt | None = Field(
+        None, ge=1, description="hops from the origin at most (a direct call is 1)"
+    )
+    scopes: tuple[ScopeName, ...] | None = Field(
+        None, min_length=1, description="scopes the chain must carry, all of them"
+    )
+
+    @property
+    def on_chain(self) -> bool:
+        """Whether the rule looks at the delegation chain."""
+        return any(getattr(self, name) is not None for name in _CHAIN_FIELDS)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_chain_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Rules that do not look at chains keep their canonical bytes.
+        out: dict[str, Any] = handler(self)
+        for name in _CHAIN_FIELDS:
+            if getattr(self, name) is None:
+                out.pop(name, None)
+        return out
+
+
+class DelegationSpec(_Model):
+    """Limits of delegation chains, checked by every callee before its handler runs."""
+
+    max_depth: StrictInt = Field(
+        8, ge=1, le=32, description="hops from the origin a call may be (a direct call is 1)"
+    )
+    reentrant: tuple[AgentPattern, ...] = Field(
+        (),
+        description="agents a chain may come back to (A → B → A); any other loop is refused",
     )
 
 
@@ -761,6 +845,9 @@ class Spec(_Model):
     routes: tuple[TrafficRoute, ...] = Field(
         (), description="traffic routes, in file order: the first that matches a call applies"
     )
+    delegation: DelegationSpec | None = Field(
+        None, description="limits of delegation chains (default: depth 8, no re-entry)"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Spec:
@@ -785,6 +872,8 @@ class Spec(_Model):
         out: dict[str, Any] = handler(self)
         if not self.routes:
             out.pop("routes", None)
+        if self.delegation is None:
+            out.pop("delegation", None)
         return out
 
 
