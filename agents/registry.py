@@ -502,7 +502,11 @@ async def denied(report: DenialReport, ctx: Context) -> None:
         "authz.audit_only" if report.audit_only else "authz.denied",
         f"{ctx.caller.agent}/{ctx.caller.instance}",
         f"{report.caller} -> {report.agent}.{report.endpoint}",
-        **{k: v for k, v in report.model_dump().items() if k not in ("agent", "endpoint")},
+        **{
+            k: v
+            for k, v in report.model_dump().items()
+            if k not in ("agent", "endpoint") and (v is not None or k not in ("origin", "path"))
+        },
     )
 
 

@@ -250,7 +250,7 @@ def start(
         )
     return _sign(
         signing, cert, chain=chain or os.urandom(16), prev=None, to=to, req=req,
-        calls=n.calls or ("*.*",), scopes=n.scopes or (),
+        calls=("*.*",) if n.calls is None else n.calls, scopes=() if n.scopes is None else n.scopes,
         depth=max_depth - 1 if n.depth is None else n.depth, exp=exp_ms, budget=n.budget,
         cost=n.cost, origin=n.origin,
     )  # fmt: skip

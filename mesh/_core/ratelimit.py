@@ -244,13 +244,20 @@ class RateLimiter:
         return len(self._buckets)
 
     def _keys(
-        self, caller: str, agent: str, endpoint: str, limit: RateLimitSpec
+        self,
+        caller: str,
+        agent: str,
+        endpoint: str,
+        limit: RateLimitSpec,
+        origin: str | None = None,
     ) -> list[tuple[BucketKey, float, int]]:
         out: list[tuple[BucketKey, float, int]] = []
         if limit.per_caller is not None:
             out.append((("caller", caller, agent, endpoint), limit.per_caller, limit.caller_burst))
         if limit.total is not None:
             out.append((("total", "", agent, endpoint), limit.total, limit.total_capacity))
+        if limit.per_origin is not None and origin is not None:
+            out.append((("origin", origin, agent, endpoint), limit.per_origin, limit.origin_burst))
         return out
 
     def _existing(
@@ -284,9 +291,16 @@ class RateLimiter:
         return wait if wait > 0 else None
 
     def take(
-        self, caller: str, agent: str, endpoint: str, limit: RateLimitSpec | None
+        self,
+        caller: str,
+        agent: str,
+        endpoint: str,
+        limit: RateLimitSpec | None,
+        origin: str | None = None,
     ) -> float | None:
-        """Take one token from the per-caller and the total bucket, or from neither.
+        """Take one token from the per-caller, the total and the per-origin bucket, or from
+        none. ``origin``: who the call is on behalf of (its delegation chain's origin, or the
+        caller); only known after the seal opened, so ``check`` never looks at it.
 
         Returns:
             ``None`` when the tokens were taken (or there is no limit), else the seconds until
@@ -296,7 +310,7 @@ class RateLimiter:
             return None
         buckets: list[TokenBucket | SharedBucket] = []
         wait = 0.0
-        for key, rate, burst in self._keys(caller, agent, endpoint, limit):
+        for key, rate, burst in self._keys(caller, agent, endpoint, limit, origin):
             bucket = self._existing(key, rate, burst)
             if bucket is None:
                 shared = key[0] == "total"

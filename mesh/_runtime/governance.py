@@ -455,11 +455,12 @@ class Governance:
                         rule=decision.rule,
                     )
         if route.rate_limit is not None:
-            wait = self.limiter.take(caller.agent, name, endpoint, route.rate_limit)
+            origin = caller.agent if delegation is None else delegation.origin
+            wait = self.limiter.take(caller.agent, name, endpoint, route.rate_limit, origin)
             if wait is not None:
+                who = caller.agent if origin == caller.agent else f"{caller.agent} for {origin}"
                 raise ResourceExhausted(
-                    f"rate limit of {name}.{endpoint} exceeded for {caller.agent}",
-                    retry_after=wait,
+                    f"rate limit of {name}.{endpoint} exceeded for {who}", retry_after=wait
                 )
         return route
 

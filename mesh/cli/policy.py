@@ -280,9 +280,12 @@ async def cmd_explain(args: Args) -> int:
                 revision=rev.revision,
                 source=rev.source,
             )
-    route = engine.route(args.caller, roles, args.callee, args.endpoint)
+    chain = _explained_chain(args)
+    route = engine.route(args.caller, roles, args.callee, args.endpoint, chain)
     decision = route.decision
     line = decision.explain(engine.source, engine.revision)
+    if chain is not None:
+        line += f" (on behalf of {chain[0]} via {' → '.join(chain[1])}, depth {chain[2]})"
     traffic = traffic_document(engine, route, args.caller, roles, args.endpoint, md)
     document = {
         "caller": args.caller,
@@ -290,6 +293,14 @@ async def cmd_explain(args: Args) -> int:
         "callee": args.callee,
         "endpoint": args.endpoint,
         "metadata": md,
+        "delegation": None
+        if chain is None
+        else {
+            "origin": chain[0],
+            "path": list(chain[1]),
+            "depth": chain[2],
+            "scopes": list(chain[3]),
+        },
         "decision": "ALLOW" if decision.allowed else "DENY",
         "rule": decision.rule,
         "effect": decision.effect,
@@ -308,6 +319,22 @@ async def cmd_explain(args: Args) -> int:
 
     emit(args, document, show)
     return 0 if decision.allowed else 3
+
+
+def _explained_chain(args: Args) -> tuple[str, tuple[str, ...], int, tuple[str, ...]] | None:
+    """The delegation chain ``explain`` decides with: ``--origin``, ``--via`` (the agents the
+    call came through, the caller last, added when missing) and ``--scope``; ``None`` when none
+    is given (a direct call)."""
+    via = tuple(a for a in (args.via or "").split(",") if a)
+    scopes = tuple(args.scope or ())
+    if args.origin is None and not via and not scopes:
+        return None
+    origin = args.origin or (via[0] if via else args.caller)
+    if not via:  # an external origin came in through the caller (a gateway) itself
+        via = (args.caller,) if origin == args.caller or ":" in origin else (origin,)
+    if via[-1] != args.caller:
+        via = (*via, args.caller)
+    return origin, via, len(via), scopes
 
 
 _STATUS_STYLE = {"ok": "", "revoked": "red", "refused": "red", "stale": "yellow"}
@@ -519,6 +546,18 @@ def _commands() -> list[click.Command]:
                 ),
                 option("--file", help="decide with this policy file instead of the current one"),
                 meta_option(),
+                option(
+                    "--origin",
+                    help="decide a call made on behalf of this origin (an agent, or kind:name "
+                    "of an external principal) [default: a direct call]",
+                ),
+                option(
+                    "--via",
+                    metavar="AGENT,...",
+                    help="the agents the call came through, origin's first (the caller is "
+                    "added last); sets the depth",
+                ),
+                option("--scope", multiple=True, help="a scope the chain carries (repeatable)"),
                 output_option(),
             ],
         ),

@@ -16,8 +16,8 @@ import pytest
 from pydantic import BaseModel
 
 import mesh
-from mesh.control_plane import PolicyEngine
-from mesh.testing import NatsServer, Trust, test_config
+from mesh.control_plane import DENIAL_TOPIC, DenialReport, PolicyEngine
+from mesh.testing import NatsServer, Trust, test_config, wait_until
 
 
 class Ask(BaseModel):
@@ -256,3 +256,54 @@ async def test_a_handler_cannot_widen_what_it_was_given(
                 "greedy", "hop", Ask(), Seen, delegate=mesh.Delegate(scopes=("read",))
             )
     assert world.runs["librarian"] == 0
+
+
+PER_ORIGIN = """
+apiVersion: mesh/v1
+kind: Policy
+metadata: {name: per-origin}
+spec:
+  defaults: {authorization: allow}
+  endpoints:
+    librarian.hop:
+      rate_limit: {per_origin: 1/m}
+"""
+
+
+async def test_a_rate_limit_can_be_per_origin(world: World) -> None:
+    """The same deputy calls for two origins: each origin has its own bucket, whichever
+    agent the calls come through."""
+    world.install(PER_ORIGIN)
+    intern, boss = world.meshes["intern"], world.meshes["boss"]
+    await intern.request("planner", "hop", Ask(hops=["librarian"]), Seen)
+    with pytest.raises(mesh.ResourceExhausted, match="exceeded for assistant for intern"):
+        await intern.request("assistant", "hop", Ask(hops=["librarian"]), Seen)
+    assert (await boss.request("assistant", "hop", Ask(hops=["librarian"]), Seen)).below
+    assert world.runs["librarian"] == 2
+
+
+async def test_a_denial_report_names_the_origin_and_the_path(
+    world: World, nats_server: NatsServer, trust: Trust
+) -> None:
+    """What the callee reports to the registry for its audit log: the caller, and who the
+    call was for and through which agents."""
+    reports: list[DenialReport] = []
+    auditor = mesh.Agent("auditor")
+
+    @auditor.on_event("*", DENIAL_TOPIC)
+    async def denied(report: DenialReport) -> None:
+        reports.append(report)
+
+    world.install(CONFUSED_DEPUTY)
+    async with mesh.Mesh(trust.identity("auditor"), test_config([nats_server.url]), agent=auditor):
+        await asyncio.sleep(0.3)  # its subscription in place
+        with pytest.raises(mesh.PermissionDenied):
+            await world.meshes["intern"].request("assistant", "hop", Ask(hops=["vault"]), Seen)
+        await wait_until(lambda: bool(reports))
+    (report,) = reports
+    assert (report.caller, report.agent, report.rule) == (
+        "assistant",
+        "vault",
+        "vault-for-admins-only",
+    )
+    assert (report.origin, report.path) == ("intern", ["intern", "assistant"])

@@ -266,6 +266,38 @@ async def test_explain_with_file_needs_no_server(tmp_path: Path) -> None:
         assert (result.returncode, result.stdout.strip()) == expected, (call, result.stderr)
 
 
+async def test_explain_decides_a_call_made_on_someones_behalf(tmp_path: Path) -> None:
+    """`explain --origin/--via/--scope` decides with a delegation chain: the same call is
+    allowed for the planner, denied for a guest, and denied as a direct call."""
+    env = base_env(servers="nats://127.0.0.1:1", identity=tmp_path / "nobody")
+    path = "policies/research-delegation.yaml"
+    call = ("researcher", "librarian", "restricted", "--file", path)
+    planner, guest, direct, too_deep = await asyncio.gather(
+        run("mesh-policy", "explain", *call, "--origin", "planner", "--scope", "library.read",
+            env=env),
+        run("mesh-policy", "explain", *call, "--origin", "guest-1", env=env),
+        run("mesh-policy", "explain", *call, env=env),
+        run("mesh-policy", "explain", *call, "--via", "planner,helper", "--scope",
+            "library.read", "-o", "json", env=env),
+    )  # fmt: skip
+    assert (planner.returncode, planner.stdout.strip()) == (
+        0,
+        f'ALLOW by rule "restricted-for-the-planner" ({path}) '
+        "(on behalf of planner via planner → researcher, depth 2)",
+    ), planner.stderr
+    assert guest.returncode == 3
+    assert 'DENY by rule "guests-never-reach-restricted"' in guest.stdout
+    assert (direct.returncode, direct.stdout.strip()) == (3, f"DENY by default deny ({path})")
+    document = json.loads(too_deep.stdout)
+    assert document["delegation"] == {
+        "origin": "planner",
+        "path": ["planner", "helper", "researcher"],
+        "depth": 3,
+        "scopes": ["library.read"],
+    }
+    assert (too_deep.returncode, document["rule"]) == (3, "default deny")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -592,7 +592,7 @@ class TestErrors:
     @pytest.mark.parametrize(
         ("limit", "path", "problem"),
         [
-            ("{}", "", "a rate limit needs per_caller, total or both"),
+            ("{}", "", "a rate limit needs per_caller, total, per_origin or several"),
             ("{total: 5/s, burst: 3}", ".burst", "burst sizes the per_caller bucket"),
             ("{per_caller: 5/s, total_burst: 3}", ".total_burst", "total_burst needs total"),
             ("{per_caller: 5/s, burst: 0}", ".burst", "Input should be greater than or equal"),

@@ -25,6 +25,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 
 import mesh._core.crypto as crypto_mod
+import mesh._core.delegation as delegation_mod
 import mesh._core.identity as identity_mod
 from mesh._core.beats import BEAT_CONTEXT, decode_beat, encode_beat
 from mesh._core.config import Limits, MeshConfig
@@ -38,6 +39,15 @@ from mesh._core.crypto import (
     sign_frame,
     signed_event_bytes,
     verify_frame,
+)
+from mesh._core.delegation import (
+    LINK_TYPE,
+    Delegate,
+    LinkCache,
+    encode_chain,
+    link_digest,
+    start,
+    verify_chain,
 )
 from mesh._core.envelope import (
     FRAME_OVERHEAD,
@@ -75,6 +85,7 @@ EXPECTED_VALUES = {
     "reply": 2,
     "chunk": 2,
     "control": 2,
+    "delegation": 5,
     "refusal": 1,
     "event": 6,
     "enrolment": 3,
@@ -543,6 +554,41 @@ def test_control_frame(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> Non
     decoded, _ = decode_frame(aad + sealed)
     assert (decoded.op, decoded.credit, decoded.reply_to) == ("credit", 20, hdr["re"])
     assert open_body(k, aad, sealed) == b""
+    vectors.done()
+
+
+def test_delegation_chain(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain's first link: its body, signature, link and chain bytes, the digest the next
+    link names; and the callee verifies it for the request it travels with."""
+    v = vectors.check("delegation")
+    keys, request = vectors["keys"], vectors["request"]
+    cert = Certificate.decode(vectors["certificate"].bytes("wire"))[0]
+    assert v.bytes("cert") == cert.raw and v.text("type") == LINK_TYPE
+    signing = SigningKey(keys.bytes("caller sign seed"))
+    chain_id = v.bytes("chain")
+    monkeypatch.setattr(delegation_mod, "os", SimpleNamespace(urandom=lambda n: chain_id[:n]))
+    narrowing = Delegate(
+        calls=tuple(v.json("calls")), scopes=tuple(v.json("scopes")), depth=v.integer("depth"),
+        budget=v.integer("budget"),
+    )  # fmt: skip
+    link = start(
+        signing, cert, to=v.text("to"), req=v.bytes("req"), exp_ms=v.integer("exp"),
+        narrowing=narrowing,
+    )  # fmt: skip
+    body, signature = msgpack.unpackb(link)
+    assert body == v.bytes("body") and signature == v.bytes("signature")
+    assert link == v.bytes("link")
+    chain = encode_chain((link,))
+    assert chain == v.bytes("chain bytes")
+    assert link_digest(link) == v.bytes("prev of the next link")
+    root = TrustRoot.from_public(keys.bytes("root public key"))
+    verifier = CertificateVerifier(root.public_key, clock=lambda: 1767225600.0)
+    seen = verify_chain(
+        chain, verifier=verifier, cache=LinkCache(), now_ms=1767225600000, agent="researcher",
+        endpoint="answer", request_id=request.bytes("id"), sender=("planner", cert.instance),
+        deadline_ms=request.integer("dl"),
+    )  # fmt: skip
+    assert (seen.origin, seen.path, seen.depth, seen.budget) == ("planner", ("planner",), 1, 20)
     vectors.done()
 
 

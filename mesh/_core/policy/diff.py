@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from mesh._core.policy.model import (
     WITH_UNITS,
     Defaults,
+    DelegationSpec,
     EndpointPolicy,
     Policy,
     Rule,
@@ -35,10 +36,22 @@ def _fmt_rate(rate: float | None) -> str:
 
 def _rule_summary(rule: Rule) -> str:
     m = rule.match
-    return (
+    text = (
         f"{rule.effect} callers=[{', '.join(m.callers)}] agent={m.agent} "
         f"endpoints=[{', '.join(m.endpoints)}]"
     )
+    for name in ("origins", "via", "scopes"):
+        values = getattr(m, name)
+        if values is not None:
+            text += f" {name}=[{', '.join(values)}]"
+    if m.max_depth is not None:
+        text += f" max_depth={m.max_depth}"
+    return text
+
+
+def _delegation_fields(spec: DelegationSpec | None) -> dict[str, str]:
+    d = spec or DelegationSpec()
+    return {"max_depth": str(d.max_depth), "reentrant": f"[{', '.join(d.reentrant)}]"}
 
 
 def _endpoint_fields(ep: EndpointPolicy) -> dict[str, str]:
@@ -57,6 +70,8 @@ def _endpoint_fields(ep: EndpointPolicy) -> dict[str, str]:
         if rl.total is not None:
             out["rate_limit.total"] = _fmt_rate(rl.total)
             out["rate_limit.total_burst"] = str(rl.total_capacity)
+        if rl.per_origin is not None:
+            out["rate_limit.per_origin"] = _fmt_rate(rl.per_origin)
     if ep.max_queue is not None:
         out["max_queue"] = str(ep.max_queue)
     if ep.access_log is not None:
@@ -140,6 +155,9 @@ def diff_policies(old: Policy | None, new: Policy) -> list[str]:
         lines.append(f'policy "{new.metadata.name}" (no policy installed before)')
         d = _defaults_fields(new.spec.defaults)
         lines.append("defaults: " + " ".join(f"{k}={v}" for k, v in d.items()))
+        if new.spec.delegation is not None:
+            limits = _delegation_fields(new.spec.delegation)
+            lines.append("delegation: " + " ".join(f"{k}={v}" for k, v in limits.items()))
         old_rules: dict[str, Rule] = {}
         old_eps: dict[str, EndpointPolicy] = {}
     else:
@@ -153,6 +171,12 @@ def diff_policies(old: Policy | None, new: Policy) -> list[str]:
             f"defaults.{c}"
             for c in _changes(
                 _defaults_fields(old.spec.defaults), _defaults_fields(new.spec.defaults)
+            )
+        ]
+        lines += [
+            f"delegation.{c}"
+            for c in _changes(
+                _delegation_fields(old.spec.delegation), _delegation_fields(new.spec.delegation)
             )
         ]
         old_rules = {r.name: r for r in old.spec.rules}

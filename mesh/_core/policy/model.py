@@ -484,16 +484,34 @@ class RateLimitSpec(_Model):
     total_burst: StrictInt | None = Field(
         None, ge=1, description="shared bucket size (default: max(1, ceil(total)))"
     )
+    per_origin: Rate | None = Field(
+        None,
+        description="rate for each origin of a delegation chain (a direct call's origin is its "
+        "caller), whichever agents the calls come through",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RateLimitSpec:
-        if self.per_caller is None and self.total is None:
-            raise _fail("a rate limit needs per_caller, total or both")
+        if self.per_caller is None and self.total is None and self.per_origin is None:
+            raise _fail("a rate limit needs per_caller, total, per_origin or several")
         if self.burst is not None and self.per_caller is None:
             raise _fail("burst sizes the per_caller bucket; use total_burst with total", "burst")
         if self.total_burst is not None and self.total is None:
             raise _fail("total_burst needs total", "total_burst")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_origin_rate(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Limits without per_origin keep their canonical bytes.
+        out: dict[str, Any] = handler(self)
+        if self.per_origin is None:
+            out.pop("per_origin", None)
+        return out
+
+    @property
+    def origin_burst(self) -> int:
+        """Size of each per-origin bucket (0 when there is no per-origin limit)."""
+        return 0 if self.per_origin is None else max(1, math.ceil(self.per_origin))
 
     @property
     def caller_burst(self) -> int:
