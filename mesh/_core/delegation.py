@@ -31,6 +31,7 @@ from mesh.errors import CertificateError, DecodeError, DelegationRefused, Invali
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "EVENT_AUDIENCE",
     "GATEWAY_ROLE",
     "LINK_TYPE",
     "MAX_LINKS",
@@ -53,6 +54,8 @@ DEFAULT_MAX_DEPTH = 8
 """Hops from the origin a chain may reach unless policy says otherwise (``spec.delegation``)."""
 MAX_LINKS = 32
 """The most links a receiver decodes: beyond, the chain is refused before any is read."""
+EVENT_AUDIENCE = "*"
+"""The ``to`` of a link that travels with an event: whoever subscribed to it."""
 GATEWAY_ROLE = "gateway"
 """The certificate role that may start a chain for an external principal (``origin``)."""
 _CALL = re.compile(r"(\*|[a-z0-9][a-z0-9_-]{0,62})\.(\*|[a-z0-9][a-z0-9_-]{0,62})")
@@ -282,7 +285,7 @@ def extend(
             f"delegation depth exhausted: {parent.describe} may make no further call "
             f"({to}.{endpoint} refused before sending)"
         )
-    if not covers(parent.calls, f"{to}.{endpoint}"):
+    if to != EVENT_AUDIENCE and not covers(parent.calls, f"{to}.{endpoint}"):
         raise DelegationRefused(
             f"the chain of {parent.describe} does not allow calling {to}.{endpoint}"
         )
@@ -394,10 +397,13 @@ def verify_chain(
     deadline_ms: int,
     max_depth: int = DEFAULT_MAX_DEPTH,
     reentrant: bool = False,
+    event: bool = False,
 ) -> Delegation:
     """Verify a chain that came with the request ``request_id`` from ``sender`` (agent,
     instance) to ``agent.endpoint``: structure and narrowing first, then each link's
-    certificate (cached) and signature (once per link, ``cache``).
+    certificate (cached) and signature (once per link, ``cache``). With ``event``, the chain
+    came with the event ``request_id`` on the topic ``endpoint``: its last link is for any
+    subscriber (``to`` = ``"*"``).
 
     Raises:
         DecodeError: malformed.
@@ -435,7 +441,7 @@ def verify_chain(
             raise DelegationRefused(f"{where}: link {i - 1} allows no further hop")
         if link.prev != link_digest(before.raw):
             raise DelegationRefused(f"{where} does not follow link {i - 1}: spliced or reordered")
-        if cert.agent != before.to:
+        if before.to not in (EVENT_AUDIENCE, cert.agent):
             raise DelegationRefused(
                 f"{where} is issued by {cert.agent}, but link {i - 1} delegates to {before.to}"
             )
@@ -451,13 +457,15 @@ def verify_chain(
     where = f"delegation link {n - 1} ({caller.agent})"
     if (caller.agent, caller.instance) != sender:
         raise DelegationRefused(f"{where} was not issued by the caller {sender[0]}.{sender[1]}")
-    if last.to != agent or last.req != request_id:
+    if last.to not in (agent, EVENT_AUDIENCE) or (last.to == EVENT_AUDIENCE) != event:
         raise DelegationRefused(f"{where} is for another request (to {last.to})")
+    if last.req != request_id:
+        raise DelegationRefused(f"{where} is for another request")
     if last.exp < now_ms:
         raise DelegationRefused(f"{where} expired: the chain's deadline has passed")
     if deadline_ms > last.exp:
         raise DelegationRefused(f"{where} ends before the request's deadline")
-    if n > 1 and not covers(links[-2].calls, f"{agent}.{endpoint}"):
+    if n > 1 and not event and not covers(links[-2].calls, f"{agent}.{endpoint}"):
         raise DelegationRefused(f"{where}: the chain does not allow calling {agent}.{endpoint}")
     path = tuple(c.agent for c in issuers)
     if not reentrant and len({*path, agent}) != n + 1:

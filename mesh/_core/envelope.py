@@ -157,6 +157,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "op": ("op", str),
     "credit": ("cr", int),
     "delegation": ("dc", int),
+    "chain": ("dg", bytes),
 }
 _REQUIRED: dict[int, tuple[str, ...]] = {
     Kind.REQUEST: (
@@ -239,6 +240,7 @@ class Header:
     op: str | None = None
     credit: int | None = None
     delegation: int | None = None
+    chain: bytes | None = None
 
     def to_map(self) -> dict[str, Any]:
         """The wire map: short keys, ``None`` fields left out."""

@@ -82,6 +82,9 @@ class Context:
     ``None``: a direct call, on the caller's own behalf. Nested calls carry it on."""
     spender: Callable[[int], Awaitable[None]] | None = field(default=None, repr=False)
     """Debits the chain's cost budget; set by the server when the chain has one."""
+    carries: bool = True
+    """Whether nested calls carry ``delegation`` on (not in event handlers: an event's chain
+    says who the work was for, but lends a subscriber no authority)."""
 
     async def spend(self, cost: int) -> None:
         """Spend ``cost`` of the delegation chain's cost budget (LLM tokens, money: units are
@@ -152,7 +155,7 @@ class Context:
             tracestate=self.tracestate,
             on_progress=on_progress,
             idle_timeout=idle_timeout,
-            chain=self.delegation,
+            chain=self.delegation if self.carries else None,
             delegate=delegate,
         )
 
@@ -185,14 +188,19 @@ class Context:
             metadata=metadata,
             traceparent=self.traceparent,
             tracestate=self.tracestate,
-            chain=self.delegation,
+            chain=self.delegation if self.carries else None,
             delegate=delegate,
         )
 
     async def publish(self, topic: str, event: BaseModel) -> None:
-        """Publish a signed event as this agent, continuing the trace."""
+        """Publish a signed event as this agent, continuing the trace and, when the request
+        had one, its delegation chain (subscribers see who the work was for)."""
         await self.mesh.publish(
-            topic, event, traceparent=self.traceparent, tracestate=self.tracestate
+            topic,
+            event,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
+            chain=self.delegation if self.carries else None,
         )
 
 

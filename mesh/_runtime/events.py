@@ -20,6 +20,15 @@ from pydantic import BaseModel, ValidationError
 from mesh._core.admission import admit_event
 from mesh._core.config import MeshConfig
 from mesh._core.crypto import SIG_LEN, ReplayGuard, sign_frame
+from mesh._core.delegation import (
+    EVENT_AUDIENCE,
+    Delegate,
+    Delegation,
+    LinkCache,
+    encode_chain,
+    extend,
+    verify_chain,
+)
 from mesh._core.envelope import (
     FRAME_OVERHEAD,
     HDR_TRACEPARENT,
@@ -41,6 +50,8 @@ from mesh.errors import InvalidArgument, MeshError, MessageTooLarge
 __all__ = ["EventPublisher", "EventReceiver"]
 
 log = get_logger(__name__)
+_TO_SUBSCRIBERS = Delegate(calls=(), depth=0)
+"""An event's link: subscribers learn who the work was for, and may do nothing on its behalf."""
 
 
 class EventPublisher:
@@ -66,8 +77,10 @@ class EventPublisher:
         event: BaseModel,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        chain: Delegation | None = None,
     ) -> None:
-        """Sign and send ``event`` on ``topic``.
+        """Sign and send ``event`` on ``topic``, with ``chain`` extended by a link for any
+        subscriber (``to`` = ``"*"``, no calls, no further hop) when given and not exhausted.
 
         Raises:
             InvalidArgument: a bad topic name or trace context.
@@ -93,6 +106,12 @@ class EventPublisher:
             traceparent=traceparent,
             tracestate=tracestate,
         )
+        if chain is not None and chain.remaining >= 1 and chain.expires > header.ts:
+            link = extend(
+                identity.keys.signing, cert, chain, to=EVENT_AUDIENCE, endpoint=topic,
+                req=header.id, exp_ms=chain.expires, narrowing=_TO_SUBSCRIBERS,
+            )  # fmt: skip
+            header.chain = encode_chain((*chain.links, link))
         frame, _ = encode_frame(header, payload)
         frame += sign_frame(identity.keys.signing, frame, self._prefix)
         headers: dict[str, str] = {}
@@ -143,6 +162,7 @@ class EventReceiver:
         self._verifier = verifier
         self._stats = stats
         self._spawn = spawn
+        self._links = LinkCache()
 
     async def on_event(self, msg: InboundMessage) -> None:
         """Admit one event and hand it to each handler."""
@@ -164,6 +184,14 @@ class EventReceiver:
                 verifier=self._verifier,
                 prefix=self._prefix,
             )
+            delegation = None
+            if hdr.chain is not None:  # signed with the event: verified above with it
+                delegation = verify_chain(
+                    hdr.chain, verifier=self._verifier, cache=self._links,
+                    now_ms=time.time() * 1000, agent=self._mesh.name, endpoint=hdr.name or "",
+                    request_id=hdr.id, sender=(cert.agent, cert.instance), deadline_ms=0,
+                    reentrant=True, event=True,
+                )  # fmt: skip
         except MeshError as exc:
             self._stats.refuse(exc.code)
             return
@@ -180,6 +208,8 @@ class EventReceiver:
                 endpoint=spec.topic,
                 traceparent=hdr.traceparent,
                 tracestate=hdr.tracestate,
+                delegation=delegation,
+                carries=False,
             )
             self._spawn(_run_event(spec, event, ctx))
 

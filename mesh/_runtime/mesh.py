@@ -677,14 +677,17 @@ class MeshRuntime:
         *,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        chain: Delegation | None = None,
     ) -> None:
-        """Publish a signed event on ``topic`` as this agent.
+        """Publish a signed event on ``topic`` as this agent. ``chain``: the delegation chain
+        the event is part of (``ctx.publish`` passes the request's): it travels, signed with
+        the event, with one more link for any subscriber that allows no further call.
 
         Raises:
             MessageTooLarge: the event exceeds ``Limits.max_body``.
         """
         self._require_ready()
-        await self._events.publish(topic, event, traceparent, tracestate)
+        await self._events.publish(topic, event, traceparent, tracestate, chain)
 
     # --- for handlers, hooks and the control plane -------------------------------------------
 

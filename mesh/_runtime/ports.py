@@ -325,6 +325,7 @@ class MeshHandle(MeshIdentity, Protocol):
         *,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        chain: Delegation | None = None,
     ) -> None: ...
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...

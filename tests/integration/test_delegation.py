@@ -307,3 +307,42 @@ async def test_a_denial_report_names_the_origin_and_the_path(
         "vault-for-admins-only",
     )
     assert (report.origin, report.path) == ("intern", ["intern", "assistant"])
+
+
+class Note(BaseModel):
+    text: str
+
+
+async def test_an_event_carries_the_chain_to_its_subscribers(
+    world: World, nats_server: NatsServer, trust: Trust
+) -> None:
+    """An event published by a handler says who the work was for and through whom; it lends
+    the subscriber no authority: the subscriber's own calls are direct."""
+    cfg = test_config([nats_server.url])
+    writer, reader = mesh.Agent("writer"), mesh.Agent("reader")
+    heard: list[tuple[str, tuple[str, ...], int]] = []
+    below: list[Seen] = []
+
+    @writer.endpoint()
+    async def hop(ask: Ask, ctx: mesh.Context) -> Seen:
+        await ctx.publish("noted", Note(text=ask.text))
+        return Seen(origin="", path=[], depth=0, scopes=[])
+
+    @reader.on_event("writer", "noted")
+    async def noted(note: Note, ctx: mesh.Context) -> None:
+        d = ctx.delegation
+        assert d is not None
+        heard.append((d.origin, d.path, d.depth))
+        below.append(await ctx.request("librarian", "hop", Ask(), Seen))
+
+    async with (
+        mesh.Mesh(trust.identity("writer"), cfg, agent=writer),
+        mesh.Mesh(trust.identity("reader"), cfg, agent=reader),
+    ):
+        intern = world.meshes["intern"]
+        await intern.wait_for("writer")
+        await asyncio.sleep(0.3)  # the reader's subscription in place
+        await intern.request("writer", "hop", Ask(text="hi"), Seen)
+        await wait_until(lambda: bool(below))
+    assert heard == [("intern", ("intern", "writer"), 2)]
+    assert (below[0].origin, below[0].path) == ("reader", ["reader"])
