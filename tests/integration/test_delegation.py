@@ -346,3 +346,41 @@ async def test_an_event_carries_the_chain_to_its_subscribers(
         await wait_until(lambda: bool(below))
     assert heard == [("intern", ("intern", "writer"), 2)]
     assert (below[0].origin, below[0].path) == ("reader", ["reader"])
+
+
+async def test_a_stream_carries_the_chain(
+    world: World, nats_server: NatsServer, trust: Trust
+) -> None:
+    """``stream`` takes ``delegate`` like ``request``, and a handler's ``ctx.stream`` carries
+    its chain on."""
+    teller, relay_agent = mesh.Agent("teller"), mesh.Agent("streamer")
+
+    @teller.endpoint()
+    async def tell(ask: Ask, ctx: mesh.Context) -> AsyncIterator[Seen]:
+        d = ctx.delegation
+        assert d is not None
+        for _ in range(2):
+            yield Seen(origin=d.origin, path=list(d.path), depth=d.depth, scopes=list(d.scopes))
+
+    @relay_agent.endpoint()
+    async def hop(ask: Ask, ctx: mesh.Context) -> Seen:
+        seen = [s async for s in ctx.stream("teller", "tell", ask, Seen)]
+        return seen[-1]
+
+    cfg = test_config([nats_server.url])
+    async with (
+        mesh.Mesh(trust.identity("teller"), cfg, agent=teller),
+        mesh.Mesh(trust.identity("streamer"), cfg, agent=relay_agent),
+    ):
+        intern = world.meshes["intern"]
+        await intern.wait_for("teller")
+        await intern.wait_for("streamer")
+        direct = [
+            s
+            async for s in intern.stream(
+                "teller", "tell", Ask(), Seen, delegate=mesh.Delegate(scopes=("x",))
+            )
+        ]
+        assert [(s.origin, s.depth, s.scopes) for s in direct] == [("intern", 1, ["x"])] * 2
+        nested = await intern.request("streamer", "hop", Ask(), Seen)
+        assert (nested.origin, nested.path, nested.depth) == ("intern", ["intern", "streamer"], 2)
