@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,7 @@ class Link:
     chain: bytes
     prev: bytes | None
     to: str
+    ep: str
     req: bytes
     calls: tuple[str, ...]
     scopes: tuple[str, ...]
@@ -199,6 +200,7 @@ def _sign(
     chain: bytes,
     prev: bytes | None,
     to: str,
+    ep: str,
     req: bytes,
     calls: tuple[str, ...],
     scopes: tuple[str, ...],
@@ -213,6 +215,7 @@ def _sign(
         "cert": cert.raw,
         "chain": chain,
         "to": to,
+        "ep": ep,
         "req": req,
         "calls": list(calls),
         "scopes": list(scopes),
@@ -235,13 +238,14 @@ def start(
     cert: Certificate,
     *,
     to: str,
+    endpoint: str,
     req: bytes,
     exp_ms: int,
     narrowing: Delegate | None = None,
     max_depth: int = DEFAULT_MAX_DEPTH,
     chain: bytes | None = None,
 ) -> bytes:
-    """The first link of a new chain, for the request ``req`` to ``to``.
+    """The first link of a new chain, for the request ``req`` to ``to.endpoint``.
 
     Raises:
         InvalidArgument: an ``origin`` from an instance without the role ``gateway``.
@@ -252,7 +256,7 @@ def start(
             f"only an instance with the role {GATEWAY_ROLE!r} may start a chain for {n.origin!r}"
         )
     return _sign(
-        signing, cert, chain=chain or os.urandom(16), prev=None, to=to, req=req,
+        signing, cert, chain=chain or os.urandom(16), prev=None, to=to, ep=endpoint, req=req,
         calls=("*.*",) if n.calls is None else n.calls, scopes=() if n.scopes is None else n.scopes,
         depth=max_depth - 1 if n.depth is None else n.depth, exp=exp_ms, budget=n.budget,
         cost=n.cost, origin=n.origin,
@@ -299,7 +303,8 @@ def extend(
         calls, scopes, depth, budget, cost,
     )  # fmt: skip
     return _sign(
-        signing, cert, chain=parent.chain, prev=link_digest(parent.links[-1]), to=to, req=req,
+        signing, cert, chain=parent.chain, prev=link_digest(parent.links[-1]), to=to,
+        ep=endpoint, req=req,
         calls=calls, scopes=scopes, depth=depth, exp=min(exp_ms, parent.expires),
         budget=budget, cost=cost, origin=None,
     )  # fmt: skip
@@ -379,7 +384,8 @@ def _decode_link(raw: Any, i: int) -> Link:
         raise DecodeError(f"{what} has a field of the wrong type")
     return Link(
         raw, packed, sig, typed_field(body, "cert", bytes, what), chain, prev,
-        typed_field(body, "to", str, what), req, tuple(calls), tuple(scopes), depth,
+        typed_field(body, "to", str, what), typed_field(body, "ep", str, what), req,
+        tuple(calls), tuple(scopes), depth,
         typed_field(body, "exp", int, what), budget, cost, origin,
     )  # fmt: skip
 
@@ -396,14 +402,15 @@ def verify_chain(
     sender: tuple[str, str],
     deadline_ms: int,
     max_depth: int = DEFAULT_MAX_DEPTH,
-    reentrant: bool = False,
+    reentrant: bool | Callable[[str], bool] = False,
     event: bool = False,
 ) -> Delegation:
     """Verify a chain that came with the request ``request_id`` from ``sender`` (agent,
     instance) to ``agent.endpoint``: structure and narrowing first, then each link's
     certificate (cached) and signature (once per link, ``cache``). With ``event``, the chain
     came with the event ``request_id`` on the topic ``endpoint``: its last link is for any
-    subscriber (``to`` = ``"*"``).
+    subscriber (``to`` = ``"*"``). ``reentrant``: the agents a path may visit twice (a
+    predicate, or ``True`` for all, as for events); any other agent twice is a loop.
 
     Raises:
         DecodeError: malformed.
@@ -447,6 +454,10 @@ def verify_chain(
             )
         if link.origin is not None:
             raise DelegationRefused(f"{where} sets an origin: only the first link may")
+        if link.to != EVENT_AUDIENCE and not covers(before.calls, f"{link.to}.{link.ep}"):
+            raise DelegationRefused(
+                f"{where}: link {i - 1} does not allow calling {link.to}.{link.ep}"
+            )
         if link.exp > before.exp:
             raise DelegationRefused(f"{where} widens the deadline")
         _narrower(
@@ -459,20 +470,21 @@ def verify_chain(
         raise DelegationRefused(f"{where} was not issued by the caller {sender[0]}.{sender[1]}")
     if last.to not in (agent, EVENT_AUDIENCE) or (last.to == EVENT_AUDIENCE) != event:
         raise DelegationRefused(f"{where} is for another request (to {last.to})")
-    if last.req != request_id:
+    if last.req != request_id or last.ep != endpoint:
         raise DelegationRefused(f"{where} is for another request")
     if last.exp < now_ms:
         raise DelegationRefused(f"{where} expired: the chain's deadline has passed")
     if deadline_ms > last.exp:
         raise DelegationRefused(f"{where} ends before the request's deadline")
-    if n > 1 and not event and not covers(links[-2].calls, f"{agent}.{endpoint}"):
-        raise DelegationRefused(f"{where}: the chain does not allow calling {agent}.{endpoint}")
     path = tuple(c.agent for c in issuers)
-    if not reentrant and len({*path, agent}) != n + 1:
-        again = next(a for a in (*path, agent) if (*path, agent).count(a) > 1)
-        raise DelegationRefused(
-            f"delegation loop: {again} appears twice in {' → '.join((*path, agent))}"
-        )
+    visits = (*path, agent)
+    if len(set(visits)) != len(visits):
+        may_return = reentrant if callable(reentrant) else (lambda _agent: reentrant)
+        for again in visits:
+            if visits.count(again) > 1 and not may_return(again):
+                raise DelegationRefused(
+                    f"delegation loop: {again} appears twice in {' → '.join(visits)}"
+                )
     for i, (link, cert_raw) in enumerate(zip(links, (lk.cert_raw for lk in links), strict=True)):
         try:
             cert = verifier.verify(cert_raw)

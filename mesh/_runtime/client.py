@@ -610,7 +610,13 @@ class ClientPipeline:
         parent = call.chain
         if parent is None:
             link = start(
-                signing, cert, to=record.agent, req=rid, exp_ms=dl_ms, narrowing=call.delegate
+                signing,
+                cert,
+                to=record.agent,
+                endpoint=call.endpoint,
+                req=rid,
+                exp_ms=dl_ms,
+                narrowing=call.delegate,
             )
             return encode_chain((link,))
         link = extend(

@@ -372,7 +372,7 @@ class ServerPipeline:
             chain, verifier=self._verifier, cache=self._links, now_ms=time.time() * 1000,
             agent=self.name, endpoint=ex.spec.name, request_id=hdr.id,
             sender=(ex.peer.agent, ex.peer.instance), deadline_ms=hdr.deadline,
-            max_depth=engine.max_depth, reentrant=engine.reentrant(self.name),
+            max_depth=engine.max_depth, reentrant=engine.reentrant,
         )  # fmt: skip
 
     def authorize(self, ex: Exchange) -> None:

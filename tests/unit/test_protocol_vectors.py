@@ -572,8 +572,8 @@ def test_delegation_chain(vectors: Vectors, monkeypatch: pytest.MonkeyPatch) -> 
         budget=v.integer("budget"),
     )  # fmt: skip
     link = start(
-        signing, cert, to=v.text("to"), req=v.bytes("req"), exp_ms=v.integer("exp"),
-        narrowing=narrowing,
+        signing, cert, to=v.text("to"), endpoint=v.text("ep"), req=v.bytes("req"),
+        exp_ms=v.integer("exp"), narrowing=narrowing,
     )  # fmt: skip
     body, signature = msgpack.unpackb(link)
     assert body == v.bytes("body") and signature == v.bytes("signature")
