@@ -265,11 +265,17 @@ class ServerPipeline:
             self._refused(msg, hdr, ex.peer.agent, exc)
             await self.reply(ex, exc.code, error_body(exc))
             return
-        rid = hdr.id
-        running = self.running
-        running[rid] = ex
-        ex.task = task = self._spawn(self.serve(ex))
-        task.add_done_callback(lambda _t: running.pop(rid, None))
+        self.running[hdr.id] = ex
+        ex.task = self._spawn(self._tracked(ex))
+
+    async def _tracked(self, ex: Exchange) -> None:
+        """``serve``, then forget the request: it is answered (a task's done-callback would
+        cost a loop iteration per request). A task cancelled before it started never gets
+        here: ``control`` forgets the request it cancels, and drain the rest with the mesh."""
+        try:
+            await self.serve(ex)
+        finally:
+            self.running.pop(ex.hdr.id, None)
 
     def control(self, hdr: Header, data: bytes, end: int) -> None:
         """A CONTROL frame (``docs/protocol.md`` section 21): cancel a call in progress, or
@@ -295,6 +301,8 @@ class ServerPipeline:
             if not ex.cancelled and ex.task is not None:
                 ex.cancelled = True
                 ex.task.cancel()
+                if not ex.started:  # perhaps not even running yet: nothing else forgets it
+                    self.running.pop(hdr.reply_to or b"", None)
         elif hdr.op == OP_CREDIT and hdr.credit is not None:
             if hdr.credit > ex.credit and hdr.credit - ex.sent <= MAX_CREDIT:
                 ex.credit = hdr.credit
