@@ -342,18 +342,23 @@ def _narrower(
 
 
 class LinkCache:
-    """Links whose signature verified, by digest (bounded; the oldest forgotten first): a
-    chain's earlier links, shared by every request of its subtree, are checked once."""
+    """Links whose signature verified, by digest, decoded (bounded; the oldest forgotten
+    first): a chain's earlier links, shared by every request of its subtree, are decoded and
+    checked once. Their issuers' certificates are still checked on every use (revocation)."""
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._max = max_entries
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._seen: OrderedDict[bytes, tuple[Link, Certificate] | None] = OrderedDict()
 
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._seen
 
-    def add(self, digest: bytes) -> None:
-        self._seen[digest] = None
+    def get(self, digest: bytes) -> tuple[Link, Certificate] | None:
+        """The decoded link and its issuer's (decoded) certificate, if verified before."""
+        return self._seen.get(digest)
+
+    def add(self, digest: bytes, decoded: tuple[Link, Certificate] | None = None) -> None:
+        self._seen[digest] = decoded
         if len(self._seen) > self._max:
             self._seen.popitem(last=False)
 
@@ -430,8 +435,22 @@ def verify_chain(
         raise DelegationRefused(
             f"delegation chain of {n} hops exceeds the maximum depth {max_depth}"
         )
-    links = [_decode_link(item, i) for i, item in enumerate(items)]
-    issuers = [Certificate.decode(link.cert_raw)[0] for link in links]
+    digests: list[bytes] = []
+    links: list[Link] = []
+    issuers: list[Certificate] = []
+    fresh: list[int] = []
+    for i, item in enumerate(items):
+        if type(item) is not bytes:
+            raise DecodeError(f"delegation link {i} must be binary")
+        digest = link_digest(item)
+        known = cache.get(digest)
+        if known is None:
+            link = _decode_link(item, i)
+            known = (link, Certificate.decode(link.cert_raw)[0])
+            fresh.append(i)
+        digests.append(digest)
+        links.append(known[0])
+        issuers.append(known[1])
     first = links[0]
     for i, (link, cert) in enumerate(zip(links, issuers, strict=True)):
         where = f"delegation link {i} ({cert.agent})"
@@ -446,7 +465,7 @@ def verify_chain(
         before = links[i - 1]
         if before.depth == 0:
             raise DelegationRefused(f"{where}: link {i - 1} allows no further hop")
-        if link.prev != link_digest(before.raw):
+        if link.prev != digests[i - 1]:
             raise DelegationRefused(f"{where} does not follow link {i - 1}: spliced or reordered")
         if before.to not in (EVENT_AUDIENCE, cert.agent):
             raise DelegationRefused(
@@ -485,19 +504,18 @@ def verify_chain(
                 raise DelegationRefused(
                     f"delegation loop: {again} appears twice in {' → '.join(visits)}"
                 )
-    for i, (link, cert_raw) in enumerate(zip(links, (lk.cert_raw for lk in links), strict=True)):
+    for i, link in enumerate(links):
         try:
-            cert = verifier.verify(cert_raw)
+            verifier.verify(link.cert_raw)
         except CertificateError as exc:
             raise DelegationRefused(f"delegation link {i}: issuer {exc.message}") from None
-        digest = link_digest(link.raw)
-        if digest in cache:
-            continue
+    for i in fresh:
+        link, cert = links[i], issuers[i]
         try:
             VerifyKey(cert.sign_pk).verify(link.body, link.signature)
         except (BadSignatureError, ValueError):
             raise DelegationRefused(f"delegation link {i} ({cert.agent}) is forged") from None
-        cache.add(digest)
+        cache.add(digests[i], (link, cert))
     return Delegation(
         first.chain, first.origin or issuers[0].agent, path, n, last.calls, last.scopes,
         last.depth, last.exp, last.budget, last.cost, tuple(lk.raw for lk in links),
