@@ -23,6 +23,8 @@ option             environment            meaning
                                           (default: 3 on a cluster of 3+, else 1)
 ``--allow-no-policy`` ``MESH_ALLOW_NO_POLICY`` start with no policy when the mesh
                                           has no registry's head (development)
+``--delegate``     ``MESH_DELEGATE``      start a delegation chain on every call this
+                                          agent makes as an origin (docs/delegation.md)
 ``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
 ``--log-format``   ``MESH_LOG_FORMAT``    console or json
 ``--renewal-grace`` ``MESH_RENEWAL_GRACE`` the registry only: how long after expiry a
@@ -533,6 +535,7 @@ def cmd_run(args: Args) -> int:
         state_dir=args.identity,  # the newest signed head and policy seen, kept across restarts
         allow_no_policy=args.allow_no_policy,
         replicas=int(args.replicas) if args.replicas is not None else None,
+        delegation=args.delegate,
     )
     root_key = load_trust_root(args.root_key) if args.root_key else None
     if root_key is not None and not root_key.can_sign:
@@ -675,6 +678,13 @@ def _run_options() -> list[click.Parameter]:
             is_flag=True,
             env="ALLOW_NO_POLICY",
             help="development mode: start with no policy when the mesh has no registry's head",
+        ),
+        option(
+            "--delegate",
+            is_flag=True,
+            env="DELEGATE",
+            help="start a delegation chain on every call this agent makes as an origin, so "
+            "callees and their nested calls know it as the origin",
         ),
     ]
 

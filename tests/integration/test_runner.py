@@ -383,3 +383,54 @@ def test_the_demo_with_keep_keeps_its_key_files_and_says_where(tmp_path: Path) -
     (kept,) = tmp_path.glob("mesh-demo-*")
     assert (kept / "root.key").exists()
     assert f"kept in {kept}" in rest
+
+
+RELAY_SOURCE = """
+from pydantic import BaseModel
+
+from mesh import Agent, Context
+
+
+class Ping(BaseModel):
+    text: str
+
+
+agent = Agent("pinger")
+
+
+@agent.endpoint()
+async def ping(p: Ping, ctx: Context) -> Ping:
+    return Ping(text=p.text)
+
+
+@agent.on_start
+async def ask_the_witness(mesh) -> None:
+    await mesh.wait_for("witness")
+    await mesh.request("witness", "seen", Ping(text="hello"), Ping)
+"""
+
+
+async def test_run_with_delegate_starts_a_chain_on_the_agents_calls(
+    nats_server: NatsServer, project: Path, trust: Trust
+) -> None:
+    """`mesh-agent run --delegate` (MESH_DELEGATE): the agent's own calls carry a chain whose
+    origin is the agent."""
+    (project / "app" / "agent.py").write_text(RELAY_SOURCE)
+    seen: list[tuple[str, tuple[str, ...]] | None] = []
+    witness = mesh.Agent("witness")
+
+    @witness.endpoint(name="seen")
+    async def seen_by(p: Ping, ctx: mesh.Context) -> Ping:
+        d = ctx.delegation
+        seen.append(None if d is None else (d.origin, d.path))
+        return p
+
+    env = runner_env(project, nats_server.url, delegate="1")
+    cfg = test_config([nats_server.url])
+    async with (
+        mesh.Mesh(trust.identity("witness"), cfg, agent=witness),
+        running("run", "app/agent.py:agent", env=env, cwd=project) as runner,
+    ):
+        await wait_until(lambda: bool(seen), timeout=20)
+        await runner.interrupt()
+    assert seen == [("pinger", ("pinger",))]
