@@ -467,7 +467,11 @@ def verify_chain(
             raise DelegationRefused(f"{where}: link {i - 1} allows no further hop")
         if link.prev != digests[i - 1]:
             raise DelegationRefused(f"{where} does not follow link {i - 1}: spliced or reordered")
-        if before.to not in (EVENT_AUDIENCE, cert.agent):
+        if before.to == EVENT_AUDIENCE:
+            raise DelegationRefused(
+                f"{where} follows link {i - 1}, made for an event's subscribers: nothing may"
+            )
+        if before.to != cert.agent:
             raise DelegationRefused(
                 f"{where} is issued by {cert.agent}, but link {i - 1} delegates to {before.to}"
             )
@@ -489,6 +493,8 @@ def verify_chain(
         raise DelegationRefused(f"{where} was not issued by the caller {sender[0]}.{sender[1]}")
     if last.to not in (agent, EVENT_AUDIENCE) or (last.to == EVENT_AUDIENCE) != event:
         raise DelegationRefused(f"{where} is for another request (to {last.to})")
+    if event and (last.calls or last.depth):
+        raise DelegationRefused(f"{where}, for an event's subscribers, may allow nothing")
     if last.req != request_id or last.ep != endpoint:
         raise DelegationRefused(f"{where} is for another request")
     if last.exp < now_ms:

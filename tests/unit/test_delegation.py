@@ -1141,12 +1141,27 @@ def test_only_an_event_has_a_last_link_to_anyone(w: World) -> None:
     )
 
 
-def test_a_link_after_one_to_anyone_may_be_issued_by_any_agent(w: World) -> None:
-    """Only a hand-made link to "*" could allow a further hop; then any agent may follow."""
+def test_nothing_may_follow_a_link_to_anyone(w: World) -> None:
+    """A link for an event's subscribers (to "*") ends the chain, even a hand-made one that
+    allows a further hop: any reader of the (unsealed) event could otherwise act on it."""
     first = link(w["planner"], to=EVENT_AUDIENCE, depth=1)
     second = after(w, [first], "vault", depth=0)
-    assert w.verify([first, second], at="librarian").path == ("planner", "vault")
-    zero = link(w["planner"], to=EVENT_AUDIENCE, depth=0)  # as a publisher makes it
-    assert refused(w.verify, [zero, after(w, [zero], "vault", depth=0)], at="librarian") == (
-        "delegation link 1 (vault): link 0 allows no further hop"
+    assert refused(w.verify, [first, second], at="librarian") == (
+        "delegation link 1 (vault) follows link 0, made for an event's subscribers: nothing may"
     )
+
+
+def test_an_event_link_that_allows_anything_is_refused(w: World) -> None:
+    first = w.start("planner", "assistant")
+    parent = w.verify([first], at="assistant")
+    ident = w["assistant"]
+    for narrowing in (Delegate(calls=("vault.read",), depth=0), Delegate(calls=(), depth=1)):
+        generous = extend(ident.keys.signing, ident.certificate, parent, to=EVENT_AUDIENCE,
+                          endpoint="news", req=req(1), exp_ms=EXP, narrowing=narrowing)  # fmt: skip
+        message = refused(
+            w.verify, [first, generous], at="librarian", endpoint="news", event=True,
+            reentrant=True, deadline_ms=0, request=req(1),
+        )  # fmt: skip
+        assert message == (
+            "delegation link 1 (assistant), for an event's subscribers, may allow nothing"
+        )
