@@ -250,20 +250,11 @@ class Stream(Generic[C]):
         if self._started:
             raise InvalidArgument(f"the stream of {self._what} is already being read")
         self._started = True
-        self._iter = self._chunks()
+        # The generator must not refer back to this object: leaving an ``async for`` early
+        # then frees both at once, and the generator's ``finally`` (the cancel) runs at the
+        # next loop iteration instead of whenever the garbage collector finds a cycle.
+        self._iter = _chunks(self._open, self._state, self._parse)
         return self._iter
-
-    async def _chunks(self) -> AsyncIterator[C]:
-        state = self._state
-        try:
-            await self._open(state)
-            while True:
-                raw = await state.next()
-                if raw is None:
-                    return
-                yield self._parse(raw)
-        finally:
-            state.close()
 
     async def aclose(self) -> None:
         """Stop reading: the callee's handler is cancelled if it has not finished."""
@@ -279,3 +270,20 @@ class Stream(Generic[C]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _chunks(
+    open: Callable[[StreamState], Awaitable[bytes]],
+    state: StreamState,
+    parse: Callable[[bytes], C],
+) -> AsyncIterator[C]:
+    """The chunks of a stream as they arrive; closing it (or leaving it) closes the stream."""
+    try:
+        await open(state)
+        while True:
+            raw = await state.next()
+            if raw is None:
+                return
+            yield parse(raw)
+    finally:
+        state.close()
