@@ -674,7 +674,10 @@ class ServerPipeline:
         while ex.sent >= ex.credit:
             ex.waiter = waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(waiter, self._credit_wait)
+                # Not asyncio.wait_for: on Python 3.11 it returns the result, and loses the
+                # cancel, when a credit and a cancel arrive in the same read.
+                async with asyncio.timeout(self._credit_wait):
+                    await waiter
             except TimeoutError:
                 raise Unavailable(
                     f"the caller granted no credit for {self._credit_wait:g} s: it is gone "
