@@ -482,6 +482,7 @@ async def signals(req: SignalsRequest, ctx: Context) -> SignalsReply:
     """Golden signals per agent and endpoint over the last minute, and the call graph."""
     _require_admin(ctx)
     table = _table(ctx.mesh)
+    await ctx.mesh.directory.watch_all(5)  # from the first such call on: every agent
     nodes = sorted({r.agent for r in ctx.mesh.directory.all()} | {a for a, _ in table.instances()})
     return SignalsReply(
         window_s=SIGNAL_WINDOW_S,

@@ -49,6 +49,7 @@ from pydantic import BaseModel
 
 import mesh
 from mesh.control_plane import ApplyReply, ApplyRequest, TrustRoot
+from mesh.testing import watching_all
 
 __all__ = ["HEARTBEAT", "STOP_LIMIT", "TTL", "propagation_in_child"]
 
@@ -255,7 +256,7 @@ async def _run(
     )
     await stack.enter_async_context(registry)
     admin = await stack.enter_async_context(
-        mesh.Mesh(root.issue_identity("admin", roles=["admin"]), cfg)
+        mesh.Mesh(root.issue_identity("admin", roles=["admin"]), watching_all(cfg))
     )
     await admin.wait_for("registry", WAIT)
 

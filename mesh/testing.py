@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -42,6 +43,7 @@ __all__ = [
     "container_server",
     "find_nats_server",
     "test_config",
+    "watching_all",
 ]
 
 
@@ -105,6 +107,12 @@ def test_config(servers: Iterable[str], **overrides: Any) -> MeshConfig:
     }
     base.update(overrides)
     return MeshConfig(**base)
+
+
+def watching_all(config: MeshConfig) -> MeshConfig:
+    """``config`` with a directory that watches every agent from the start, as the admin
+    tools' does (``DirectoryConfig.scope = "all"``): for a test's admin mesh that lists them."""
+    return dataclasses.replace(config, directory=dataclasses.replace(config.directory, scope="all"))
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test to collect

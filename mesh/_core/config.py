@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mesh._core.names import validate_name
 from mesh.errors import InvalidArgument
@@ -97,11 +98,21 @@ class DirectoryConfig:
         ttl: a record older than this is treated as a dead instance.
         drain_grace: after deregistering, how long a draining instance keeps its subscription
             so callers see the change before it stops listening.
+        scope: ``called``: watch the records and beats of the agents this mesh calls (and its
+            own), each from its first call, so N agents cost each what their callees send;
+            ``all``: watch every agent from the start (tools that list the mesh).
     """
 
     heartbeat: float = 1.0
     ttl: float = 4.0
     drain_grace: float = 0.3
+    scope: Literal["called", "all"] = "called"
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("called", "all"):
+            raise InvalidArgument(
+                f"DirectoryConfig.scope must be 'called' or 'all', not {self.scope!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

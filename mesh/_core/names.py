@@ -86,9 +86,10 @@ def beat_subject(prefix: str, agent: str, instance: str) -> str:
     return f"{prefix}.beat.{agent}.{instance}"
 
 
-def beat_listen_subject(prefix: str) -> str:
-    """The subscription of a caller for every instance's beats."""
-    return f"{prefix}.beat.*.*"
+def beat_listen_subject(prefix: str, agent: str = "*") -> str:
+    """The subscription of a caller for the beats of every instance of ``agent`` (``*``: of
+    every agent)."""
+    return f"{prefix}.beat.{agent}.*"
 
 
 def enrol_subject(prefix: str, instance: str) -> str:

@@ -525,6 +525,12 @@ class ClientPipeline:
     async def attempt(self, call: Call) -> bytes:
         """One attempt: ``pick`` an instance, then ``transmit``: seal the request to it, send
         it, and await its reply."""
+        directory = self.directory
+        if directory is not None and not directory.loaded(call.agent):
+            # The first call to an agent opens its watch: wait for its records, at most
+            # until the deadline (if they do not come, ``pick`` finds no instance).
+            with contextlib.suppress(Unavailable):
+                await directory.watch_agent(call.agent, max(0.0, call.deadline - time.time()))
         record = self.pick(call)
         rid = os.urandom(16)
         dl_ms = int(call.deadline * 1000)

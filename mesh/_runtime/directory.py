@@ -9,6 +9,12 @@ TTL as dead. A forged, malformed, stale or replayed record or beat is dropped an
 The view survives a broken watch: records are kept while it is re-created, beats keep their
 instances alive meanwhile, a watch that falls silent while beats still arrive is re-created,
 and time spent disconnected from NATS (when nothing can be heard) is not held against anyone.
+
+A caller learns only about the agents it calls: each agent gets its own subject-filtered watch
+(``<agent>.*``) and beat subscription (``<p>.beat.<agent>.*``), opened on first use, so a mesh of
+N agents costs each of them what its callees send, not what all N send. Tools that list the
+whole mesh (the registry's graph, ``mesh-policy``, the dashboard) call ``watch_all``: one watch
+over the bucket and one subscription to every beat.
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from mesh._core.beats import decode_beat
 from mesh._core.config import Timeouts
 from mesh._core.identity import CertificateVerifier
+from mesh._core.names import beat_listen_subject
 from mesh._core.records import STATE_SERVING, InstanceRecord, decode_record
 from mesh._log import get_logger
 from mesh._runtime.concurrency import cancel_and_wait
-from mesh._transport.base import InboundMessage, KeyValueBucket, Transport
+from mesh._transport.base import Handler, InboundMessage, KeyValueBucket, Subscription, Transport
 from mesh.errors import DecodeError, MeshError, Unauthenticated, Unavailable
 
 __all__ = ["Directory", "DirectoryBucket"]
@@ -91,14 +98,36 @@ class DirectoryBucket:
                 log.warning("mesh.directory_recreated", bucket=self.name)
             return True
 
-    async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
-        """A watch over the current bucket (see ``KeyValueBucket.watch``)."""
+    async def watch(self, keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
+        """A watch over the keys ``keys`` matches in the current bucket (see
+        ``KeyValueBucket.watch``)."""
         kv = await self.open()
-        async for item in kv.watch():
+        async for item in kv.watch(keys):
             yield item
 
 
 Clock = Callable[[], float]
+Watcher = Callable[[str], AsyncIterator[tuple[str, bytes | None] | None]]
+Listener = Callable[[str, Handler], Awaitable[Subscription]]
+
+
+class _Watch:
+    """One watch over the bucket: every key (``agent`` None) or one agent's, with its beats."""
+
+    __slots__ = ("agent", "beats", "generation", "heard", "ready", "task")
+
+    def __init__(self, agent: str | None) -> None:
+        self.agent = agent
+        self.ready = asyncio.Event()  # the records present when it began are applied
+        self.heard = time.monotonic()  # when it last yielded anything
+        self.generation = 0  # the bucket generation it runs over
+        self.task: asyncio.Task[None] | None = None
+        self.beats: Subscription | None = None
+
+    @property
+    def keys(self) -> str:
+        return ">" if self.agent is None else f"{self.agent}.*"
+
 
 _MAX_SKEW = Timeouts().max_future
 
@@ -122,8 +151,13 @@ class Directory:
     (``deaf``) liveness is judged as of the moment it was lost; on ``hear`` the instances alive
     then get the time spent deaf back, so nobody is swept for the broker's outage.
 
+    Nothing is watched until asked: ``instances``, ``get``, ``is_gone`` and ``wait_for`` open
+    the watch of the agent they name (``watch_agent`` also waits until it has loaded), and
+    ``watch_all`` watches every agent; ``all`` lists what the watches hold.
+
     Args:
-        open_watch: returns a fresh watch over the bucket (re-created after reconnects).
+        open_watch: returns a fresh watch over the keys a pattern matches (``>`` for every
+            key, ``<agent>.*`` for one agent's); re-created after reconnects.
         verifier: checks certificates.
         ttl: an instance not heard from for this long is dead.
         on_dead: called with the last record of an instance found dead (no heartbeat).
@@ -140,11 +174,14 @@ class Directory:
         on_reconnected: called with the record of an instance whose beat says its connection
             was re-established (its epoch changed): what was sent to it before may be lost.
         prefix: the mesh's subject prefix: a beat signed for another mesh is refused.
+        listen: subscribes a handler to a subject: the beats of each agent watched (or of
+            all, for ``watch_all``) are listened to through it. ``None``: none are (beats
+            may still be given to ``accept_beat``).
     """
 
     def __init__(
         self,
-        open_watch: Callable[[], AsyncIterator[tuple[str, bytes | None] | None]],
+        open_watch: Watcher,
         verifier: CertificateVerifier,
         *,
         ttl: float,
@@ -156,19 +193,23 @@ class Directory:
         on_heard: Callable[[str, float], None] | None = None,
         on_reconnected: Callable[[InstanceRecord], None] | None = None,
         prefix: str = "mesh",
+        listen: Listener | None = None,
     ) -> None:
         self._prefix = prefix
         self._open_watch = open_watch
+        self._listen = listen
         self._bucket = bucket
-        self._heard = time.monotonic()  # when the watch last yielded anything
-        self._beat_heard = 0.0  # when a beat was last accepted (monotonic)
+        self._all: _Watch | None = None  # the watch over every key, once ``watch_all``
+        self._watches: dict[str, _Watch] = {}  # the agents watched one by one
+        self._loaded: set[str] = set()  # agents whose records are loaded ("*": every agent)
+        # When a beat was last accepted (monotonic), per agent and under None for any.
+        self._beat_heard: dict[str | None, float] = {}
         self._on_heard = on_heard
         self._on_reconnected = on_reconnected
         self._beat_floors: dict[str, float] = {}  # the ts of the last beat accepted per key
         self._ups: dict[str, int] = {}  # the connection epoch of the last beat per key
         self._deaf_since: float | None = None
         self.watch_restarts: Counter[str] = Counter()  # re-created watches, by cause
-        self._watched = 0  # the bucket generation the watch runs over
         self._verifier = verifier
         self._ttl = ttl
         self._on_dead = on_dead
@@ -186,37 +227,91 @@ class Directory:
         self._listed: dict[str, InstanceRecord] = {}  # those whose key is not deleted
         self._by_agent: dict[str, list[InstanceRecord]] = {}
         self._changed = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._guard: asyncio.Task[None] | None = None
 
-    async def start(self, timeout: float) -> None:
-        """Start watching; return once the initial records are loaded.
+    async def start(self) -> None:
+        """Start the sweep and the guard of the watches (none is opened yet)."""
+        self._sweeper = asyncio.create_task(self._sweep(), name="mesh-directory-sweep")
+        self._guard = asyncio.create_task(self._guard_watch(), name="mesh-directory-guard")
+
+    def loaded(self, agent: str) -> bool:
+        """Whether the records of ``agent`` are loaded (its watch, or ``watch_all``'s, has
+        delivered the records present when it began)."""
+        return agent in self._loaded or "*" in self._loaded
+
+    async def watch_agent(self, agent: str, timeout: float) -> None:
+        """Watch ``agent`` (if nothing watches it yet) and wait until its records are loaded.
+
+        Raises:
+            Unavailable: they did not load within ``timeout``.
+        """
+        await self._wait_ready(self._watch_of(agent), timeout)
+
+    async def watch_all(self, timeout: float) -> None:
+        """Watch every agent (the registry, admin tools), and wait until all are loaded; the
+        watches of single agents are then closed (the records they loaded are kept).
 
         Raises:
             Unavailable: the bucket could not be read within ``timeout``.
         """
-        self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
-        self._sweeper = asyncio.create_task(self._sweep(), name="mesh-directory-sweep")
-        self._guard = asyncio.create_task(self._guard_watch(), name="mesh-directory-guard")
+        if self._all is None:
+            self._all = self._begin(None)
+        await self._wait_ready(self._all, timeout)
+        watches, self._watches = list(self._watches.values()), {}
+        await self._stop(watches)
+
+    async def _wait_ready(self, watch: _Watch, timeout: float) -> None:
+        if watch.ready.is_set():
+            return
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            await asyncio.wait_for(watch.ready.wait(), timeout)
         except TimeoutError:
-            raise Unavailable("directory did not load in time (is JetStream enabled?)") from None
+            what = "the directory" if watch.agent is None else f"{watch.agent!r} in the directory"
+            raise Unavailable(f"{what} did not load in time (is JetStream enabled?)") from None
+
+    def _watch_of(self, agent: str) -> _Watch:
+        watch = self._all or self._watches.get(agent)
+        if watch is None:
+            watch = self._watches[agent] = self._begin(agent)
+        return watch
+
+    def _begin(self, agent: str | None) -> _Watch:
+        watch = _Watch(agent)
+        name = "mesh-directory-watch" if agent is None else f"mesh-directory-watch-{agent}"
+        watch.task = asyncio.create_task(self._run(watch), name=name)
+        return watch
+
+    def _watching(self) -> list[_Watch]:
+        return [self._all] if self._all is not None else list(self._watches.values())
 
     def restart_watch(self, cause: str = "reconnect") -> None:
-        """Re-create the watch (after a reconnect: the old consumer may be gone). The records
-        held are kept: the new watch delivers them again, and they are ignored as already held.
+        """Re-create every watch (after a reconnect: the old consumers may be gone). The
+        records held are kept: the new watches deliver them again, ignored as already held.
         """
+        for watch in self._watching():
+            self._restart(watch, cause)
+
+    def _restart(self, watch: _Watch, cause: str) -> None:
         self.watch_restarts[cause] += 1
-        if self._task is not None:
-            self._task.cancel()
-        self._heard = time.monotonic()
-        self._task = asyncio.create_task(self._run(), name="mesh-directory-watch")
+        if watch.task is not None:
+            watch.task.cancel()
+        watch.heard = time.monotonic()
+        watch.task = asyncio.create_task(self._run(watch), name="mesh-directory-watch")
 
     async def close(self) -> None:
-        await cancel_and_wait((self._task, self._sweeper, self._guard))
+        watches = self._watching()
+        self._all, self._watches = None, {}
+        await cancel_and_wait((self._sweeper, self._guard))
+        await self._stop(watches)
+
+    @staticmethod
+    async def _stop(watches: list[_Watch]) -> None:
+        await cancel_and_wait(tuple(w.task for w in watches))
+        for watch in watches:
+            if watch.beats is not None:
+                with contextlib.suppress(Exception):
+                    await watch.beats.unsubscribe()
 
     def deaf(self) -> None:
         """The transport lost its connection: nothing can be heard until ``hear``, so
@@ -255,32 +350,48 @@ class Directory:
         while True:
             await asyncio.sleep(quiet / 2)
             now = time.monotonic()
-            if now - self._heard < quiet or self._deaf_since is not None:
-                continue  # a reconnect restarts the watch anyway
-            if now - self._beat_heard < quiet:
-                log.info("mesh.directory_watch_stalled", silent_s=round(now - self._heard, 2))
-                self.restart_watch("stalled")
-            else:
-                self._heard = now  # nobody beats: a quiet watch may be a quiet mesh
+            if self._deaf_since is not None:
+                continue  # a reconnect restarts the watches anyway
+            silent = [w for w in self._watching() if now - w.heard >= quiet]
+            if not silent:
+                continue
+            for watch in silent:
+                if now - self._beat_heard.get(watch.agent, 0.0) < quiet:
+                    log.info(
+                        "mesh.directory_watch_stalled",
+                        agent=watch.agent or "*",
+                        silent_s=round(now - watch.heard, 2),
+                    )
+                    self._restart(watch, "stalled")
+                else:
+                    watch.heard = now  # nobody beats: a quiet watch may be a quiet agent
             if self._bucket is not None:
                 try:
                     await self._bucket.recover()
                 except MeshError:
-                    continue  # JetStream unreachable: the watch retries on its own
-                if self._bucket.generation != self._watched:  # replaced, by anyone
-                    self.restart_watch("bucket")
+                    continue  # JetStream unreachable: the watches retry on their own
+                for watch in self._watching():
+                    if self._bucket.generation != watch.generation:  # replaced, by anyone
+                        self._restart(watch, "bucket")
 
-    async def _run(self) -> None:
+    async def _run(self, watch: _Watch) -> None:
         bucket = self._bucket
         while True:
-            generation = self._watched = bucket.generation if bucket is not None else 0
+            generation = watch.generation = bucket.generation if bucket is not None else 0
             try:
-                async for item in self._open_watch():
-                    self._heard = time.monotonic()
+                if watch.beats is None and self._listen is not None:
+                    subject = beat_listen_subject(self._prefix, watch.agent or "*")
+                    watch.beats = await self._listen(subject, self.on_beat)
+                async for item in self._open_watch(watch.keys):
+                    watch.heard = time.monotonic()
                     if bucket is not None and bucket.generation != generation:
                         break  # the bucket was re-created: watch the new one
                     if item is None:
-                        self._ready.set()
+                        if not watch.ready.is_set():
+                            watch.ready.set()
+                            self._loaded.add(watch.agent or "*")
+                            self._changed.set()
+                            self._changed = asyncio.Event()
                         continue
                     self._apply(*item)
             except asyncio.CancelledError:
@@ -374,7 +485,7 @@ class Directory:
         heard = min(now, ts + skew)
         if heard > self._seen[key]:
             self._seen[key] = heard
-        self._beat_heard = time.monotonic()
+        self._beat_heard[beat.agent] = self._beat_heard[None] = time.monotonic()
         old = self._ups.get(key)
         self._ups[key] = beat.up
         if old is not None and old != beat.up and self._on_reconnected is not None:
@@ -426,12 +537,15 @@ class Directory:
             self._sweep_once()
 
     def get(self, key: str) -> InstanceRecord | None:
-        """The listed record of an instance, if any."""
+        """The listed record of an instance, if any (its agent is watched from now on)."""
+        self._watch_of(key.partition(".")[0])
         return self._listed.get(key)
 
     def is_gone(self, key: str) -> bool:
         """Signed evidence that the instance will not answer: it announced draining, or no
-        signed heartbeat arrived for ``ttl``."""
+        signed heartbeat arrived for ``ttl``. (An instance of an agent not loaded yet counts
+        as gone: ask once ``loaded`` says so.)"""
+        self._watch_of(key.partition(".")[0])
         record = self._last.get(key)
         if record is None or record.state != STATE_SERVING:
             return True
@@ -450,7 +564,9 @@ class Directory:
         return True
 
     def instances(self, agent: str) -> list[InstanceRecord]:
-        """Live, serving instances of ``agent``."""
+        """Live, serving instances of ``agent`` (watched from now on, if it was not yet)."""
+        if self._all is None and agent not in self._watches:
+            self._watch_of(agent)
         now = self._live()
         out = []
         for r in self._by_agent.get(agent, ()):
@@ -461,7 +577,8 @@ class Directory:
         return out
 
     def all(self) -> list[InstanceRecord]:
-        """Every listed record (live or not yet swept)."""
+        """Every listed record (live or not yet swept) of the agents watched: of every agent
+        after ``watch_all``."""
         return list(self._listed.values())
 
     async def wait_for(self, agent: str, timeout: float) -> InstanceRecord:
@@ -472,6 +589,7 @@ class Directory:
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
+        self._watch_of(agent)
         while True:
             found = self.instances(agent)
             if found:

@@ -200,8 +200,9 @@ async def enrol(
         directory = Directory(
             kv.watch, verifier, ttl=config.directory.ttl, max_skew=config.timeouts.max_future
         )
-        await directory.start(max(0.1, end - loop.time()))
+        await directory.start()
         try:
+            await directory.watch_agent(REGISTRY_AGENT, max(0.1, end - loop.time()))
             record = await directory.wait_for(REGISTRY_AGENT, max(0.1, end - loop.time()))
         finally:
             await directory.close()

@@ -35,7 +35,6 @@ from mesh._core.envelope import MAX_CREDIT
 from mesh._core.head import Head
 from mesh._core.identity import Certificate, CertificateVerifier, Identity, TrustRoot
 from mesh._core.names import (
-    beat_listen_subject,
     beat_subject,
     directory_bucket,
     event_subject,
@@ -166,7 +165,6 @@ class MeshRuntime:
                 agent, lambda: self.identity, self.governance, config.directory.heartbeat
             )
         self._subs: list[Subscription] = []
-        self._beats: Subscription | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -263,12 +261,15 @@ class MeshRuntime:
             prefix=self.config.prefix,
             on_heard=self.client.heard,
             on_reconnected=self._inbox.instance_reconnected,
+            listen=self.transport.subscribe,
         )
-        await self._directory.start(timeouts.connect)
+        await self._directory.start()
         self.client.directory = self._directory
-        self._beats = await self.transport.subscribe(
-            beat_listen_subject(self.config.prefix), self._directory.on_beat
-        )
+        left = max(0.1, deadline - time.monotonic())
+        if self.config.directory.scope == "all":
+            await self._directory.watch_all(left)
+        elif self.agent is not None:  # its own instances: claims are sealed to them
+            await self._directory.watch_agent(self.name, left)
         try:
             await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
             serial = self.identity.certificate.serial
@@ -408,10 +409,9 @@ class MeshRuntime:
         if registration is not None:
             with contextlib.suppress(MeshError):
                 await registration.withdraw()
-        for last in (inbox_sub, self._beats):
-            if last is not None:
-                with contextlib.suppress(Exception):
-                    await last.unsubscribe()
+        if inbox_sub is not None:
+            with contextlib.suppress(Exception):
+                await inbox_sub.unsubscribe()
         if self._directory is not None:
             await self._directory.close()
         await self.transport.close()

@@ -74,7 +74,9 @@ class KeyValueBucket(Protocol):
 
     async def items(self) -> list[tuple[str, bytes]]: ...
 
-    def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]: ...
+    def watch(self, keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
+        """Watch the keys the pattern ``keys`` matches (NATS subject wildcards)."""
+        ...
 
 
 class Stream(Protocol):

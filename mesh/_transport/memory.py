@@ -128,15 +128,18 @@ class _MemKV:
     async def items(self) -> list[tuple[str, bytes]]:
         return sorted((k, v) for k, (v, _rev) in self.data.items())
 
-    async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
+    async def watch(self, keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
         q: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
         self.watchers.append(q)
         try:
             for key, (value, _rev) in list(self.data.items()):
-                yield key, value
+                if subject_matches(keys, key):
+                    yield key, value
             yield None
             while True:
-                yield await q.get()
+                item = await q.get()
+                if subject_matches(keys, item[0]):
+                    yield item
         finally:
             self.watchers.remove(q)
 

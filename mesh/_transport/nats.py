@@ -200,9 +200,9 @@ class _NatsKV:
                 out[key] = value
         return sorted(out.items())
 
-    async def watch(self) -> AsyncIterator[tuple[str, bytes | None] | None]:
+    async def watch(self, keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
         with map_nats_errors("key-value watch"):
-            watcher = await self._kv.watchall()
+            watcher = await self._kv.watch(keys)
         try:
             while True:
                 with map_nats_errors("key-value watch"):  # a consumer lost mid-watch, too

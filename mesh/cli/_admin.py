@@ -14,7 +14,7 @@ import click
 from pydantic import BaseModel
 from rich.console import Console
 
-from mesh import Certificate, Mesh, MeshConfig, load_identity
+from mesh import Certificate, DirectoryConfig, Mesh, MeshConfig, load_identity
 from mesh.control_plane import REGISTRY
 
 from ._common import Args, command, option
@@ -50,6 +50,7 @@ def _config(args: Args) -> MeshConfig:
     # down, which `audit verify` and `agents` must still show), keeping the newest head it
     # saw in its identity directory so it notices a rollback. It reports no golden signals:
     # the CLI's own calls are not the mesh's traffic (`top` and `graph` would show them).
+    # It watches every agent: `agents`, `check` and the dashboard list the whole mesh.
     replicas = getattr(args, "replicas", None)
     return MeshConfig(
         servers=servers,
@@ -58,6 +59,7 @@ def _config(args: Args) -> MeshConfig:
         state_dir=args.identity,
         replicas=int(replicas) if replicas is not None else None,
         signals_interval=0,
+        directory=DirectoryConfig(scope="all"),
     )
 
 

@@ -371,12 +371,13 @@ async def _run_demo(keys: Path, *, keep: bool) -> int:
             contextlib.AsyncExitStack() as extra,  # the agents started later, stopped first
         ):
             await admin.wait_for("registry")
+            await admin.directory.watch_all(5)  # it lists every agent below
             await _apply(admin, (lib, res, plan), *_policy_text())
             await asyncio.sleep(0.1)  # acknowledgements reach the directory
             await plan.wait_for("researcher")
             await res.wait_for("librarian")
             say("directory (signed records in JetStream KV 'mesh-directory'):")
-            for rec in sorted(plan.directory.all(), key=lambda r: r.agent):
+            for rec in sorted(admin.directory.all(), key=lambda r: r.agent):
                 say(
                     f"  {rec.agent:<10} {rec.instance} v{rec.version} policy revision "
                     f"{rec.policy_revision} endpoints {sorted(rec.endpoints)}"

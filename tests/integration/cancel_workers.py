@@ -158,6 +158,13 @@ def make_level(name: str, recorder: Recorder) -> Agent:
         finally:
             recorder.record(outcome, n.path)
 
+    @agent.on_start
+    async def watch_the_tree(mesh: Any) -> None:
+        # A first call to an agent opens its directory watch, kept for the process's life:
+        # opened here, it is in the tasks at rest that ``tasks`` is compared with.
+        for level in range(1, 6):
+            await mesh.directory.watch_agent(f"tree{level}", 10)
+
     @agent.endpoint(concurrency=16)
     async def tasks(p: Probe, ctx: Context) -> Tasks:
         me = asyncio.current_task()

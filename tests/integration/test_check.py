@@ -15,7 +15,7 @@ import pytest
 
 import mesh
 from mesh.control_plane import ApplyReply, ApplyRequest, TrustRoot, load_trust_root
-from mesh.testing import NatsServer, test_config, wait_until
+from mesh.testing import NatsServer, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 from mesh_examples import research
 
@@ -80,7 +80,7 @@ async def world(nats_server: NatsServer, keys: Path) -> AsyncIterator[World]:
             )
         )
         ops = await stack.enter_async_context(
-            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), cfg)
+            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), watching_all(cfg))
         )
         for name, roles in (("librarian", ()), ("researcher", ()), ("planner", ("coordinator",))):
             ident = root.issue_identity(name, roles=roles)

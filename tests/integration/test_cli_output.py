@@ -28,7 +28,7 @@ from mesh.control_plane import (
     TrustRoot,
     load_trust_root,
 )
-from mesh.testing import NatsServer, test_config, wait_until
+from mesh.testing import NatsServer, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 from mesh_examples import research
 
@@ -88,7 +88,7 @@ async def world(nats_server: NatsServer, keys: Path) -> AsyncIterator[World]:
             mesh.Mesh(registry, cfg, agent=reg.registry, trust_root=root)
         )
         ops = await stack.enter_async_context(
-            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), cfg)
+            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), watching_all(cfg))
         )
         await ops.wait_for("registry")
         yield World(keys, root, cfg, stack, ops, nats_server.url)

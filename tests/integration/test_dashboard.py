@@ -30,7 +30,7 @@ from pydantic import BaseModel
 import mesh
 from mesh.cli.dashboard import cmd_dashboard, serve_dashboard
 from mesh.control_plane import ApplyReply, ApplyRequest, PolicyEngine, TrustRoot
-from mesh.testing import NatsServer, test_config, wait_until
+from mesh.testing import NatsServer, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 
 CHROMIUM = shutil.which("chromium")
@@ -117,7 +117,7 @@ async def scene(nats_server: NatsServer) -> AsyncIterator[Scene]:
     root = TrustRoot.generate()
     cfg = test_config([nats_server.url], signals_interval=0.2, retry=mesh.RetryPolicy(attempts=1))
     async with AsyncExitStack() as stack:
-        admin_cfg = test_config([nats_server.url], signals_interval=0)  # as the CLI's
+        admin_cfg = watching_all(test_config([nats_server.url], signals_interval=0))  # as the CLI's
         admin = await stack.enter_async_context(
             mesh.Mesh(root.issue_identity("admin", roles=["admin"]), admin_cfg)
         )

@@ -37,7 +37,7 @@ from mesh.control_plane import (
     load_trust_root,
     save_trust_root,
 )
-from mesh.testing import NatsServer, test_config, wait_until
+from mesh.testing import NatsServer, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 from mesh_examples import research
 
@@ -161,7 +161,7 @@ async def world(nats_server: NatsServer, keys: Path) -> AsyncIterator[World]:
             )
         )
         ops = await stack.enter_async_context(
-            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), cfg)
+            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), watching_all(cfg))
         )
         await ops.wait_for("registry")
         yield World(nats_server.url, keys, root, cfg, stack, registry, ops)

@@ -37,7 +37,7 @@ from mesh.control_plane import (
     TrustRoot,
     canonical_policy_bytes,
 )
-from mesh.testing import NatsServer, test_config, wait_until
+from mesh.testing import NatsServer, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -115,7 +115,7 @@ async def world(nats_server: NatsServer) -> AsyncIterator[World]:
     cfg = test_config([nats_server.url])
     async with AsyncExitStack() as stack:
         admin_id = root.issue_identity("admin", roles=["admin"])
-        admin = await stack.enter_async_context(mesh.Mesh(admin_id, cfg))
+        admin = await stack.enter_async_context(mesh.Mesh(admin_id, watching_all(cfg)))
         w = World(nats_server, root, cfg, stack, admin, None)  # type: ignore[arg-type]
         w.registry = await w.start_registry()
         try:

@@ -27,7 +27,7 @@ import pytest
 import mesh
 from mesh._core.policy import PolicyEngine
 from mesh.control_plane import ApplyReply, ApplyRequest
-from mesh.testing import NatsServer, Trust, test_config, wait_until
+from mesh.testing import NatsServer, Trust, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 
 from .cli_helpers import base_env, run_sync
@@ -265,7 +265,7 @@ async def test_split_90_10_then_a_registry_change_moves_all_traffic_without_a_fa
         )
         await stack.enter_async_context(registry)
         admin = await stack.enter_async_context(
-            mesh.Mesh(root.issue_identity("admin", roles=["admin"]), cfg)
+            mesh.Mesh(root.issue_identity("admin", roles=["admin"]), watching_all(cfg))
         )
         # The caller is an agent, so that it announces the revision it runs (its ack).
         alice = await stack.enter_async_context(

@@ -17,7 +17,7 @@ import pytest
 
 import mesh
 from mesh.control_plane import ApplyReply, ApplyRequest, load_trust_root
-from mesh.testing import NatsServer, test_config, wait_until
+from mesh.testing import NatsServer, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 from mesh_examples import research
 
@@ -297,7 +297,7 @@ async def world(nats_server: NatsServer, keys: Path) -> AsyncIterator[World]:
             )
         )
         ops = await stack.enter_async_context(
-            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), cfg)
+            mesh.Mesh(root.issue_identity("ops", roles=["admin"]), watching_all(cfg))
         )
         for name in ("librarian", "researcher", "planner"):
             agent = getattr(research, name)

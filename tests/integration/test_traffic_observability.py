@@ -22,7 +22,7 @@ from mesh._core.policy import PolicyEngine
 from mesh.cli._agents import list_agents
 from mesh.cli.observe import fetch_signals
 from mesh.control_plane import TrustRoot
-from mesh.testing import NatsServer, Trust, test_config, wait_until
+from mesh.testing import NatsServer, Trust, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 
 POLICY = """
@@ -138,7 +138,7 @@ async def test_agents_and_top_show_which_caller_ejected_which_instance(
     `agents` marks the ejected instance with the caller that ejected it."""
     root = TrustRoot.generate()
     cfg = test_config([nats_server.url], signals_interval=0.2, retry=mesh.RetryPolicy(attempts=1))
-    admin_cfg = test_config([nats_server.url], signals_interval=0)
+    admin_cfg = watching_all(test_config([nats_server.url], signals_interval=0))
     policy = """
 apiVersion: mesh/v1
 kind: Policy

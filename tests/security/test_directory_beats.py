@@ -21,7 +21,7 @@ from mesh import Identity
 from mesh._core.beats import BEAT_CONTEXT, decode_beat, encode_beat
 from mesh._core.identity import CertificateVerifier
 from mesh._core.records import EndpointInfo, InstanceRecord, encode_record
-from mesh._runtime.directory import Directory
+from mesh._runtime.directory import Directory, _Watch
 from mesh.errors import DecodeError, Unauthenticated
 from mesh.testing import FakeClock, Trust
 
@@ -30,7 +30,7 @@ TTL = 4.0
 SKEW = 5.0
 
 
-async def _no_watch() -> AsyncIterator[tuple[str, bytes | None] | None]:
+async def _no_watch(keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
     return
     yield  # an async generator that yields nothing
 
@@ -50,7 +50,7 @@ def directory(
             heard.append((key, ts))
 
     verifier = CertificateVerifier(trust.root.public_key, clock=clock)
-    return Directory(
+    d = Directory(
         _no_watch,
         verifier,
         ttl=TTL,
@@ -59,6 +59,8 @@ def directory(
         on_reconnected=on_reconnected,
         on_heard=on_heard,
     )
+    d._all = _Watch(None)  # fed by hand through _apply: stands for a watch of every agent
+    return d
 
 
 def record(identity: Identity, ts: float) -> bytes:

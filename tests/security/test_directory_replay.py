@@ -33,7 +33,7 @@ import mesh
 from mesh import Agent, Identity
 from mesh._core.identity import CertificateVerifier
 from mesh._core.records import STATE_DRAINING, EndpointInfo, decode_record, encode_record
-from mesh._runtime.directory import Directory
+from mesh._runtime.directory import Directory, _Watch
 from mesh._runtime.governance import Governance
 from mesh._runtime.registration import Registration
 from mesh.testing import FakeClock, NatsServer, Trust, test_config, wait_until
@@ -46,16 +46,16 @@ REPO = Path(__file__).resolve().parents[2]
 MESH_AGENT = str(Path(sys.executable).parent / "mesh-agent")
 
 
-async def _no_watch() -> AsyncIterator[tuple[str, bytes | None] | None]:
+async def _no_watch(keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
     return
     yield  # an async generator that yields nothing
 
 
 def directory(trust: Trust, clock: FakeClock, max_floors: int = 65_536) -> Directory:
     verifier = CertificateVerifier(trust.root.public_key, clock=clock)
-    return Directory(
-        _no_watch, verifier, ttl=TTL, clock=clock, max_skew=SKEW, max_floors=max_floors
-    )
+    d = Directory(_no_watch, verifier, ttl=TTL, clock=clock, max_skew=SKEW, max_floors=max_floors)
+    d._all = _Watch(None)  # fed by hand through _apply: stands for a watch of every agent
+    return d
 
 
 def record(identity: Identity, ts: float, state: str = "serving") -> bytes:
@@ -336,6 +336,7 @@ async def test_replayed_record_of_a_killed_instance_neither_lists_nor_blackholes
             await asyncio.sleep(max(0.0, ts + cfg.directory.ttl + SKEW + 0.2 - time.time()))
             await kv.put(victim_key, captured)
             async with mesh.Mesh(trust.identity("alice"), cfg) as carol:
+                await carol.directory.watch_agent("worker", 5)  # what a first call does
                 assert carol.directory.refused["stale"] >= 1
                 await fails_fast(carol)
                 assert not blackholed, "a call reached the attacker holding the dead subject"

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 import mesh
 from mesh.control_plane import ApplyReply, ApplyRequest, RevokeReply, RevokeRequest, TrustRoot
-from mesh.testing import NatsServer, test_config, wait_until
+from mesh.testing import NatsServer, test_config, wait_until, watching_all
 from mesh_agents import registry as reg
 
 pytestmark = pytest.mark.integration
@@ -106,7 +106,7 @@ async def world(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[World]
             )
         )
         admin = await stack.enter_async_context(
-            mesh.Mesh(root.issue_identity("admin", roles=["admin"]), strict)
+            mesh.Mesh(root.issue_identity("admin", roles=["admin"]), watching_all(strict))
         )
         await admin.wait_for("registry")
         yield World(nats_server, root, cfg, strict, stack, admin, registry, tmp_path)
