@@ -10,7 +10,7 @@ PIP   := $(BIN)/python -m pip --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test lint mutation
+.PHONY: help venv demo test lint mutation schemas
 
 help: ## list the targets
 	@awk -F ':.*## ' '/^[a-z]+:.*## / { printf "  make %-8s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -49,6 +49,9 @@ test: venv ## the test suite (python -m pytest), then the coverage floors; pytes
 	if [ $$c1 -ne 0 ] || [ $$c2 -ne 0 ]; then \
 	  echo "make test: coverage below its floor; see: $(COVERAGE) report --include='mesh/_core/*'" >&2; exit 1; \
 	fi
+
+schemas: venv ## export the example agents' endpoint schemas into schemas/endpoints/
+	$(BIN)/python schemas/export_endpoints.py
 
 mutation: venv ## mutation testing of the pure core (before a release; docs/testing.md); modules with ARGS=...
 	$(BIN)/python tests/mutation/run.py $(ARGS)

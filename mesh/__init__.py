@@ -23,6 +23,7 @@ if _TYPE_CHECKING:
         save_identity,
     )
     from mesh._core.policy import Policy, PolicyError, load_policy, parse_policy
+    from mesh._core.schemas import EndpointSchema
     from mesh._runtime.agent import Agent, Context, Peer
     from mesh._runtime.ports import EndpointStats, MeshHandle
     from mesh._runtime.streams import Progress, Stream
@@ -61,6 +62,7 @@ __all__ = [
     "Delegation",
     "DelegationRefused",
     "DirectoryConfig",
+    "EndpointSchema",
     "EndpointStats",
     "FailedPrecondition",
     "Identity",
@@ -110,6 +112,7 @@ _SOURCES = {
         "mesh._core.identity",
     ),
     **dict.fromkeys(["Policy", "PolicyError", "load_policy", "parse_policy"], "mesh._core.policy"),
+    "EndpointSchema": "mesh._core.schemas",
     **dict.fromkeys(["Agent", "Context", "Peer"], "mesh._runtime.agent"),
     **dict.fromkeys(["EndpointStats", "MeshHandle"], "mesh._runtime.ports"),
     **dict.fromkeys(["Progress", "Stream"], "mesh._runtime.streams"),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh._core.names import validate_name
+from mesh._core.schemas import is_schema_hash
 from mesh.errors import InvalidArgument
 
 __all__ = ["DirectoryConfig", "Limits", "MeshConfig", "RetryPolicy", "Timeouts"]
@@ -150,6 +152,11 @@ class MeshConfig:
             per call here and a verification per new link at each callee. Off, a chain
             starts only where a call asks (``delegate=``); a chain received is always
             carried on by the handler's nested calls.
+        schema_pins: endpoint schema hashes this caller pins, keyed ``"agent.endpoint"``
+            (``{"researcher.answer": "sha256:..."}``, the hashes ``Mesh.schemas`` and
+            ``mesh-policy schemas`` print): a call to a pinned endpoint is refused with
+            ``FailedPrecondition``, before anything is sent, by an instance whose signed
+            directory record announces another hash (or none), until the pin is changed.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -166,12 +173,37 @@ class MeshConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = field(default_factory=Limits)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    schema_pins: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         validate_name("subject prefix", self.prefix)
+        # A copy: the caller's dict may change later, the configuration may not.
+        object.__setattr__(self, "schema_pins", _checked_pins(self.schema_pins))
         if self.timeouts.claim_window <= 0:
             raise InvalidArgument("Timeouts.claim_window must be positive")
         if self.timeouts.renewal_grace < 0:
             raise InvalidArgument("Timeouts.renewal_grace must not be negative")
         if not self.servers:
             raise InvalidArgument("MeshConfig.servers is empty: give at least one NATS URL")
+
+
+def _checked_pins(pins: Mapping[str, str]) -> dict[str, str]:
+    """``MeshConfig.schema_pins`` checked: ``agent.endpoint`` keys, ``sha256:<hex>`` values.
+
+    Raises:
+        InvalidArgument: naming the offending pin.
+    """
+    checked: dict[str, str] = {}
+    for key, value in pins.items():
+        agent, dot, endpoint = key.partition(".") if isinstance(key, str) else ("", "", "")
+        if not dot:
+            raise InvalidArgument(f"schema pin {key!r}: key must be agent.endpoint")
+        validate_name("agent", agent)
+        validate_name("endpoint", endpoint)
+        if not is_schema_hash(value):
+            raise InvalidArgument(
+                f"schema pin {key!r}: {value!r} is not a schema hash (sha256: and 64 lowercase "
+                "hex digits, as mesh-policy schemas prints it)"
+            )
+        checked[key] = value
+    return checked

@@ -38,6 +38,9 @@ class EndpointInfo:
     idempotent: bool = False
     streams: bool = False
     """The endpoint answers with a stream of chunks (``Mesh.stream``), not one reply."""
+    schema: str | None = None
+    """``sha256:<hex>`` of its input and output JSON Schemas (``mesh._core.schemas``);
+    ``None`` when the instance publishes none (an older natsmesh, or no JSON Schema)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,8 @@ def _endpoint(e: EndpointInfo) -> dict[str, Any]:
     out: dict[str, Any] = {"name": e.name, "idempotent": e.idempotent}
     if e.streams:  # left out when false: records of endpoints that do not stream keep their bytes
         out["streams"] = True
+    if e.schema is not None:
+        out["schema"] = e.schema
     return out
 
 
@@ -128,7 +133,10 @@ def decode_record(raw: bytes, verifier: CertificateVerifier) -> InstanceRecord:
         for flag, value in (("idempotent", idempotent), ("streams", streams)):
             if type(value) is not bool:
                 raise DecodeError(f"{what} endpoint field {flag!r} must be bool")
-        endpoints[name] = EndpointInfo(name, idempotent, streams)
+        schema = e.get("schema")  # absent in records of older instances
+        if schema is not None and type(schema) is not str:
+            raise DecodeError(f"{what} endpoint field 'schema' must be str")
+        endpoints[name] = EndpointInfo(name, idempotent, streams, schema)
     version = typed_field(body, "version", str, what)
     labels = body.get("labels", {})
     if not isinstance(labels, dict) or not all(

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from mesh._core.delegation import Delegate, Delegation
 from mesh._core.identity import Certificate
 from mesh._core.names import validate_name
+from mesh._core.schemas import EndpointSchema, describe_endpoint
 from mesh.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
@@ -356,6 +357,22 @@ class Agent:
             return f
 
         return register(fn) if fn is not None else register
+
+    def schemas(self) -> dict[str, EndpointSchema]:
+        """Each endpoint's published schemas, by endpoint name: the JSON Schemas of its input
+        and output (of each chunk, for a streaming endpoint) from its pydantic models, and
+        their hash, which this agent's directory records carry (``docs/protocol.md``
+        section 19). Computed from the declaration: nothing is sent."""
+        return {
+            name: describe_endpoint(
+                name,
+                spec.input_type,
+                spec.output_type,
+                streams=spec.streams,
+                idempotent=spec.idempotent,
+            )
+            for name, spec in self.endpoints.items()
+        }
 
     def on_start(self, fn: H) -> H:
         """Register ``async fn(mesh)`` to run once the agent is ready, before it is announced."""

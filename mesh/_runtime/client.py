@@ -70,6 +70,7 @@ from mesh._transport.base import Transport
 from mesh.errors import (
     CircuitOpen,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     MeshError,
@@ -479,6 +480,8 @@ class ClientPipeline:
         Raises:
             NotDelivered: no live instance.
             NotFound: the instance does not serve the endpoint.
+            FailedPrecondition: the endpoint's schema is pinned (``MeshConfig.schema_pins``)
+                and the instance's record announces another hash.
         """
         directory = self.directory
         assert directory is not None
@@ -493,6 +496,17 @@ class ClientPipeline:
         info = record.endpoints.get(call.endpoint)
         if info is None:
             raise NotFound(f"agent {call.agent!r} has no endpoint {call.endpoint!r}")
+        pins = self._config.schema_pins
+        if pins and (pin := pins.get(f"{call.agent}.{call.endpoint}")) and info.schema != pin:
+            # The record is signed by the instance: what it announces is what it serves.
+            announced = info.schema or "no schema hash (it does not publish its schemas)"
+            raise FailedPrecondition(
+                f"{call.agent}.{call.endpoint} is pinned to schema {pin}, but instance "
+                f"{record.key} announces {announced}: not calling it. Check the new schemas "
+                f"(mesh-policy schemas {call.agent}), then re-pin "
+                f"(MeshConfig.schema_pins, or mesh-agent run --pin "
+                f"{call.agent}.{call.endpoint}={info.schema or 'HASH'})"
+            )
         if info.streams != (call.stream is not None):
             what = f"{call.agent}.{call.endpoint}"
             raise InvalidArgument(

@@ -39,8 +39,10 @@ from mesh._core.names import (
     directory_bucket,
     event_subject,
     rpc_listen_subject,
+    validate_name,
 )
 from mesh._core.records import STATE_DRAINING
+from mesh._core.schemas import EndpointSchema
 from mesh._core.signals import SIGNALS_TOPIC, EdgeStats
 from mesh._log import get_logger
 from mesh._runtime.agent import Agent, EventSpec
@@ -53,6 +55,7 @@ from mesh._runtime.governance import Governance
 from mesh._runtime.ports import EndpointStats, MeshStats, NoObserver, Observer
 from mesh._runtime.registration import Registration
 from mesh._runtime.replies import Inbox
+from mesh._runtime.schemas import fetch_schemas
 from mesh._runtime.server import ServerPipeline
 from mesh._runtime.services import serve_services
 from mesh._runtime.streams import (
@@ -436,6 +439,33 @@ class MeshRuntime:
         """
         self._require_ready()
         await self.directory.wait_for(agent, timeout)
+
+    async def schemas(self, agent: str, *, timeout: float = 10.0) -> dict[str, EndpointSchema]:
+        """The published schemas of ``agent``'s endpoints, verified: the JSON Schemas of each
+        endpoint's input and output (of each chunk, for a streaming endpoint), fetched from a
+        live instance's ``$SRV`` INFO reply and checked against the hashes in its signed
+        directory record (``docs/protocol.md`` section 19), so neither the broker nor anyone
+        answering on it can pass off other schemas. One instance answers (the next is asked
+        when it does not): during a rollout, instances of two versions may differ.
+
+        Args:
+            agent: the agent.
+            timeout: seconds for the whole lookup: waiting for an instance, then its reply.
+
+        Returns:
+            Endpoint name to ``EndpointSchema`` (``input``, ``output``, ``hash``, ``streams``,
+            ``idempotent``); the schemas of an endpoint whose record carries no hash (an
+            instance of an older natsmesh) are ``None``.
+
+        Raises:
+            Unauthenticated: the schemas served do not match the instance's signed record.
+            Unavailable: no live instance, or none answered in time (``$SRV`` INFO is off with
+                ``MeshConfig(services=False)``).
+        """
+        validate_name("agent", agent)
+        deadline = time.monotonic() + timeout
+        await self.wait_for(agent, timeout)
+        return await fetch_schemas(self.transport, agent, self.directory.instances(agent), deadline)
 
     # --- calls and events --------------------------------------------------------------------
 

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from mesh._core.beats import encode_beat
 from mesh._core.identity import Identity
 from mesh._core.records import STATE_SERVING, EndpointInfo, encode_record
+from mesh._core.schemas import publish_schemas
 from mesh._log import get_logger
-from mesh._runtime.agent import Agent
+from mesh._runtime.agent import Agent, EndpointSpec
 from mesh._runtime.directory import DirectoryBucket
 from mesh._runtime.governance import Governance
 from mesh.errors import MeshError
@@ -81,7 +82,8 @@ class Registration:
             identity.keys.signing,
             identity.certificate,
             endpoints=[
-                EndpointInfo(s.name, s.idempotent, s.streams) for s in agent.endpoints.values()
+                EndpointInfo(s.name, s.idempotent, s.streams, _schema_hash(s))
+                for s in agent.endpoints.values()
             ],
             version=agent.version,
             labels=agent.labels,
@@ -167,3 +169,9 @@ class Registration:
         """Delete the record (the last step of a drain)."""
         assert self.bucket is not None
         await (await self.bucket.open()).delete(self.key)
+
+
+def _schema_hash(spec: EndpointSpec) -> str | None:
+    """The hash of the endpoint's published schemas (computed once per pair of models)."""
+    published = publish_schemas(spec.input_type, spec.output_type)
+    return published.hash if published is not None else None

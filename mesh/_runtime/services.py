@@ -14,13 +14,16 @@ with the JSON documents ``io.nats.micro.v1.ping_response``, ``info_response`` an
 
 Exposure: these replies are plain, unsigned, unencrypted JSON, readable by any NATS user allowed
 to publish to ``$SRV.>``. They reveal agent names, instance ids, versions, labels, endpoint
-names and subjects, concurrency limits, request and error counts, the last error code and the
-start time -- about what the directory bucket shows already, plus traffic counts. Request
-bodies, callers, certificates and error messages are never included. The answers cannot be
-trusted either: anyone may answer ``$SRV`` requests, so they serve operators' tools, never the
-mesh's own decisions (the signed directory does that). To hide them, deny ``$SRV.>`` to
-untrusted NATS users, or turn the responder off with ``MeshConfig(services=False)`` (the
-runtime calls ``serve_services`` for every agent it serves unless told not to).
+names and subjects, concurrency limits, the endpoints' input and output JSON Schemas, request
+and error counts, the last error code and the start time -- about what the directory bucket
+shows already, plus traffic counts and the schemas. Request bodies, callers, certificates and
+error messages are never included. The answers cannot be trusted either: anyone may answer
+``$SRV`` requests, so they serve operators' tools, never the mesh's own decisions (the signed
+directory does that); the schemas are the one thing the mesh reads from them, and only after
+checking each against the hash in the instance's signed record (``Mesh.schemas``). To hide
+them, deny ``$SRV.>`` to untrusted NATS users, or turn the responder off with
+``MeshConfig(services=False)`` (the runtime calls ``serve_services`` for every agent it serves
+unless told not to; ``Mesh.schemas`` then finds nothing to fetch).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from mesh._core.names import rpc_subject
+from mesh._core.schemas import publish_schemas
 from mesh._runtime.ports import EndpointStats, MeshHandle
 from mesh._transport.base import InboundMessage
 from mesh.errors import InvalidArgument, MeshError
@@ -133,14 +137,26 @@ def ping_response(mesh: Mesh) -> dict[str, Any]:
 
 
 def info_response(mesh: Mesh) -> dict[str, Any]:
-    """The ``io.nats.micro.v1.info_response`` document of a serving ``mesh``."""
+    """The ``io.nats.micro.v1.info_response`` document of a serving ``mesh``.
+
+    Each endpoint with published schemas (``mesh._core.schemas``) carries them as
+    ``"schema": {"request": <text>, "response": <text>}``, each the canonical JSON text of the
+    schema, and their hash as the metadata ``schema``. The shape is the endpoint ``schema`` of
+    ADR-32's early drafts (strings, as nats.go 1.22 to 1.25 declared them in the ``SCHEMA``
+    verb's reply, removed in 1.26); today's INFO endpoints have no such key, and the clients
+    that read INFO (nats.go's ``EndpointInfo``, so the ``nats`` CLI, and nats.py's
+    ``EndpointInfo.from_dict``) ignore keys they do not know, as the jsm.go schema allows. A
+    caller checks what it fetched against the hash in the signed directory record
+    (``Mesh.schemas``): this reply is not signed.
+    """
     agent = mesh.agent
     assert agent is not None
     default_concurrency = mesh.config.limits.endpoint_concurrency
     doc = _identity(mesh, INFO_RESPONSE)
     doc["description"] = agent.description or f"mesh agent {agent.name}"
-    doc["endpoints"] = [
-        {
+    endpoints = []
+    for spec in agent.endpoints.values():
+        endpoint: dict[str, Any] = {
             "name": spec.name,
             "subject": _subject(mesh, spec.name),
             "queue_group": NO_QUEUE_GROUP,
@@ -150,8 +166,12 @@ def info_response(mesh: Mesh) -> dict[str, Any]:
                 "concurrency": str(spec.concurrency or default_concurrency),
             },
         }
-        for spec in agent.endpoints.values()
-    ]
+        published = publish_schemas(spec.input_type, spec.output_type)
+        if published is not None:
+            endpoint["metadata"]["schema"] = published.hash
+            endpoint["schema"] = {"request": published.input, "response": published.output}
+        endpoints.append(endpoint)
+    doc["endpoints"] = endpoints
     return doc
 
 

@@ -25,6 +25,8 @@ option             environment            meaning
                                           has no registry's head (development)
 ``--delegate``     ``MESH_DELEGATE``      start a delegation chain on every call this
                                           agent makes as an origin (docs/delegation.md)
+``--pin``          ``MESH_SCHEMA_PINS``   AGENT.ENDPOINT=HASH, repeatable: refuse to call
+                                          an endpoint whose schema hash is another
 ``--log-level``    ``MESH_LOG_LEVEL``     debug, info, warning, error
 ``--log-format``   ``MESH_LOG_FORMAT``    console or json
 ``--renewal-grace`` ``MESH_RENEWAL_GRACE`` the registry only: how long after expiry a
@@ -536,6 +538,7 @@ def cmd_run(args: Args) -> int:
         allow_no_policy=args.allow_no_policy,
         replicas=int(args.replicas) if args.replicas is not None else None,
         delegation=args.delegate,
+        schema_pins=args.pin,
     )
     root_key = load_trust_root(args.root_key) if args.root_key else None
     if root_key is not None and not root_key.can_sign:
@@ -686,7 +689,40 @@ def _run_options() -> list[click.Parameter]:
             help="start a delegation chain on every call this agent makes as an origin, so "
             "callees and their nested calls know it as the origin",
         ),
+        option(
+            "--pin",
+            multiple=True,
+            callback=_parse_pins,
+            metavar="AGENT.ENDPOINT=HASH",
+            env="SCHEMA_PINS",
+            help="refuse to call AGENT's ENDPOINT while its instances announce another schema "
+            "hash than HASH (as mesh-policy schemas prints it; repeatable; the variable takes "
+            "pins separated by spaces)",
+        ),
     ]
+
+
+def _parse_pins(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    """``--pin agent.endpoint=sha256:...`` (repeatable) as ``MeshConfig.schema_pins``."""
+    pins: dict[str, str] = {}
+    for item in values:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(
+                f"{item!r} is not AGENT.ENDPOINT=HASH (e.g. researcher.answer=sha256:...)",
+                ctx,
+                param,
+            )
+        if key in pins:
+            raise click.BadParameter(f"{key!r} is pinned twice", ctx, param)
+        pins[key] = value
+    try:
+        MeshConfig(schema_pins=pins)
+    except InvalidArgument as exc:
+        raise click.BadParameter(exc.message, ctx, param) from None
+    return pins
 
 
 def cli() -> click.Group:

@@ -3,7 +3,7 @@
 Offline: ``init``, ``identity issue``, ``validate``, ``explain --file``. Online (as an identity
 with the admin role, talking to the registry agent or reading the control plane's buckets):
 ``apply``, ``diff``, ``get``, ``history``, ``rollback``, ``explain``, ``agents``, ``call``,
-``identity token|list|revoke``, ``audit tail|verify``.
+``schemas``, ``identity token|list|revoke``, ``audit tail|verify``.
 
 Connection settings come from options or ``MESH_SERVERS``, ``MESH_IDENTITY`` (default
 ``keys/admin``) and ``MESH_PREFIX``. The ``identity`` and ``audit`` groups are in their own
@@ -61,6 +61,7 @@ from ._common import (
 )
 from ._common import main as run_main
 from ._output import emit, iso, output_option
+from ._schemas import schemas_command
 from ._traffic import parse_meta, traffic_document, traffic_lines, uses_traffic
 
 # --- offline commands -----------------------------------------------------------------------
@@ -584,6 +585,7 @@ def _commands() -> list[click.Command]:
                 meta_option(),
             ],
         ),
+        schemas_command(),
         command(
             "top",
             cmd_top,

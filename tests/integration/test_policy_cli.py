@@ -57,6 +57,7 @@ TOP_COMMANDS = [
     "explain",
     "agents",
     "call",
+    "schemas",
     "top",
     "graph",
     "dashboard",

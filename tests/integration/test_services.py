@@ -20,6 +20,7 @@ from nats.micro.service import EndpointStats, ServiceInfo, ServicePing, ServiceS
 from pydantic import BaseModel
 
 import mesh
+from mesh._core.schemas import publish_schemas
 from mesh._runtime.services import semver
 from mesh.testing import NatsServer, Trust, test_config, wait_until
 
@@ -183,20 +184,38 @@ async def test_info_describes_endpoints_on_instance_subjects(world: World) -> No
         assert doc["description"] == "adds numbers"
         assert doc["metadata"]["mesh.kind"] == "agent"
         prefix = f"mesh.rpc.calc.{doc['id']}"
+        published = publish_schemas(Num, Sum)
+        assert published is not None
+        schema = {"request": published.input, "response": published.output}
         assert doc["endpoints"] == [
             {
                 "name": "add",
                 "subject": f"{prefix}.add",
                 "queue_group": "",
-                "metadata": {"idempotent": "true", "streams": "false", "concurrency": "4"},
+                "metadata": {
+                    "idempotent": "true",
+                    "streams": "false",
+                    "concurrency": "4",
+                    "schema": published.hash,
+                },
+                "schema": schema,
             },
             {
                 "name": "neg",
                 "subject": f"{prefix}.neg",
                 "queue_group": "",
-                "metadata": {"idempotent": "false", "streams": "false", "concurrency": "64"},
+                "metadata": {
+                    "idempotent": "false",
+                    "streams": "false",
+                    "concurrency": "64",
+                    "schema": published.hash,
+                },
+                "schema": schema,
             },
         ]
+        # What ADR-32's first revision put in `schema` (strings), for the tools that read it.
+        assert json.loads(published.input) == Num.model_json_schema()
+        assert json.loads(published.output) == Sum.model_json_schema(mode="serialization")
 
     (notes,) = await collect(world.nc, f"$SRV.INFO.notes.{world.notes.instance}")
     valid(INFO, notes)

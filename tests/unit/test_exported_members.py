@@ -28,6 +28,7 @@ SDK = [
     "Delegation",
     "DelegationRefused",
     "DirectoryConfig",
+    "EndpointSchema",
     "EndpointStats",
     "FailedPrecondition",
     "Identity",

@@ -68,6 +68,8 @@ from mesh._core.envelope import (
 )
 from mesh._core.identity import Certificate, CertificateVerifier, TrustRoot, new_instance_id
 from mesh._core.names import beat_subject, event_subject, rpc_subject
+from mesh._core.records import EndpointInfo, decode_record, encode_record
+from mesh._core.schemas import canonical_json, schema_hash
 from mesh._runtime.control import ControlStore
 from mesh._runtime.enrol import _proof_bytes
 from mesh.errors import DecodeError, Unauthenticated
@@ -90,6 +92,7 @@ EXPECTED_VALUES = {
     "event": 6,
     "enrolment": 3,
     "beat": 4,
+    "schema": 3,
 }
 LAYOUT_ROWS = 18  # rows of the request's byte-layout table
 
@@ -719,6 +722,40 @@ def test_beat(vectors: Vectors) -> None:
     with pytest.raises(Unauthenticated):
         beat.verify(bytes(32))
     assert beat_subject(prefix, agent, instance) == v.text("subject")
+    vectors.done()
+
+
+def test_endpoint_schema_hash(vectors: Vectors) -> None:
+    """The canonical JSON (RFC 8785) of the schemas, its hash, and the endpoint's element of
+    a directory record carrying it; what the record's reader decodes from it."""
+    v = vectors.check("schema")
+    given, answered = v.json("input"), v.json("output")
+    canonical, digest = v.bytes("canonical"), v.text("hash")
+    name, idempotent = v.text("endpoint"), v.entry("idempotent").value == "true"
+    assert canonical_json({"input": given, "output": answered}) == canonical
+    assert digest == "sha256:" + hashlib.sha256(canonical).hexdigest()
+    assert schema_hash(given, answered) == digest
+    # The same schemas with their members in another order hash alike.
+    assert schema_hash(dict(reversed(given.items())), dict(reversed(answered.items()))) == digest
+    element = msgpack.packb(
+        {"name": name, "idempotent": idempotent, "schema": digest}, use_bin_type=True
+    )
+    assert element == v.bytes("endpoint map")
+    # The record writer puts exactly that element, and the reader takes the hash back.
+    root = TrustRoot.generate()
+    ident = root.issue_identity("researcher")
+    raw = encode_record(
+        ident.keys.signing,
+        ident.certificate,
+        endpoints=[EndpointInfo(name, idempotent, schema=digest)],
+        version="1.0.0",
+        labels={},
+        ts=1767225600.0,
+    )
+    body = msgpack.unpackb(msgpack.unpackb(raw)[0])
+    assert msgpack.packb(body["endpoints"][0], use_bin_type=True) == element
+    record = decode_record(raw, CertificateVerifier(root.public_key))
+    assert record.endpoints[name] == EndpointInfo(name, True, False, digest)
     vectors.done()
 
 

@@ -112,8 +112,46 @@ class TestRecordRoundTrip:
         assert record.topics == ()
         assert record.endpoints == {"e": EndpointInfo("e", False)}
 
+    def test_schema_hash_read_back_and_left_out_when_none(self) -> None:
+        """An endpoint's schema hash travels as ``schema`` (a str) and reads back; an endpoint
+        without one has no key on the wire, so its bytes are those of older records."""
+        digest = "sha256:" + "ab" * 32
+        raw = encode_record(
+            BOB.keys.signing,
+            BOB.certificate,
+            endpoints=[EndpointInfo("echo", True, schema=digest), EndpointInfo("old")],
+            version="1",
+            labels={},
+            ts=1.0,
+        )
+
+        endpoints = msgpack.unpackb(msgpack.unpackb(raw)[0])["endpoints"]
+        assert endpoints == [
+            {"name": "echo", "idempotent": True, "schema": digest},
+            {"name": "old", "idempotent": False},
+        ]
+        record = decode_record(raw, VERIFIER)
+        assert record.endpoints["echo"] == EndpointInfo("echo", True, False, digest)
+        assert record.endpoints["old"].schema is None
+
+    def test_record_of_an_older_instance_has_no_schema(self) -> None:
+        """A record written before schemas were published (no ``schema`` key, or nil) decodes,
+        its endpoints' ``schema`` ``None``."""
+        raw = _record(endpoints=[{"name": "e", "idempotent": True}, {"name": "f", "schema": None}])
+
+        record = decode_record(raw, VERIFIER)
+
+        assert record.endpoints == {"e": EndpointInfo("e", True), "f": EndpointInfo("f")}
+        assert record.endpoints["e"].schema is None
+
 
 class TestRecordRefusals:
+    @pytest.mark.parametrize("value", [1, b"sha256:00", ["sha256:00"], True])
+    def test_schema_not_a_string(self, value: Any) -> None:
+        """An endpoint's schema hash that is not a string is a DecodeError naming the field."""
+        with pytest.raises(DecodeError, match=r"endpoint field 'schema' must be str$"):
+            decode_record(_record(endpoints=[{"name": "e", "schema": value}]), VERIFIER)
+
     @pytest.mark.parametrize("endpoints", [["echo"], [1], [None]])
     def test_endpoint_not_a_map(self, endpoints: list[Any]) -> None:
         """An endpoint that is not a map is a DecodeError."""
