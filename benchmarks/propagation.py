@@ -346,11 +346,13 @@ async def _run(
         times = {"applied_ms": done, "applied_seen_ms": seen, "acked_ms": ack}
         return {k: (t - start) * 1e3 for k, t in {**times, "reply_ms": replied}.items()}
 
-    everyone = [registry, admin, *meshes]
+    # The one that watches every agent's records (the agents and the registry watch none:
+    # they call nobody here).
+    everyone = [admin]
 
     async def settle(expected: int) -> None:
-        """Wait until every ``Mesh`` here has seen every agent acknowledge ``expected``: the
-        next apply starts once the directory work of this one is done, not in its wake."""
+        """Wait until the admin has seen every agent acknowledge ``expected``: the next apply
+        starts once the directory work of this one is done, not in its wake."""
         end = time.perf_counter() + WAIT
         while True:
             late = 0

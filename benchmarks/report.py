@@ -170,14 +170,15 @@ METHOD = """\
   (`mesh_agents.registry`, holding the trust root), an admin client (role `admin`, no agent)
   and N agents, each its own `Mesh` and NATS connection serving one endpoint, all started at
   once (their start-up time is in the run's log and the table's notes). A subject prefix of
-  its own keeps its buckets apart from the other scenarios. Every `Mesh` in it watches the
-  directory and verifies every record it receives (Ed25519), so each round of heartbeats
-  costs N x N verifications on that one core: to keep the measurement about propagation the
-  agents use a 5 s heartbeat (TTL 15 s), send no golden-signal reports (`signals_interval=0`)
-  and do not answer the NATS services protocol (`services=False`). After one unmeasured
+  its own keeps its buckets apart from the other scenarios. The admin watches the whole
+  directory and verifies every record (Ed25519); the agents call nobody, so they watch none
+  (`protocol.md` §19 "What a reader watches"; before, every `Mesh` verified every record: N x N
+  per round of heartbeats). To keep the measurement about propagation the agents use a 5 s
+  heartbeat (TTL 15 s), send no golden-signal reports (`signals_interval=0`) and do not
+  answer the NATS services protocol (`services=False`). After one unmeasured
   warm-up revision, the admin applies `policies/research.yaml` with a new `metadata.name`
-  each time (so a new revision); each apply waits until every `Mesh` in the process has seen
-  the previous revision acknowledged by every agent (its directory work done), plus 0.25 s.
+  each time (so a new revision); each apply waits until the admin has seen the previous
+  revision acknowledged by every agent (its directory work done), plus 0.25 s.
   Per apply, from just before `request(registry, apply)`: *propagation* ends at the latest
   of the moments each agent's governance switched to the new revision (noted in-process when
   governance calls `Mesh.policy_changed`; every agent's `governance.wait_for_revision`
@@ -188,7 +189,7 @@ METHOD = """\
   applies is close to their maximum). In a deployment each agent has its own process; here
   all N share one core and do their policy parsing and directory verification one after
   another, so the N-agent numbers are an upper bound, and the ack (N re-registered records,
-  each verified by all N + 2 `Mesh`es here) is inflated most.
+  each verified by the admin) is inflated by the shared core.
 - **Rounds**: systems are interleaved within each scenario (their order rotated each round),
   the whole set is repeated for the configured rounds, and each number is the median of its
   rounds (per metric). Percentiles within a round are over every call of that round.

@@ -100,8 +100,9 @@ class DirectoryConfig:
         ttl: a record older than this is treated as a dead instance.
         drain_grace: after deregistering, how long a draining instance keeps its subscription
             so callers see the change before it stops listening.
-        scope: ``called``: watch the records and beats of the agents this mesh calls (and its
-            own), each from its first call, so N agents cost each what their callees send;
+        scope: ``called``: watch the records and beats of the agents this mesh calls, each
+            from its first call (its own agent from its first claim), so N agents cost each
+            what their callees send;
             ``all``: watch every agent from the start (tools that list the mesh).
     """
 

@@ -278,9 +278,13 @@ class ClaimStore:
                 (its writer is gone without one, it was stopped, the record was deleted or
                 does not verify, ...): the handler is not run again.
             InvalidArgument: the key was used for a different request body.
-            Unavailable: the bucket could not be reached before the deadline (nothing ran).
+            Unavailable: the bucket, or this agent's instances in the directory, could not be
+                reached before the deadline (nothing ran).
         """
         agent = self._mesh.name
+        directory = self._mesh.directory
+        if not directory.loaded(agent):  # the first claim: its readers are this agent's instances
+            await directory.watch_agent(agent, max(0.1, deadline - time.time()))
         key = claim_key(agent, caller, endpoint, ik)
         nonce, content_key = os.urandom(16), new_content_key()
         wraps = self._wraps(key, content_key)

@@ -268,11 +268,8 @@ class MeshRuntime:
         )
         await self._directory.start()
         self.client.directory = self._directory
-        left = max(0.1, deadline - time.monotonic())
         if self.config.directory.scope == "all":
-            await self._directory.watch_all(left)
-        elif self.agent is not None:  # its own instances: claims are sealed to them
-            await self._directory.watch_agent(self.name, left)
+            await self._directory.watch_all(max(0.1, deadline - time.monotonic()))
         try:
             await self.governance.start(self.control, max(0.1, deadline - time.monotonic()))
             serial = self.identity.certificate.serial
