@@ -205,8 +205,12 @@ async def measure(agents: int, processes: int, calls: int, idle: float) -> dict[
         async def apply(n: int) -> int:
             await admin.wait_for("registry", timeout=30)
             text = POLICY.format(n=n, timeout=10 + n)
-            reply = await admin.request(
-                "registry", "apply", ApplyRequest(policy=text, source="scale.yaml"), ApplyReply
+            reply = await admin.request(  # a busy server's stores may take long to write
+                "registry",
+                "apply",
+                ApplyRequest(policy=text, source="scale.yaml"),
+                ApplyReply,
+                timeout=50,
             )
             return reply.revision
 

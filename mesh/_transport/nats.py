@@ -33,6 +33,12 @@ __all__ = ["NATS_ERRORS", "NatsTransport", "map_nats_errors", "mesh_error"]
 
 log = get_logger(__name__)
 
+MAX_WATCHERS = 100_000
+"""The consumers a mesh store may have (``max_consumers`` of its stream): each mesh process
+watches the head and policy stores, and a caller watches the directory once per agent it calls.
+nats-server 2.15 limits a stream that sets none to 1,000 (and reads 0 or -1 as "its default"),
+which would refuse the 1,001st process's watches."""
+
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream API errors: wrong last sequence
 
 
@@ -474,30 +480,37 @@ class NatsTransport:
                 raw = await js.create_key_value(
                     KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=want)
                 )
-            else:
-                await self._ensure_replicas(js, f"KV_{bucket}", want)
+            await self._ensure_limits(js, f"KV_{bucket}", want)
         kv = self._kvs[bucket] = _NatsKV(raw)
         return kv
 
-    async def _ensure_replicas(self, js: JetStreamContext, stream: str, want: int) -> None:
-        """Scale an existing stream up to ``want`` replicas (never down): another process may
-        have created it with fewer (an R1 default, a command run during a registry start)."""
+    async def _ensure_limits(self, js: JetStreamContext, stream: str, want: int) -> None:
+        """Scale a stream up to ``want`` replicas (never down: another process may have created
+        it with fewer, an R1 default or a command run during a registry start), and let it
+        have ``MAX_WATCHERS`` consumers (every mesh process watches the head and policy
+        stores, so the server's default of 1,000 per stream would stop the 1,001st)."""
         info = await js.stream_info(stream)
-        have = info.config.num_replicas or 1
-        if have >= want:
+        config = info.config
+        have = config.num_replicas or 1
+        watchers = config.max_consumers or 0
+        if have >= want and watchers >= MAX_WATCHERS:
             return
         try:
-            await js.update_stream(replace(info.config, num_replicas=want))
+            await js.update_stream(
+                replace(config, num_replicas=max(have, want), max_consumers=MAX_WATCHERS)
+            )
         except nats.errors.Error as exc:
             log.warning(
-                "mesh.store_under_replicated",
+                "mesh.store_limits_unchanged",
                 store=stream,
                 replicas=have,
                 wanted=want,
+                max_consumers=watchers,
                 error=str(exc) or type(exc).__name__,
             )
         else:
-            log.warning("mesh.store_replicas_raised", store=stream, replicas=want, were=have)
+            if have < want:
+                log.warning("mesh.store_replicas_raised", store=stream, replicas=want, were=have)
 
     def forget_bucket(self, bucket: str) -> None:
         self._kvs.pop(bucket, None)
@@ -524,8 +537,7 @@ class NatsTransport:
                 await js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 await js.add_stream(StreamConfig(name=name, subjects=[subject], num_replicas=want))
-            else:
-                await self._ensure_replicas(js, name, want)
+            await self._ensure_limits(js, name, want)
         return _NatsStream(js, name, subject)
 
     def _jetstream_off_at(self) -> str | None:

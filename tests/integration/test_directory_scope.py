@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
+import nats
 import pytest
+from nats.js.api import KeyValueConfig
 from pydantic import BaseModel
 
 import mesh
@@ -171,3 +173,25 @@ async def test_a_scope_that_is_neither_is_refused() -> None:
     """A mistyped scope is a clear error, not a silent default."""
     with pytest.raises(mesh.InvalidArgument, match="scope must be 'called' or 'all'"):
         mesh.DirectoryConfig(scope="everything")  # type: ignore[arg-type]
+
+
+async def test_stores_take_more_watchers_than_the_server_default(
+    monitored: Monitored, trust: Trust
+) -> None:
+    """Every store a mesh opens lets 100,000 consumers watch it (nats-server 2.15 allows 1,000
+    on a stream that sets no limit, which would refuse the 1,001st process), including one
+    created before with the server's default."""
+    from mesh._transport.nats import MAX_WATCHERS
+
+    nc = await nats.connect(monitored.server.url)
+    try:
+        js = nc.jetstream()
+        await js.create_key_value(KeyValueConfig(bucket="mesh-head"))  # as an older mesh left it
+        cfg = test_config([monitored.server.url])
+        async with mesh.Mesh(trust.identity("alice"), cfg, agent=make_agent("alice")) as alice:
+            await alice.request("alice", "ping", Ping(n=1), Ping)
+        for stream in ("KV_mesh-head", "KV_mesh-policy", f"KV_{alice.bucket}"):
+            info = await js.stream_info(stream)
+            assert info.config.max_consumers == MAX_WATCHERS, stream
+    finally:
+        await nc.close()
