@@ -661,3 +661,7 @@ async def stopped(mesh: MeshHandle) -> None:
     keeper = _keepers.pop(mesh, None)
     if keeper is not None:
         await keeper.close()
+
+
+# The gateway-key endpoints are defined on this agent in their own module.
+from . import gateway_keys as _gateway_keys  # noqa: E402, F401

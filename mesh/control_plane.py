@@ -48,6 +48,18 @@ from mesh._runtime.control import (
 )
 from mesh._runtime.enrol import EnrolmentRequest, serve_enrolment
 from mesh._runtime.freshness import HeadKeeper, SavedState
+from mesh._runtime.gateway_keys import (
+    GATEWAY_KEY_ISSUE,
+    GATEWAY_KEY_LIST,
+    GATEWAY_KEY_REVOKE,
+    GatewayKeyInfo,
+    GatewayKeyIssueReply,
+    GatewayKeyIssueRequest,
+    GatewayKeyList,
+    GatewayKeyRevokeReply,
+    GatewayKeyRevokeRequest,
+    GatewayKeyStore,
+)
 from mesh._runtime.recovery import GraceRenewal, serve_grace_renewal
 from mesh._runtime.registry_api import (
     ADMIN_ROLE,
@@ -77,6 +89,9 @@ __all__ = [
     "ADMIN_ROLE",
     "DEFAULT_CERT_TTL",
     "DENIAL_TOPIC",
+    "GATEWAY_KEY_ISSUE",
+    "GATEWAY_KEY_LIST",
+    "GATEWAY_KEY_REVOKE",
     "REGISTRY",
     "ROOT_KEY_FILE",
     "SIGNALS_TOPIC",
@@ -93,6 +108,13 @@ __all__ = [
     "Empty",
     "EndpointPolicy",
     "EnrolmentRequest",
+    "GatewayKeyInfo",
+    "GatewayKeyIssueReply",
+    "GatewayKeyIssueRequest",
+    "GatewayKeyList",
+    "GatewayKeyRevokeReply",
+    "GatewayKeyRevokeRequest",
+    "GatewayKeyStore",
     "GraceRenewal",
     "GraphEdge",
     "Head",

@@ -158,6 +158,11 @@ class MeshConfig:
             ``mesh-policy schemas`` print): a call to a pinned endpoint is refused with
             ``FailedPrecondition``, before anything is sent, by an instance whose signed
             directory record announces another hash (or none), until the pin is changed.
+        caller_checks: decide each call's authorization in the caller too, before sending: a
+            denied call fails at once and costs no round trip, but no callee sees it, so no
+            denial is reported to the audit log. ``False``: only the callee decides (it always
+            does), and reports every denial with the caller and the origin; the HTTP gateway
+            runs so, so that every refusal of an external principal is audited.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -175,6 +180,7 @@ class MeshConfig:
     limits: Limits = field(default_factory=Limits)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     schema_pins: Mapping[str, str] = field(default_factory=dict, hash=False)
+    caller_checks: bool = True
 
     def __post_init__(self) -> None:
         validate_name("subject prefix", self.prefix)

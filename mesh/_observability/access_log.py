@@ -51,9 +51,11 @@ class AccessLog:
         traceparent: str | None,
         attempt: int,
         rule: str | None = None,
+        origin: str | None = None,
     ) -> None:
         """One JSON line for a served or refused request (``rule``: the policy rule of a
-        denial, when one decided); never the payload."""
+        denial, when one decided; ``origin``: who a delegated call was made for, such as the
+        principal an HTTP gateway named); never the payload."""
         if self._logger is None:
             self._logger = _access_logger()
         self._logger.info(
@@ -70,6 +72,7 @@ class AccessLog:
             trace_id=traceparent.split("-")[1] if traceparent and "-" in traceparent else None,
             attempt=attempt,
             rule=rule,
+            origin=origin,
         )
 
     def write_client(

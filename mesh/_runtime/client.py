@@ -267,7 +267,9 @@ class ClientPipeline:
             md = dict(metadata)
             check_metadata(md)
         try:
-            route = self.route(agent, endpoint)
+            route = self.route(
+                agent, endpoint, seen_chain(self.name, chain, delegate, self._delegate_all)
+            )
         except MeshError as exc:
             self._refused(agent, endpoint, exc, traceparent, tracestate)
             raise
@@ -373,13 +375,20 @@ class ClientPipeline:
                 f"idempotency keys are 1 to {MAX_IDEMPOTENCY_KEY} characters long"
             )
 
-    def route(self, agent: str, endpoint: str) -> Route:
+    def route(
+        self,
+        agent: str,
+        endpoint: str,
+        chain: tuple[str, tuple[str, ...], int, tuple[str, ...]] | None = None,
+    ) -> Route:
         """What policy says about this call, resolved once; the caller's own check fails fast.
+        ``chain``: what the callee's rules will see of the call's delegation chain
+        (``seen_chain``), so that rules on origins, paths and scopes decide here as there.
 
         Raises:
             PermissionDenied: naming the rule.
         """
-        return self._governance.outgoing(agent, endpoint)
+        return self._governance.outgoing(agent, endpoint, chain)
 
     def deadline(
         self,
@@ -794,6 +803,23 @@ class ClientPipeline:
 
 def _record_key(record: InstanceRecord) -> str:
     return record.key
+
+
+def seen_chain(
+    me: str, chain: Delegation | None, delegate: Delegate | None, delegate_all: bool
+) -> tuple[str, tuple[str, ...], int, tuple[str, ...]] | None:
+    """What the callee's policy will see of a call's delegation chain (origin, path, depth,
+    scopes: ``mesh._core.policy.Chain``), or ``None`` for a direct call: the chain carried on
+    with this caller added to its path, or a chain this caller starts (as the origin, or for
+    the external principal a gateway names). Scopes narrowed by ``delegate`` are those sent."""
+    if chain is not None:
+        scopes = chain.scopes if delegate is None or delegate.scopes is None else delegate.scopes
+        return chain.origin, (*chain.path, me), chain.depth + 1, tuple(scopes)
+    if delegate is None and not delegate_all:
+        return None
+    origin = delegate.origin if delegate is not None and delegate.origin else me
+    scopes = delegate.scopes if delegate is not None and delegate.scopes else ()
+    return origin, (me,), 1, tuple(scopes)
 
 
 def _check_stream(

@@ -8,6 +8,7 @@ bucket / stream        key                         value (a signed document)
 ``<p>-tokens``         SHA-256 of the join token   ``JoinToken`` (the token itself is never stored)
 ``<p>-revoked``        certificate serial          ``Revocation``
 ``<p>-head``           ``head``                    ``Head``: the current state, re-signed often
+``<p>-gateway-keys``   a gateway key's id          ``GatewayKey`` (``mesh._runtime.gateway_keys``)
 ``<p>-audit`` stream   subject ``<p>.audit``       ``AuditRecord``, hash-chained
 =====================  ==========================  ===========================================
 
@@ -48,8 +49,16 @@ __all__ = [
 POLICY_KEY = "current"
 POLICY_HISTORY = 64
 HEAD_KEY = "head"
-# (store, history) of every control-plane bucket, for ``recover``.
-STORES = (("policy", POLICY_HISTORY), ("certs", 1), ("tokens", 1), ("revoked", 1), ("head", 1))
+# (store, history) of every control-plane bucket, for ``recover``; ``gateway-keys`` holds the
+# HTTP gateway's key entries (``mesh._runtime.gateway_keys``).
+STORES = (
+    ("policy", POLICY_HISTORY),
+    ("certs", 1),
+    ("tokens", 1),
+    ("revoked", 1),
+    ("head", 1),
+    ("gateway-keys", 1),
+)
 
 
 def sign_document(root: TrustRoot, body: dict[str, Any]) -> bytes:

@@ -406,19 +406,36 @@ class Governance:
                 if self._own_revoked is not None:
                     self._own_revoked()
 
-    def outgoing(self, agent: str, endpoint: str) -> Route:
+    def outgoing(
+        self,
+        agent: str,
+        endpoint: str,
+        chain: tuple[str, tuple[str, ...], int, tuple[str, ...]] | None = None,
+    ) -> Route:
         """The route of a call this instance makes; the caller's own check fails fast.
+        ``chain``: what the callee will see of the call's delegation chain (origin, path,
+        depth, scopes), so a rule on them decides here as it will there (``None``: direct).
 
         Raises:
             PermissionDenied: naming the rule.
         """
         me = self._mesh.identity.certificate
-        route = self.engine.route(me.agent, me.roles, agent, endpoint)
+        route = self.engine.route(me.agent, me.roles, agent, endpoint, chain)
         decision = route.decision
-        if not decision.allowed and agent != REGISTRY:
+        if not decision.allowed and chain is not None:
+            # Refuse here only what the callee will refuse (the chain's view) and what a
+            # direct call would be refused too: a denial that only the chain brings about is
+            # left to the callee, which reports it to the audit log with the origin.
+            decision = self.engine.route(me.agent, me.roles, agent, endpoint).decision
+            if not decision.allowed:
+                decision = route.decision
+        if not decision.allowed and agent != REGISTRY and self._mesh.config.caller_checks:
             # The control plane is always reachable; it enforces its own rules.
+            behalf = "" if chain is None else (
+                f" for {chain[0]} via {' → '.join(chain[1])} (depth {chain[2]})"
+            )  # fmt: skip
             raise PermissionDenied(
-                f"{me.agent} may not call {agent}.{endpoint}: "
+                f"{me.agent} may not call {agent}.{endpoint}{behalf}: "
                 + decision.explain(self.engine.source, self.engine.revision),
                 rule=decision.rule,
             )

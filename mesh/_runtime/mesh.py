@@ -600,17 +600,24 @@ class MeshRuntime:
         timeout: float | None = None,
         credit: int | None = None,
         metadata: Mapping[str, str] | None = None,
+        deadline: float | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+        delegate: Delegate | None = None,
     ) -> Stream[Any]:
         """``stream`` with a JSON body, each chunk parsed as JSON (``mesh-policy call`` of a
-        streaming endpoint).
+        streaming endpoint, the HTTP gateway's server-sent events).
+
+        Args:
+            deadline / traceparent / tracestate / delegate: as for ``stream``.
 
         Raises:
             InvalidArgument: ``body`` is not JSON (nothing is sent); a chunk is not JSON.
         """
         what = f"{agent}.{endpoint}"
         return self._stream(
-            agent, endpoint, _json_body(body), json_chunk(what), credit, timeout, None, None,
-            None, metadata, None, None, None, None,
+            agent, endpoint, _json_body(body), json_chunk(what), credit, timeout, deadline, None,
+            None, metadata, traceparent, tracestate, None, delegate,
         )  # fmt: skip
 
     def _stream(
@@ -663,9 +670,13 @@ class MeshRuntime:
         timeout: float | None = None,
         idempotency_key: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        deadline: float | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+        delegate: Delegate | None = None,
     ) -> Any:
         """Call ``endpoint`` of ``agent`` with a JSON body and return the reply parsed as JSON
-        (for tools and shells that have no models: ``mesh-policy call``).
+        (for tools and shells that have no models: ``mesh-policy call``, the HTTP gateway).
 
         Args:
             agent: callee agent name.
@@ -673,7 +684,8 @@ class MeshRuntime:
             body: the JSON text (``bytes`` or ``str``, checked to be JSON before anything is
                 sent) or a mapping to serialize.
             timeout: seconds from now (default: the policy's, else ``Timeouts.request``).
-            idempotency_key / metadata: as for ``request``.
+            idempotency_key / metadata / deadline / traceparent / tracestate / delegate: as
+                for ``request``.
 
         Raises:
             InvalidArgument: ``body`` is not JSON (nothing is sent), or the reply is not JSON.
@@ -686,11 +698,12 @@ class MeshRuntime:
             endpoint,
             payload,
             timeout=timeout,
-            deadline=None,
+            deadline=deadline,
             idempotency_key=idempotency_key,
-            traceparent=None,
-            tracestate=None,
+            traceparent=traceparent,
+            tracestate=tracestate,
             metadata=metadata,
+            delegate=delegate,
         )
         try:
             return json.loads(reply)

@@ -168,8 +168,10 @@ class Observer(Protocol):
         traceparent: str | None,
         attempt: int,
         rule: str | None = None,
+        origin: str | None = None,
     ) -> None:
-        """One access-log line for a served or refused request; never the payload."""
+        """One access-log line for a served or refused request (``origin``: who a delegated
+        call was made for, e.g. the principal a gateway named); never the payload."""
         ...
 
     def register_metrics(self, source: StatsSource) -> None:

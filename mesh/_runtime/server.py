@@ -743,6 +743,7 @@ class ServerPipeline:
                 reply_bytes=len(payload),
                 traceparent=hdr.traceparent,
                 attempt=hdr.attempt or 1,
+                origin=ex.delegation.origin if ex.delegation is not None else None,
             )
 
     async def reply(self, ex: Exchange, status: str, payload: bytes) -> None:

@@ -1,4 +1,5 @@
-"""``mesh-agent``: run an agent from a module path or a file (``run``), or the demo mesh (``demo``).
+"""``mesh-agent``: run an agent from a module path or a file (``run``), the demo mesh (``demo``),
+or the HTTP gateway (``gateway``, in ``mesh.cli.gateway``).
 
 ``run`` reads its settings from options or ``MESH_*`` environment variables:
 
@@ -107,6 +108,8 @@ from ._common import (
     version_option,
 )
 from ._common import main as run_main
+from .gateway import gateway_command
+from .mcp import mcp_commands
 
 log = get_logger("mesh.cli.agent")  # also when run as `python -m mesh.cli.agent`
 T = TypeVar("T")
@@ -570,7 +573,7 @@ def cmd_demo(args: Args) -> int:
     from .demo import run_demo
 
     configure_logging("warning")
-    return asyncio.run(run_demo(keep=args.keep))
+    return asyncio.run(run_demo(keep=args.keep, gateway=args.gateway))
 
 
 def _run_options() -> list[click.Parameter]:
@@ -742,8 +745,19 @@ def cli() -> click.Group:
                 "demo",
                 cmd_demo,
                 "run a demo mesh on an embedded NATS server",
-                [option("--keep", is_flag=True, help="stay up and print the NATS URL")],
+                [
+                    option("--keep", is_flag=True, help="stay up and print the NATS URL"),
+                    option(
+                        "--gateway",
+                        type=click.IntRange(0, 65535),
+                        metavar="PORT",
+                        help="stay up with the HTTP gateway on 127.0.0.1:PORT (0: a free port) "
+                        "and print API keys and curl commands to try it",
+                    ),
+                ],
             ),
+            gateway_command(),
+            *mcp_commands(),
             completion_command("mesh-agent"),
         ],
     )

@@ -315,15 +315,18 @@ async def _eject(plan: Mesh, buggy: Mesh, failures: int) -> None:
     )
 
 
-async def run_demo(*, keep: bool = False) -> int:
+async def run_demo(*, keep: bool = False, gateway: int | None = None) -> int:
     """Run the demo; returns the process exit code.
 
     Its throwaway trust root and identities live in a temporary folder, deleted at the end
     (Ctrl-C included); with ``keep`` the mesh stays up until Ctrl-C and the folder remains.
+    With ``gateway`` (a port; 0: a free one, implies ``keep``) the HTTP gateway serves it
+    there (``mesh.cli.demo_gateway``).
     """
+    keep = keep or gateway is not None
     keys = Path(tempfile.mkdtemp(prefix="mesh-demo-"))
     try:
-        return await _run_demo(keys, keep=keep)
+        return await _run_demo(keys, keep=keep, gateway=gateway)
     finally:
         if keep:
             say(f"the demo's trust root and identities are kept in {keys}")
@@ -331,7 +334,7 @@ async def run_demo(*, keep: bool = False) -> int:
             shutil.rmtree(keys, ignore_errors=True)
 
 
-async def _run_demo(keys: Path, *, keep: bool) -> int:
+async def _run_demo(keys: Path, *, keep: bool, gateway: int | None = None) -> int:
     from mesh_agents.registry import registry
     from mesh_examples import research
     from mesh_examples.research import Answer, Question, librarian, planner, researcher
@@ -445,6 +448,17 @@ async def _run_demo(keys: Path, *, keep: bool) -> int:
             )
             for entry in records[-4:]:
                 say(f"  {entry.seq:>3} {entry.kind:<22} {entry.actor:<28} {entry.subject}")
+            if gateway is not None:
+                from mesh_examples.streaming import writer
+
+                from .demo_gateway import start_gateway
+
+                say()
+                await extra.aclose()  # the canary's researchers (one fails every call) stop
+                await start_gateway(
+                    extra, root=root, config=config, admin=admin, meshes=(lib, res, plan),
+                    keys=keys, port=gateway, writer=writer, apply=_apply, say=say,
+                )  # fmt: skip
             if keep:
                 say(f"mesh is up: NATS at {server.url}, identities in {keys}; Ctrl-C to stop")
                 say(

@@ -3,11 +3,12 @@
 Offline: ``init``, ``identity issue``, ``validate``, ``explain --file``. Online (as an identity
 with the admin role, talking to the registry agent or reading the control plane's buckets):
 ``apply``, ``diff``, ``get``, ``history``, ``rollback``, ``explain``, ``agents``, ``call``,
-``schemas``, ``identity token|list|revoke``, ``audit tail|verify``.
+``schemas``, ``identity token|list|revoke``, ``gateway-key issue|list|revoke``, ``audit
+tail|verify``.
 
 Connection settings come from options or ``MESH_SERVERS``, ``MESH_IDENTITY`` (default
-``keys/admin``) and ``MESH_PREFIX``. The ``identity`` and ``audit`` groups are in their own
-modules; ``top`` and ``graph`` in ``observe``.
+``keys/admin``) and ``MESH_PREFIX``. The ``identity``, ``gateway-key`` and ``audit`` groups are
+in their own modules; ``top`` and ``graph`` in ``observe``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from mesh.control_plane import (
     save_trust_root,
 )
 
-from . import audit, check, dashboard, identity, observe
+from . import audit, check, dashboard, gateway_keys, identity, observe
 from ._admin import admin_mesh, call_registry, connection_options, err, online_command, out, when
 from ._agents import expiry_note, list_agents
 from ._common import (
@@ -619,6 +620,7 @@ def _commands() -> list[click.Command]:
             ],
         ),
         identity.commands(),
+        gateway_keys.commands(),
         check.commands(),
         audit.commands(),
         completion_command("mesh-policy"),

@@ -62,6 +62,7 @@ TOP_COMMANDS = [
     "graph",
     "dashboard",
     "identity",
+    "gateway-key",
     "check",
     "audit",
     "completion",

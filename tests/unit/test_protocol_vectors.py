@@ -66,6 +66,15 @@ from mesh._core.envelope import (
     reply_header,
     request_header,
 )
+from mesh._core.gateway_keys import (
+    KEY_TYPE,
+    GatewayKey,
+    decode_gateway_key,
+    encode_gateway_key,
+    key_digest,
+    key_id_of,
+    new_gateway_key,
+)
 from mesh._core.identity import Certificate, CertificateVerifier, TrustRoot, new_instance_id
 from mesh._core.names import beat_subject, event_subject, rpc_subject
 from mesh._core.records import EndpointInfo, decode_record, encode_record
@@ -93,6 +102,7 @@ EXPECTED_VALUES = {
     "enrolment": 3,
     "beat": 4,
     "schema": 3,
+    "gateway-key": 5,
 }
 LAYOUT_ROWS = 18  # rows of the request's byte-layout table
 
@@ -756,6 +766,48 @@ def test_endpoint_schema_hash(vectors: Vectors) -> None:
     assert msgpack.packb(body["endpoints"][0], use_bin_type=True) == element
     record = decode_record(raw, CertificateVerifier(root.public_key))
     assert record.endpoints[name] == EndpointInfo(name, True, False, digest)
+    vectors.done()
+
+
+def test_gateway_key_entry(vectors: Vectors) -> None:
+    """The key made from the given random bytes, its id and hash, and the entry the registry
+    signs: its body (by the code and by the key table of section 38), signature and wire
+    form; the entry decodes back, under its id only."""
+    v, keys = vectors.check("gateway-key"), vectors["keys"]
+    key = v.text("key")
+    key_id = v.text("id")
+    assert new_gateway_key(lambda n: bytes([0x11 if n == 12 else 0x22]) * n) == (key_id, key)
+    assert key_id_of(key) == key_id
+    digest = v.bytes("sha256")
+    assert key_digest(key) == digest == hashlib.sha256(key.encode()).digest()
+    prefix = v.bytes("prefix").decode()
+    assert prefix == keys.text("subject prefix")
+    issued, expires = v.integer("issued_at"), v.integer("expires_at")
+    entry = GatewayKey(
+        id=key_id,
+        sha256=digest.hex(),
+        principal=v.text("principal"),
+        roles=tuple(v.json("roles")),
+        issued_at=issued / 1000,
+        expires_at=expires / 1000,
+        issued_by=v.text("issued_by"),
+    )
+    root = SigningKey(keys.bytes("root seed"))
+    wire = encode_gateway_key(entry, prefix, lambda data: root.sign(data).signature)
+    assert wire == v.bytes("wire")
+    names = re.findall(r"^\| `(\w+)` \| (?:str|int|array of str) \|", SECTIONS["38"], re.M)
+    by_table = msgpack.packb(
+        dict(zip(names, [KEY_TYPE, prefix, key_id, digest.hex(), entry.principal,
+                         list(entry.roles), issued, expires, entry.issued_by], strict=True)),
+        use_bin_type=True,
+    )  # fmt: skip
+    assert by_table == v.bytes("body")
+    assert root.sign(by_table).signature == v.bytes("signature")
+    assert msgpack.packb([by_table, v.bytes("signature")], use_bin_type=True) == wire
+    root_pk = keys.bytes("root public key")
+    assert decode_gateway_key(wire, root_pk, prefix, key_id) == entry
+    with pytest.raises(Unauthenticated):
+        decode_gateway_key(wire, root_pk, prefix, "0" * 24)
     vectors.done()
 
 
