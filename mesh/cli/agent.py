@@ -576,6 +576,13 @@ def cmd_demo(args: Args) -> int:
     return asyncio.run(run_demo(keep=args.keep, gateway=args.gateway))
 
 
+def run_options(*names: str) -> list[click.Parameter]:
+    """The options of ``run`` named (parameter names, e.g. ``log_level``), for the other
+    commands that take them as ``run`` does (``gateway``, ``mcp``, ``mcp-wrap``)."""
+    by_name = {p.name: p for p in _run_options()}
+    return [by_name[n] for n in names]
+
+
 def _run_options() -> list[click.Parameter]:
     return [
         argument("target"),

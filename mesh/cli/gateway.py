@@ -204,18 +204,15 @@ async def run_gateway(
 
 def gateway_command() -> click.Command:
     """``mesh-agent gateway`` with its options."""
+    from .agent import run_options  # agent.py registers this command: imported when called
+
     return command(
         "gateway",
         cmd_gateway,
         "serve mesh endpoints over HTTP/JSON: POST /v1/AGENT/ENDPOINT, with API keys, "
         "server-sent events and an OpenAPI document (docs/gateway.md)",
         [
-            option(
-                "--servers",
-                default="nats://127.0.0.1:4222",
-                env="SERVERS",
-                help="NATS URLs, comma-separated",
-            ),
+            *run_options("servers"),
             option(
                 "--identity",
                 env="IDENTITY",
@@ -235,7 +232,7 @@ def gateway_command() -> click.Command:
                 env="GATEWAY_NAME",
                 help="the agent name --token enrols as (the token's)",
             ),
-            option("--prefix", default="mesh", env="PREFIX", help="subject prefix of the mesh"),
+            *run_options("prefix"),
             option(
                 "--listen",
                 default=DEFAULT_LISTEN,
@@ -282,26 +279,6 @@ def gateway_command() -> click.Command:
                 env="CONNECT_TIMEOUT",
                 help="bound on reaching NATS and loading the directory, policy and keys",
             ),
-            option(
-                "--traces",
-                type=click.Choice(["none", "console", "otlp"]),
-                default="none",
-                env="TRACES",
-                help="span exporter (otlp: the OTEL_EXPORTER_OTLP_* variables)",
-            ),
-            option(
-                "--log-level",
-                type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-                default="info",
-                env="LOG_LEVEL",
-                help="the lowest level logged",
-            ),
-            option(
-                "--log-format",
-                type=click.Choice(["console", "json"]),
-                default="console",
-                env="LOG_FORMAT",
-                help="how logs are written to stderr",
-            ),
+            *run_options("traces", "log_level", "log_format"),
         ],
     )

@@ -348,10 +348,9 @@ async def _wrap(args: Args, wrap: Any, spec: Any, config: MeshConfig, root_pk: b
 
 
 def _picked(names: tuple[str, ...]) -> list[click.Parameter]:
-    from .agent import _run_options
+    from .agent import run_options
 
-    by_name = {p.name: p for p in _run_options()}
-    return [by_name[n] for n in names]
+    return run_options(*names)
 
 
 def mcp_commands() -> list[click.Command]:
