@@ -43,7 +43,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import mesh
-from mesh.bridges.http import Gateway, GatewaySettings, listen_socket, serve_gateway
+from mesh.bridges.http import Gateway, GatewaySettings, serve_gateway
+from mesh.bridges.serving import listen_socket
 from mesh.control_plane import (
     ApplyReply,
     ApplyRequest,

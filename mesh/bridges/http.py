@@ -27,13 +27,11 @@ key id, mesh code, trace id, sizes; never a body.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -67,8 +65,9 @@ from mesh._log import get_logger
 from mesh.bridges.apikeys import KeyRing, Principal, presented_key
 from mesh.bridges.openapi import TIMEOUT_HEADER, openapi_document
 from mesh.bridges.problems import PROBLEM_JSON, Problem, problem_for
+from mesh.bridges.serving import serving
 
-__all__ = ["Gateway", "GatewaySettings", "listen_socket", "serve_gateway"]
+__all__ = ["Gateway", "GatewaySettings", "serve_gateway"]
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -622,29 +621,6 @@ class _CallRoute:
             gateway.log_access(access)
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket for uvicorn.
-
-    Made with the protocol ``IPPROTO_TCP`` rather than ``0`` (what ``socket.create_server``
-    gives): asyncio turns Nagle's algorithm off (``TCP_NODELAY``) only on sockets whose protocol
-    says TCP, and the accepted sockets inherit it. Without that, every response whose headers
-    and body leave in two writes waits for the client's delayed ACK: about 40 ms a call.
-
-    Raises:
-        OSError: the address cannot be bound.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 async def serve_gateway(
     gateway: Gateway,
     host: str,
@@ -663,45 +639,9 @@ async def serve_gateway(
     Raises:
         FailedPrecondition: uvicorn is not installed, or the address cannot be bound.
     """
-    try:
-        import uvicorn
-    except ImportError:
-        raise FailedPrecondition(WEB_MISSING) from None
-    try:
-        sock = listen_socket(host, port)
-    except OSError as exc:
-        raise FailedPrecondition(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-    class Server(uvicorn.Server):
-        # The caller owns the signals: SIGTERM and Ctrl-C cancel this coroutine.
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    server = Server(
-        uvicorn.Config(
-            gateway.app(),
-            log_config=None,  # the application's logging stays as it is
-            log_level="warning",
-            access_log=False,  # the gateway writes its own, with the principal
-            lifespan="off",
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
-    )
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started and not serving.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        if serving.done():
-            serving.result()
-            raise FailedPrecondition(f"the gateway server on {host}:{port} stopped")
+    async with serving(
+        gateway.app(), host, port, what="the gateway server", missing=WEB_MISSING
+    ) as (url, task):
         if started is not None:
-            shown = f"[{host}]" if ":" in host else host
-            started(f"http://{shown}:{sock.getsockname()[1]}")
-        await asyncio.shield(serving)
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
-        sock.close()
+            started(url)
+        await asyncio.shield(task)

@@ -17,9 +17,8 @@ import contextlib
 import ipaddress
 import json
 import secrets
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -335,64 +334,24 @@ async def serve_dashboard(
         FailedPrecondition: starlette or uvicorn is not installed, or the address cannot be
             bound.
     """
-    try:
-        import uvicorn
-    except ImportError:
-        raise FailedPrecondition(WEB_MISSING) from None
+    from mesh.bridges.serving import serving
+
     if not interval > 0:
         raise InvalidArgument(f"the interval must be more than 0 seconds, not {interval:g}")
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"cannot listen on {_url(host, port)}: {exc.strerror or exc}"
-        ) from None
     snapshots = Snapshots(mesh, interval)
-
-    class Server(uvicorn.Server):
-        # The caller owns the signals: Ctrl-C cancels this coroutine, as any other command.
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    server = Server(
-        uvicorn.Config(
-            build_app(snapshots, host),
-            log_config=None,  # the application's logging stays as it is
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
-    )
     taker = asyncio.create_task(snapshots.run())
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        # uvicorn says it is up only through this flag.
-        while not server.started and not serving.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        if serving.done():
-            serving.result()  # raises what stopped it
-            raise FailedPrecondition(f"the dashboard server on {_url(host, port)} stopped")
-        if started is not None:
-            started(_url(host, int(sock.getsockname()[1])))
-        await asyncio.shield(serving)
+        async with serving(
+            build_app(snapshots, host), host, port, what="the dashboard server", missing=WEB_MISSING
+        ) as (url, task):
+            if started is not None:
+                started(url + "/")
+            await asyncio.shield(task)
     finally:
         taker.cancel()
         await snapshots.close()
-        server.should_exit = True  # then uvicorn closes the socket and the connections
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
         with contextlib.suppress(asyncio.CancelledError):
             await taker
-        sock.close()
-
-
-def _url(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/"
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -214,58 +213,26 @@ async def _serve_http(
     mesh: Mesh, make: Callable[[Mesh], McpBridge], host: str, port: int, path: str
 ) -> int:
     """Start the mesh, then the streamable HTTP app on uvicorn until a signal."""
-    import uvicorn
-
     from mesh.bridges.mcp_serve import mcp_asgi_app
+    from mesh.bridges.serving import serving
 
     from .agent import StopSignals, _Interrupted
 
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise FailedPrecondition(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-    class Server(uvicorn.Server):
-        # StopSignals owns SIGINT and SIGTERM, as in every other command.
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    with StopSignals() as stop, contextlib.closing(sock):
+    with StopSignals() as stop:
         try:
             await stop.unless(mesh.start(), "starting")
         except _Interrupted as exc:
             return 128 + exc.signum
-        bridge: McpBridge = make(mesh)
-        app = mcp_asgi_app(bridge, path=path, host=host)
-        server = Server(
-            uvicorn.Config(
-                app,
-                log_config=None,  # the process's logging stays as configured
-                log_level="warning",
-                access_log=False,
-                lifespan="on",  # runs the SDK's session manager
-                ws="none",
-                timeout_graceful_shutdown=2,
-            )
-        )
-        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
         try:
-            while not server.started and not serving.done():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            if serving.done():
-                serving.result()
-                raise FailedPrecondition(f"the MCP server on {host}:{port} stopped")
-            shown = f"[{host}]" if ":" in host else host
-            url = f"http://{shown}:{sock.getsockname()[1]}{path}"
-            log.info("mcp.ready", transport="http", url=url, agent=mesh.name)
-            with contextlib.suppress(_Interrupted):
-                await stop.unless(asyncio.shield(serving), "serving")
+            app = mcp_asgi_app(make(mesh), path=path, host=host)
+            # lifespan on: it runs the SDK's session manager.
+            async with serving(
+                app, host, port, what="the MCP server", missing=MCP_MISSING, lifespan="on"
+            ) as (url, task):
+                log.info("mcp.ready", transport="http", url=url + path, agent=mesh.name)
+                with contextlib.suppress(_Interrupted):
+                    await stop.unless(asyncio.shield(task), "serving")
         finally:
-            server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving
             await mesh.drain()
             log.info("mcp.stopped", agent=mesh.name)
     return 0
